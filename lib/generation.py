@@ -1,0 +1,42 @@
+"""Batched greedy generation with a KV cache; any hooks active around the call (ablation, addition) apply to
+every forward pass, prompt and generated tokens alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lib.capture import order_by_length
+from lib.models import LoadedModel, encode
+from lib.runtime import progress
+
+DEFAULT_BATCH_SIZE = 16
+
+
+def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64,
+             batch_size: int = DEFAULT_BATCH_SIZE, desc: str = "generate") -> list[str]:
+    """Greedy completions (special tokens stripped) for ``prompts``, in prompt order.
+
+    Prompts are batched by tokenised length (stable order), so a rerun with the same inputs is byte-identical.
+    """
+    from transformers import GenerationConfig
+
+    if not prompts:
+        raise ValueError("The prompt list is empty; pass at least one prompt.")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be >= 1.")
+    tokenizer = lm.tokenizer
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=lm.model.generation_config.eos_token_id or tokenizer.eos_token_id)
+    order = order_by_length(lm, prompts)
+    completions: list[str] = [""] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.inference_mode():
+        for rows in progress(batches, desc=desc):
+            batch = encode(lm, [prompts[i] for i in rows])
+            output = lm.model.generate(**batch, generation_config=config)
+            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            for row, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                completions[row] = text.strip()
+    return completions

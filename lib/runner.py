@@ -1,0 +1,324 @@
+"""Run the book's chapters with papermill and commit the executed notebooks in place.
+
+``python -m lib.runner --profile params/default.yaml [--only NAME ...] [--dry-run]``
+
+Chapters are the notebooks listed in ``_toc.yml``, in its order. A profile is YAML::
+
+    description: free text (optional)
+    defaults:            # applied to every chapter whose `parameters` cell declares the name
+      seed: 0
+    chapters:            # per-chapter overrides; keys are notebook paths without suffix, relative to the repo root
+      book/01_activations:
+        n_pairs: 64
+
+The whole profile is checked against the notebooks' ``parameters`` cells before anything runs. Each chapter runs
+in its own folder with ``REFUSAL_BOOK_PROGRESS=0`` (no progress bars in stored outputs) and the repo root on
+``PYTHONPATH``; volatile metadata is stripped and the result atomically replaces the chapter notebook. A failing
+chapter leaves its notebook untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROGRESS_ENV = "REFUSAL_BOOK_PROGRESS"
+KERNEL_NAME = "python3"
+INJECTED_TAG = "injected-parameters"
+# myst-nb renders a `hide-cell` cell as a collapsed toggle: readers can open it to see the effective parameters.
+INJECTED_HIDE_TAG = "hide-cell"
+INJECTED_CELL_ID = "injected-parameters"
+PROFILE_KEYS = {"description", "defaults", "chapters"}
+# Output mimetypes that only point at live widget state (random model ids): meaningless once the kernel is gone.
+WIDGET_MIMETYPES = {"application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"}
+
+
+class ProfileError(ValueError):
+    """The profile does not match the chapters' declared parameters."""
+
+
+class ChapterError(RuntimeError):
+    """A chapter failed to execute; its notebook was left as it was."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Table of contents and parameters
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _toc_files(entry: Any) -> Iterator[str]:
+    """Every ``file`` in a _toc.yml subtree, depth first, in document order."""
+    if isinstance(entry, dict):
+        if "file" in entry:
+            yield str(entry["file"])
+        for key in ("root", "parts", "chapters", "sections"):
+            if key == "root" and key in entry:
+                yield str(entry["root"])
+            elif key in entry:
+                yield from _toc_files(entry[key])
+    elif isinstance(entry, list):
+        for item in entry:
+            yield from _toc_files(item)
+
+
+def _resolve_toc_file(repo_root: Path, name: str) -> Path:
+    path = repo_root / name
+    if path.suffix in {".ipynb", ".md"}:
+        if not path.is_file():
+            raise FileNotFoundError(f"_toc.yml lists {name!r} but {path} does not exist")
+        return path
+    for suffix in (".ipynb", ".md"):
+        candidate = path.with_name(path.name + suffix)
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"_toc.yml lists {name!r} but neither {name}.ipynb nor {name}.md exists under {repo_root}")
+
+
+def read_toc_notebooks(repo_root: str | Path) -> list[Path]:
+    """The ``.ipynb`` files of ``<repo_root>/_toc.yml`` in reading order (root first; Markdown pages skipped)."""
+    repo_root = Path(repo_root).resolve()
+    toc_path = repo_root / "_toc.yml"
+    if not toc_path.is_file():
+        raise FileNotFoundError(f"no _toc.yml in {repo_root}")
+    toc = yaml.safe_load(toc_path.read_text(encoding="utf-8")) or {}
+    if not isinstance(toc, dict) or "root" not in toc:
+        raise ValueError(f"{toc_path} has no 'root' entry")
+    notebooks: list[Path] = []
+    for name in _toc_files(toc):
+        path = _resolve_toc_file(repo_root, name)
+        if path.suffix == ".ipynb" and path not in notebooks:
+            notebooks.append(path)
+    return notebooks
+
+
+def chapter_key(notebook: Path, repo_root: str | Path) -> str:
+    """Profile key of a chapter: its path without suffix, relative to the repo root (``book/01_activations``)."""
+    return Path(notebook).resolve().relative_to(Path(repo_root).resolve()).with_suffix("").as_posix()
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, dict]:
+    """Parameters declared in the notebook's cell tagged ``parameters`` (name -> papermill's description)."""
+    return papermill.inspect_notebook(str(notebook))
+
+
+def load_profile(path: str | Path) -> dict:
+    """Read a profile and check its shape (``description``, ``defaults``, ``chapters``)."""
+    path = Path(path)
+    profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(profile, dict):
+        raise ProfileError(f"{path}: a profile must be a mapping with keys {sorted(PROFILE_KEYS)}")
+    unknown = sorted(set(profile) - PROFILE_KEYS)
+    if unknown:
+        raise ProfileError(f"{path}: unknown top-level key(s) {unknown}; allowed: {sorted(PROFILE_KEYS)}")
+    defaults = profile.get("defaults") or {}
+    chapters = profile.get("chapters") or {}
+    if not isinstance(defaults, dict):
+        raise ProfileError(f"{path}: 'defaults' must be a mapping of parameter -> value")
+    if not isinstance(chapters, dict) or not all(isinstance(v, dict) or v is None for v in chapters.values()):
+        raise ProfileError(f"{path}: 'chapters' must map chapter keys (e.g. book/01_activations) to mappings")
+    return {"defaults": defaults, "chapters": {str(k): (v or {}) for k, v in chapters.items()}}
+
+
+def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> list[tuple[Path, dict]]:
+    """Validate ``profile`` against the notebooks' parameters cells; return (notebook, parameters) per chapter."""
+    keys = {chapter_key(nb, repo_root): nb for nb in notebooks}
+    declared = {key: declared_parameters(nb) for key, nb in keys.items()}
+    defaults, chapters = profile["defaults"], profile["chapters"]
+
+    unknown_chapters = sorted(set(chapters) - set(keys))
+    if unknown_chapters:
+        raise ProfileError(f"profile names chapter(s) {unknown_chapters} that are not notebooks in _toc.yml; "
+                           f"chapters are {sorted(keys)}")
+    for key, overrides in chapters.items():
+        unknown = sorted(set(overrides) - set(declared[key]))
+        if unknown:
+            names = sorted(declared[key]) or "none (no cell tagged 'parameters')"
+            raise ProfileError(f"{keys[key]}: unknown parameter(s) {unknown} in profile chapter {key!r}; "
+                               f"the notebook declares: {names}")
+    everywhere = set().union(*declared.values()) if declared else set()
+    orphans = sorted(set(defaults) - everywhere)
+    if orphans:
+        raise ProfileError(f"profile defaults {orphans} are declared by no chapter's parameters cell; "
+                           f"declared parameters are {sorted(everywhere)}")
+
+    plan = []
+    for key, nb in keys.items():
+        params = {name: value for name, value in defaults.items() if name in declared[key]}
+        params.update(chapters.get(key, {}))
+        plan.append((nb, params))
+    return plan
+
+
+def select_chapters(plan: list[tuple[Path, dict]], only: list[str] | None, repo_root: str | Path) -> list:
+    """Keep the chapters named in ``only`` (chapter key, file name or stem), in table-of-contents order."""
+    if not only:
+        return plan
+    names = {}
+    for nb, _ in plan:
+        for name in (chapter_key(nb, repo_root), nb.name, nb.stem):
+            names.setdefault(name, nb)
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise ProfileError(f"--only {unknown}: no such chapter; chapters are "
+                           f"{[chapter_key(nb, repo_root) for nb, _ in plan]}")
+    wanted = {names[name] for name in only}
+    return [(nb, params) for nb, params in plan if nb in wanted]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Notebook clean-up
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def strip_volatile_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Remove what changes from run to run: papermill's and nbclient's timings, widget state, empty tag lists.
+
+    Also gives papermill's injected-parameters cell a fixed id (nbformat would give it a random one). Works in place
+    and returns ``nb``.
+    """
+    nb.metadata.pop("papermill", None)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        meta = cell.setdefault("metadata", nbformat.NotebookNode())
+        meta.pop("papermill", None)
+        meta.pop("execution", None)
+        if meta.get("tags") == []:
+            del meta["tags"]
+        if INJECTED_TAG in meta.get("tags", []) and "id" in cell:
+            cell["id"] = INJECTED_CELL_ID
+        if cell.get("cell_type") == "code":
+            kept = []
+            for output in cell.get("outputs", []):
+                data = output.get("data")
+                if data is not None:
+                    for mimetype in WIDGET_MIMETYPES & set(data):
+                        del data[mimetype]
+                    if not data:
+                        continue
+                kept.append(output)
+            cell["outputs"] = kept
+    return nb
+
+
+def hide_injected_parameters(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Tag papermill's injected-parameters cell ``hide-cell``: collapsed in the book, one click to show."""
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if INJECTED_TAG in tags and INJECTED_HIDE_TAG not in tags:
+            tags.append(INJECTED_HIDE_TAG)
+    return nb
+
+
+def _drop_injected_cells(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    nb.cells = [c for c in nb.cells if INJECTED_TAG not in c.get("metadata", {}).get("tags", [])]
+    return nb
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Execution
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _kernel_environment(repo_root: Path) -> Iterator[None]:
+    """Environment inherited by the kernel: progress bars off, repo root importable (``import lib``)."""
+    saved = {name: os.environ.get(name) for name in (PROGRESS_ENV, "PYTHONPATH")}
+    os.environ[PROGRESS_ENV] = "0"
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), saved["PYTHONPATH"]) if p)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Path = REPO_ROOT) -> float:
+    """Execute one chapter in its folder and replace it with the cleaned, executed notebook; return wall seconds.
+
+    On failure the notebook is left untouched, the temporary file is removed and :class:`ChapterError` is raised.
+    """
+    notebook = Path(notebook).resolve()
+    repo_root = Path(repo_root).resolve()
+    name = chapter_key(notebook, repo_root)
+    source = nbformat.read(notebook, as_version=4)
+    if not parameters:
+        # papermill injects nothing without parameters, so a cell left by an earlier run would be stale.
+        _drop_injected_cells(source)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{notebook.stem}.", suffix=".running.ipynb", dir=notebook.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    start = time.perf_counter()
+    try:
+        nbformat.write(source, tmp)
+        with _kernel_environment(repo_root):
+            papermill.execute_notebook(
+                str(tmp), str(tmp), parameters=parameters or None, kernel_name=KERNEL_NAME, progress_bar=False,
+                request_save_on_cell_execute=False, cwd=str(notebook.parent),
+            )
+        executed = nbformat.read(tmp, as_version=4)
+        hide_injected_parameters(strip_volatile_metadata(executed))
+        nbformat.write(executed, tmp)
+        os.replace(tmp, notebook)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ChapterError(f"chapter {name} ({notebook}) failed; the notebook was left unchanged.\n{exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return time.perf_counter() - start
+
+
+def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run: bool = False,
+                repo_root: str | Path = REPO_ROOT) -> list[tuple[Path, dict]]:
+    """Validate the profile, then execute the selected chapters in order (or only print the plan)."""
+    repo_root = Path(repo_root).resolve()
+    plan = plan_runs(load_profile(profile_path), read_toc_notebooks(repo_root), repo_root)
+    plan = select_chapters(plan, only, repo_root)
+    total = time.perf_counter()
+    for index, (nb, params) in enumerate(plan, start=1):
+        key = chapter_key(nb, repo_root)
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "notebook defaults"
+        if dry_run:
+            print(f"[{index}/{len(plan)}] {key}: {shown}", flush=True)
+            continue
+        print(f"[{index}/{len(plan)}] {key}: running ({shown})", flush=True)
+        seconds = execute_chapter(nb, params, repo_root)
+        print(f"[{index}/{len(plan)}] {key}: done in {seconds:.1f} s", flush=True)
+    if not dry_run:
+        print(f"{len(plan)} chapter(s) in {time.perf_counter() - total:.1f} s", flush=True)
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib.runner", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help="profile YAML (e.g. params/default.yaml)")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these chapters (book/01_activations, 01_activations.ipynb or 01_activations)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan without executing")
+    parser.add_argument("--root", default=str(REPO_ROOT), help="book root holding _toc.yml (default: this repo)")
+    args = parser.parse_args(argv)
+    try:
+        run_profile(args.profile, only=args.only, dry_run=args.dry_run, repo_root=args.root)
+    except (ProfileError, ChapterError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""Altair charts that render offline and reproducibly in notebooks, nbval and the built book.
+
+Altair's own HTML output loads Vega from a CDN and uses a random element id per render; its JSON mimetype
+(``application/vnd.vegalite.v6.json``) is dropped by papermill. :func:`enable_offline_renderer` replaces both with a
+``text/html`` bundle: a ``<div>`` whose id is a hash of the chart spec and a ``<script>`` that calls ``vegaEmbed``.
+``vegaEmbed`` comes from ``book/_static/vega-bundle.js``, written by :func:`write_vega_bundle` from
+``vl_convert.javascript_bundle()`` and loaded on every page of the book (``html_js_files`` in ``_config.yml``).
+
+Command line: ``python -m lib.viz --write-bundle book/_static``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+RENDERER_NAME = "refusal_book"
+BUNDLE_NAME = "vega-bundle.js"
+EMBED_OPTIONS: dict[str, Any] = {"actions": False, "renderer": "svg"}
+SIGNIFICANT_DIGITS = 4
+DEFAULT_MAX_ROWS = 20_000
+
+# Fixed order and colours so that every chapter shows the same kind in the same colour.
+KIND_ORDER = ["harmless", "harmful", "harmful, ablated"]
+KIND_COLOURS = ["#4c78a8", "#e45756", "#f58518"]
+SPLIT_ORDER = ["harmful", "harmless"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Renderer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _canonical_json(spec: dict) -> str:
+    """Key-sorted, compact, ASCII-only JSON: the same spec gives the same text on every machine."""
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def spec_id(spec: dict) -> str:
+    """Element id for a chart: ``vl-`` plus the first 16 hex digits of the SHA-256 of its canonical JSON."""
+    return "vl-" + hashlib.sha256(_canonical_json(spec).encode("ascii")).hexdigest()[:16]
+
+
+def _script_safe(text: str) -> str:
+    """Escape ``<``, ``>`` and ``&`` so that the JSON cannot close the ``<script>`` element it sits in."""
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def spec_to_html(spec: dict) -> str:
+    """HTML for one Vega-Lite spec: a ``<div>`` with a hashed id plus a ``vegaEmbed`` call (no network access)."""
+    div_id = spec_id(spec)
+    spec_js = _script_safe(_canonical_json(spec))
+    options_js = json.dumps(EMBED_OPTIONS, sort_keys=True)
+    return (
+        f'<div id="{div_id}" class="refusal-book-chart"></div>\n'
+        '<script type="text/javascript">\n'
+        "(function () {\n"
+        f"  var spec = {spec_js};\n"
+        "  var embed = function () {\n"
+        '    if (typeof window.vegaEmbed !== "function") {\n'
+        f'      document.getElementById("{div_id}").textContent = '
+        f'"[chart not rendered: {BUNDLE_NAME} is not loaded on this page]";\n'
+        "      return;\n"
+        "    }\n"
+        f'    window.vegaEmbed("#{div_id}", spec, {options_js}).catch(function (err) {{ console.error(err); }});\n'
+        "  };\n"
+        '  if (document.readyState === "loading") {\n'
+        '    document.addEventListener("DOMContentLoaded", embed);\n'
+        "  } else {\n"
+        "    embed();\n"
+        "  }\n"
+        "})();\n"
+        "</script>"
+    )
+
+
+def offline_renderer(spec: dict, **metadata: Any) -> dict[str, str]:
+    """Altair renderer: a ``text/html`` mimebundle (plus a short, stable ``text/plain`` fallback)."""
+    if not isinstance(spec, dict):
+        raise TypeError(f"the {RENDERER_NAME!r} renderer expects a Vega-Lite spec dict, got {type(spec).__name__}")
+    return {"text/html": spec_to_html(spec), "text/plain": f"<altair chart {spec_id(spec)}>"}
+
+
+def enable_offline_renderer(max_rows: int | None = DEFAULT_MAX_ROWS) -> None:
+    """Register and enable the ``refusal_book`` renderer; inline data up to ``max_rows`` rows (None: no limit).
+
+    Altair's default limit is 5,000 rows; PCA scatters of several layers and variants go past it. The limit stays
+    as a guard against accidentally inlining a huge table into a notebook.
+    """
+    alt.renderers.register(RENDERER_NAME, offline_renderer)
+    alt.renderers.enable(RENDERER_NAME)
+    alt.data_transformers.enable("default", max_rows=max_rows)
+
+
+def chart_html(chart: alt.TopLevelMixin) -> str:
+    """The HTML that the offline renderer shows for ``chart`` (whatever renderer is enabled now)."""
+    return spec_to_html(chart.to_dict())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Vega bundle for the book's static folder
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def vega_bundle_text() -> str:
+    """Vega, Vega-Lite and Vega-Embed in one script that defines ``window.vegaEmbed``, ``window.vega``, ``window.vegaLite``.
+
+    The bundle from ``vl_convert`` declares short top-level ``const`` names; it is wrapped in a function so that
+    these cannot clash with other classic scripts on the page (it assigns its exports to ``window`` itself).
+    """
+    import vl_convert as vlc
+
+    major_minor = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    if major_minor not in vlc.get_vegalite_versions():
+        raise RuntimeError(
+            f"vl-convert-python {vlc.__version__} has no Vega-Lite {major_minor} (altair {alt.__version__} needs it); "
+            f"it offers {vlc.get_vegalite_versions()}"
+        )
+    bundle = vlc.javascript_bundle(vl_version=f"v{major_minor}")
+    header = (
+        f"/* Generated by `python -m lib.viz --write-bundle`: Vega {vlc.get_vega_version()}, Vega-Lite {major_minor} "
+        f"and Vega-Embed bundled by vl-convert-python {vlc.__version__} (BSD-3-Clause licences). Do not edit. */\n"
+    )
+    return header + "(function () {\n" + bundle + "\n}).call(window);\n"
+
+
+def write_vega_bundle(static_dir: str | Path) -> bool:
+    """Write ``<static_dir>/vega-bundle.js``; return True if written, False if it was already up to date."""
+    static_dir = Path(static_dir)
+    static_dir.mkdir(parents=True, exist_ok=True)
+    target = static_dir / BUNDLE_NAME
+    text = vega_bundle_text()
+    if target.is_file() and target.read_text(encoding="utf-8") == text:
+        return False
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Charts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _round_sig(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """Round one number to ``digits`` significant digits (NaN and infinities are returned unchanged)."""
+    if value is None or not math.isfinite(value):
+        return value
+    return float(f"{value:.{digits}g}")
+
+
+def round_significant(df: pd.DataFrame, digits: int = SIGNIFICANT_DIGITS) -> pd.DataFrame:
+    """Copy of ``df`` with every float column rounded to ``digits`` significant digits."""
+    out = df.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = out[column].map(lambda v: _round_sig(v, digits))
+    return out
+
+
+def _check_columns(df: pd.DataFrame, required: list[str], chart: str) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{chart}: missing column(s) {missing}; the DataFrame has {list(df.columns)}")
+
+
+def _ordered(values: pd.Series, preferred: list[str]) -> list[str]:
+    """Domain for a nominal scale: the preferred order first, then any other values sorted."""
+    present = [str(v) for v in pd.unique(values)]
+    return [v for v in preferred if v in present] + sorted(v for v in present if v not in preferred)
+
+
+def layer_norms_chart(df: pd.DataFrame) -> alt.Chart:
+    """Line chart of mean residual-stream norm against layer; colour = variant, dash = split.
+
+    ``df`` columns: ``variant``, ``layer``, ``split`` ('harmful' / 'harmless'), ``mean_norm``.
+    """
+    _check_columns(df, ["variant", "layer", "split", "mean_norm"], "layer_norms_chart")
+    data = df[["variant", "layer", "split", "mean_norm"]].copy()
+    data["variant"] = data["variant"].astype(str)
+    data["split"] = data["split"].astype(str)
+    data["layer"] = data["layer"].astype(int)
+    data["mean_norm"] = data["mean_norm"].astype(float)
+    data = round_significant(data).sort_values(["variant", "split", "layer"], kind="stable").reset_index(drop=True)
+    variants = sorted(data["variant"].unique())
+    splits = _ordered(data["split"], SPLIT_ORDER)
+    return (
+        alt.Chart(data, title="Mean residual-stream norm by layer (last prompt token)")
+        .mark_line(strokeWidth=2)
+        .encode(
+            x=alt.X("layer:Q", title="Layer (residual stream entering the block)",
+                    axis=alt.Axis(format="d", tickMinStep=1)),
+            y=alt.Y("mean_norm:Q", title="Mean L2 norm of the residual stream"),
+            color=alt.Color("variant:N", title="Model variant", scale=alt.Scale(domain=variants)),
+            strokeDash=alt.StrokeDash("split:N", title="Prompts", scale=alt.Scale(domain=splits)),
+            tooltip=[
+                alt.Tooltip("variant:N", title="variant"),
+                alt.Tooltip("split:N", title="prompts"),
+                alt.Tooltip("layer:Q", title="layer"),
+                alt.Tooltip("mean_norm:Q", title="mean norm", format=".4g"),
+            ],
+        )
+        .properties(width=480, height=300)
+    )
+
+
+def pca_scatter_chart(df: pd.DataFrame) -> alt.FacetChart:
+    """Scatter of the first two principal components, one panel per layer (one row per variant if several).
+
+    ``df`` columns: ``layer``, ``kind`` ('harmless' / 'harmful' / 'harmful, ablated'), ``pc1``, ``pc2``, ``variant``.
+    Axes are independent per panel: each layer has its own PCA.
+    """
+    _check_columns(df, ["layer", "kind", "pc1", "pc2", "variant"], "pca_scatter_chart")
+    data = df[["variant", "layer", "kind", "pc1", "pc2"]].copy()
+    data["variant"] = data["variant"].astype(str)
+    data["kind"] = data["kind"].astype(str)
+    data["layer"] = data["layer"].astype(int)
+    data[["pc1", "pc2"]] = data[["pc1", "pc2"]].astype(float)
+    data = round_significant(data).sort_values(["variant", "layer", "kind"], kind="stable").reset_index(drop=True)
+    kinds = _ordered(data["kind"], KIND_ORDER)
+    colours = [KIND_COLOURS[KIND_ORDER.index(k)] for k in kinds if k in KIND_ORDER]
+    colour_scale = alt.Scale(domain=kinds, range=colours) if len(colours) == len(kinds) else alt.Scale(domain=kinds)
+    base = (
+        alt.Chart(data)
+        .mark_circle(size=18, opacity=0.6)
+        .encode(
+            x=alt.X("pc1:Q", title="PC 1"),
+            y=alt.Y("pc2:Q", title="PC 2"),
+            color=alt.Color("kind:N", title="Activations", scale=colour_scale),
+            tooltip=[
+                alt.Tooltip("variant:N", title="variant"),
+                alt.Tooltip("layer:Q", title="layer"),
+                alt.Tooltip("kind:N", title="kind"),
+                alt.Tooltip("pc1:Q", title="PC 1", format=".4g"),
+                alt.Tooltip("pc2:Q", title="PC 2", format=".4g"),
+            ],
+        )
+        .properties(width=160, height=160)
+    )
+    title = "Harmless, harmful and ablated activations: first two principal components per layer"
+    layer_header = alt.Header(labelExpr="'layer ' + datum.value")
+    if data["variant"].nunique() > 1:
+        chart = base.facet(
+            row=alt.Row("variant:N", title="Model variant", sort=sorted(data["variant"].unique())),
+            column=alt.Column("layer:O", title=None, header=layer_header),
+        )
+    else:
+        chart = base.facet(facet=alt.Facet("layer:O", title=None, header=layer_header), columns=4)
+    return chart.resolve_scale(x="independent", y="independent").properties(title=title)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib.viz", description=__doc__.splitlines()[0])
+    parser.add_argument("--write-bundle", metavar="STATIC_DIR", required=True,
+                        help="folder to write vega-bundle.js into (the book's _static folder)")
+    args = parser.parse_args(argv)
+    written = write_vega_bundle(args.write_bundle)
+    target = Path(args.write_bundle) / BUNDLE_NAME
+    print(f"{target}: {'written' if written else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

