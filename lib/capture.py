@@ -124,3 +124,17 @@ def pair_activations(lm: LoadedModel, pairs: Sequence, dataset: str = "offline",
 
     path = artifacts_dir() / "activations" / info.family / info.variant / f"{dataset}-pairs.safetensors"
     return cached_tensors(path, key, {**metadata, "lib_version": lib.__version__}, compute)
+
+
+def norms_frame(tensors: dict[str, torch.Tensor], variant: str, site: str = "resid_pre",
+                layers: Sequence[int] | None = None):
+    """Mean L2 norm per layer of harmful and harmless activations: a DataFrame (variant, layer, split, mean_norm)."""
+    import pandas as pd
+
+    rows = []
+    for split in ("harmful", "harmless"):
+        acts = tensors[f"{split}/{site}"]
+        labels = list(range(acts.shape[1])) if layers is None else list(layers)
+        for slot, norm in enumerate(acts.norm(dim=-1).mean(0).tolist()):
+            rows.append({"variant": variant, "layer": labels[slot], "split": split, "mean_norm": norm})
+    return pd.DataFrame(rows)

@@ -44,3 +44,18 @@ def paired_differences(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.T
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity along the last axis."""
     return (unit(a) * unit(b)).sum(-1)
+
+
+def separation(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """How far apart the two classes sit along their own difference-in-means direction, per layer: the gap between
+    the projected class means over the pooled standard deviation of the projections (d-prime).
+    ``[n, layers, d]`` x 2 -> ``[layers]``. Where the class means coincide (e.g. at layer 0, whose input at the
+    last prompt token is the same template token for every prompt) the separation is 0."""
+    difference = mean_difference(harmful, harmless).double()
+    norms = difference.norm(dim=-1, keepdim=True)
+    direction = torch.where(norms > 0, difference / norms.clamp_min(1e-30), torch.zeros_like(difference))
+    h = (harmful.double() * direction).sum(-1)
+    b = (harmless.double() * direction).sum(-1)
+    pooled = ((h.var(0) + b.var(0)) / 2).sqrt()
+    gap = h.mean(0) - b.mean(0)
+    return torch.where(pooled > 0, gap / pooled.clamp_min(1e-30), torch.zeros_like(gap)).float()

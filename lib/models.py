@@ -86,6 +86,17 @@ class ModelInfo:
         return getattr(self.layers[layer], self.modules[role])
 
 
+def scale_layer(layer: int, n_layers: int, reference_layers: int = 32) -> int:
+    """The layer at the same relative depth as ``layer`` of a ``reference_layers``-deep model (the paper's Llama-2
+    has 32): e.g. the paper's layer 14 of 32 is layer 13 of SmolLM2's 30."""
+    if not 0 <= layer < reference_layers:
+        raise ValueError(f"Layer {layer} is outside 0..{reference_layers - 1}.")
+    return min(n_layers - 1, int(layer * n_layers / reference_layers + 0.5))
+
+
+PAPER_PCA_LAYERS = (1, 2, 3, 4, 8, 12, 16, 20)  # the layers of the paper's PCA scatter plots (of 32)
+
+
 class LoadedModel(NamedTuple):
     model: nn.Module
     tokenizer: Any
@@ -97,6 +108,8 @@ class LoadedModel(NamedTuple):
 def register_families(source: str | Path | dict[str, Any]) -> list[str]:
     """Add families from a YAML file or a dict (same format as ``lib/families.yaml``); returns their names."""
     spec = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text(encoding="utf-8"))
+    if source != FAMILIES_FILE:
+        families()  # the built-in families first, so that a later entry of the same name overrides them
     for name, family in spec.items():
         missing = {"base", "variants"} - set(family)
         if missing:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -59,18 +60,16 @@ class ChapterError(RuntimeError):
 
 
 def _toc_files(entry: Any) -> Iterator[str]:
-    """Every ``file`` in a _toc.yml subtree, depth first, in document order."""
-    if isinstance(entry, dict):
-        if "file" in entry:
-            yield str(entry["file"])
-        for key in ("root", "parts", "chapters", "sections"):
-            if key == "root" and key in entry:
-                yield str(entry["root"])
-            elif key in entry:
-                yield from _toc_files(entry[key])
-    elif isinstance(entry, list):
+    """Every page of a _toc.yml subtree (``root``, then ``file`` entries of parts/chapters/sections), in order."""
+    if isinstance(entry, list):
         for item in entry:
             yield from _toc_files(item)
+    elif isinstance(entry, dict):
+        for key in ("root", "file"):
+            if key in entry:
+                yield str(entry[key])
+        for key in ("parts", "chapters", "sections"):
+            yield from _toc_files(entry.get(key, []))
 
 
 def _resolve_toc_file(repo_root: Path, name: str) -> Path:
@@ -273,6 +272,7 @@ def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Pat
         executed = nbformat.read(tmp, as_version=4)
         hide_injected_parameters(strip_volatile_metadata(executed))
         nbformat.write(executed, tmp)
+        os.chmod(tmp, stat.S_IMODE(notebook.stat().st_mode))  # mkstemp makes 0600 files; keep the notebook's mode
         os.replace(tmp, notebook)
     except Exception as exc:
         tmp.unlink(missing_ok=True)

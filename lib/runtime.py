@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 T = TypeVar("T")
 

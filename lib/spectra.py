@@ -40,3 +40,29 @@ def pca_basis(matrix: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Ten
 def pca_project(matrix: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
     """Coordinates of ``matrix`` rows on the PCA ``axes`` (from ``pca_basis``)."""
     return (matrix.double() - mean.double()) @ axes.double().T
+
+
+def pca_frame(harmful: torch.Tensor, harmless: torch.Tensor, slots: list[int], labels: list[int], variant: str):
+    """PCA coordinates of harmless, harmful and ablated-harmful activations at chosen layers (a DataFrame with
+    columns variant, layer, kind, pc1, pc2).
+
+    ``harmful``/``harmless`` are [n, layers, d]; ``slots`` index their layer axis and ``labels`` name those layers.
+    The PCA is fitted on harmful and harmless together; "harmful, ablated" is each harmful activation with that
+    layer's unit difference-in-means direction projected out — the ablated activation itself, plotted in the same
+    axes (the original code plotted the projection instead).
+    """
+    import pandas as pd
+
+    from lib.ablation import project_out
+    from lib.directions import refusal_directions
+
+    frames = []
+    for slot, label in zip(slots, labels):
+        h, b = harmful[:, slot].float(), harmless[:, slot].float()
+        direction = refusal_directions(h, b).unsqueeze(0)
+        mean, axes = pca_basis(torch.cat([h, b]), k=2)
+        for kind, acts in (("harmless", b), ("harmful", h), ("harmful, ablated", project_out(h, direction))):
+            coords = pca_project(acts, mean, axes)
+            frames.append(pd.DataFrame({"variant": variant, "layer": label, "kind": kind,
+                                        "pc1": coords[:, 0].numpy(), "pc2": coords[:, 1].numpy()}))
+    return pd.concat(frames, ignore_index=True)

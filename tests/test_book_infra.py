@@ -144,8 +144,10 @@ def test_runner_executes_in_place(tmp_path, capsys):
         new_code_cell("import os\nfrom pathlib import Path\n"
                       "print(x * 2, label, os.environ['REFUSAL_BOOK_PROGRESS'], Path.cwd().name)"),
     ])
+    notebook.chmod(0o644)
     runner.run_profile(_profile(tmp_path, "defaults:\n  x: 21\nchapters:\n  book/ch:\n    label: b\n"),
                        repo_root=tmp_path)
+    assert notebook.stat().st_mode & 0o777 == 0o644
     assert re.search(r"book/ch: done in \d+\.\d s", capsys.readouterr().out)
     nb = nbformat.read(notebook, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]

@@ -100,3 +100,11 @@ def test_write_json_is_atomic(tmp_path):
     target = tmp_path / "m.json"
     artifacts.write_json(target, {"b": 1, "a": 2})
     assert json.loads(target.read_text()) == {"a": 2, "b": 1}
+
+
+def test_separation_is_zero_where_means_coincide():
+    same = torch.ones(5, 1, 3)
+    harmful = torch.cat([same, torch.randn(5, 1, 3, generator=torch.Generator().manual_seed(0)) + 5], dim=1)
+    harmless = torch.cat([same, torch.randn(5, 1, 3, generator=torch.Generator().manual_seed(1))], dim=1)
+    sep = directions.separation(harmful, harmless)
+    assert sep[0] == 0 and sep[1] > 3

@@ -36,3 +36,24 @@ def test_bad_shapes():
         spectra.energy_fractions(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="n >= 2"):
         spectra.pca_basis(torch.zeros(1, 3))
+
+
+def test_pca_frame_ablated_points_lose_the_direction():
+    from lib import directions
+
+    generator = torch.Generator().manual_seed(0)
+    harmless = torch.randn(20, 2, 8, generator=generator)
+    harmful = harmless + torch.tensor([3.0] + [0.0] * 7)
+    frame = spectra.pca_frame(harmful, harmless, slots=[1], labels=[5], variant="v")
+    assert set(frame["kind"]) == {"harmless", "harmful", "harmful, ablated"} and set(frame["layer"]) == {5}
+    assert len(frame) == 60
+    gap = frame.groupby("kind")["pc1"].mean()
+    assert abs(gap["harmful"] - gap["harmless"]) > abs(gap["harmful, ablated"] - gap["harmless"])
+    assert directions.separation(harmful, harmless)[1] > 2
+
+
+def test_scale_layer():
+    from lib.models import scale_layer
+
+    assert scale_layer(14, 30) == 13 and scale_layer(4, 30) == 4 and scale_layer(14, 32) == 14
+    assert scale_layer(31, 4) == 3
