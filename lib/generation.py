@@ -11,12 +11,14 @@ from lib.capture import order_by_length
 from lib.models import LoadedModel, encode
 from lib.runtime import progress
 
-DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_SIZE = 32  # on 2 CPU cores, 32 prompts per batch generate ~2x faster per prompt than 8
 
 
 def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64,
-             batch_size: int = DEFAULT_BATCH_SIZE, desc: str = "generate") -> list[str]:
-    """Greedy completions (special tokens stripped) for ``prompts``, in prompt order.
+             batch_size: int = DEFAULT_BATCH_SIZE, desc: str = "generate",
+             with_finished: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+    """Greedy completions (special tokens stripped) for ``prompts``, in prompt order; with ``with_finished``, also
+    whether each completion ended with an end-of-turn token before ``max_new_tokens``.
 
     Prompts are batched by tokenised length (stable order), so a rerun with the same inputs is byte-identical.
     """
@@ -31,12 +33,16 @@ def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64,
                               eos_token_id=lm.model.generation_config.eos_token_id or tokenizer.eos_token_id)
     order = order_by_length(lm, prompts)
     completions: list[str] = [""] * len(prompts)
+    finished: list[bool] = [False] * len(prompts)
+    stop_ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with torch.inference_mode():
         for rows in progress(batches, desc=desc):
             batch = encode(lm, [prompts[i] for i in rows])
             output = lm.model.generate(**batch, generation_config=config)
             new_tokens = output[:, batch["input_ids"].shape[1]:]
-            for row, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            ended = torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device)).any(dim=1)
+            for row, text, done in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended):
                 completions[row] = text.strip()
-    return completions
+                finished[row] = bool(done)
+    return (completions, finished) if with_finished else completions

@@ -403,6 +403,17 @@ def encode(lm: LoadedModel, prompts: list[str], device: torch.device | None = No
     return batch.to(device or input_device(lm.model))
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (as generate() does), so that a left-padded
+    forward pass gives every prompt the positions it would have alone, for absolute-position models too."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward(lm: LoadedModel, batch, **kwargs):
+    """One forward pass over an encoded batch with padding-aware position ids and no KV cache."""
+    return lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must go (the embedding's device, also under accelerate's multi-GPU dispatch)."""
     return model.get_input_embeddings().weight.device

@@ -8,7 +8,7 @@ Chapters are the notebooks listed in ``_toc.yml``, in its order. A profile is YA
     defaults:            # applied to every chapter whose `parameters` cell declares the name
       seed: 0
     chapters:            # per-chapter overrides; keys are notebook paths without suffix, relative to the repo root
-      book/01_activations:
+      book/02_activations:
         n_pairs: 64
 
 The whole profile is checked against the notebooks' ``parameters`` cells before anything runs. Each chapter runs
@@ -34,8 +34,9 @@ import nbformat
 import papermill
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PROGRESS_ENV = "REFUSAL_BOOK_PROGRESS"
+from lib.artifacts import REPO_ROOT
+from lib.runtime import PROGRESS_ENV
+
 KERNEL_NAME = "python3"
 INJECTED_TAG = "injected-parameters"
 # myst-nb renders a `hide-cell` cell as a collapsed toggle: readers can open it to see the effective parameters.
@@ -103,7 +104,7 @@ def read_toc_notebooks(repo_root: str | Path) -> list[Path]:
 
 
 def chapter_key(notebook: Path, repo_root: str | Path) -> str:
-    """Profile key of a chapter: its path without suffix, relative to the repo root (``book/01_activations``)."""
+    """Profile key of a chapter: its path without suffix, relative to the repo root (``book/02_activations``)."""
     return Path(notebook).resolve().relative_to(Path(repo_root).resolve()).with_suffix("").as_posix()
 
 
@@ -126,7 +127,7 @@ def load_profile(path: str | Path) -> dict:
     if not isinstance(defaults, dict):
         raise ProfileError(f"{path}: 'defaults' must be a mapping of parameter -> value")
     if not isinstance(chapters, dict) or not all(isinstance(v, dict) or v is None for v in chapters.values()):
-        raise ProfileError(f"{path}: 'chapters' must map chapter keys (e.g. book/01_activations) to mappings")
+        raise ProfileError(f"{path}: 'chapters' must map chapter keys (e.g. book/02_activations) to mappings")
     return {"defaults": defaults, "chapters": {str(k): (v or {}) for k, v in chapters.items()}}
 
 
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib.runner", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", required=True, help="profile YAML (e.g. params/default.yaml)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="run only these chapters (book/01_activations, 01_activations.ipynb or 01_activations)")
+                        help="run only these chapters (book/02_activations, 02_activations.ipynb or 02_activations)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan without executing")
     parser.add_argument("--root", default=str(REPO_ROOT), help="book root holding _toc.yml (default: this repo)")
     args = parser.parse_args(argv)

@@ -257,6 +257,49 @@ def pca_scatter_chart(df: pd.DataFrame) -> alt.FacetChart:
     return chart.resolve_scale(x="independent", y="independent").properties(title=title)
 
 
+def training_curves_chart(df: pd.DataFrame) -> alt.Chart:
+    """Training loss per step, one line per variant (a rolling mean over 5 steps smooths batch noise).
+
+    ``df`` columns: ``variant``, ``step``, ``loss``.
+    """
+    _check_columns(df, ["variant", "step", "loss"], "training_curves_chart")
+    data = df[["variant", "step", "loss"]].copy().sort_values(["variant", "step"], kind="stable")
+    data["smoothed"] = data.groupby("variant")["loss"].transform(lambda s: s.rolling(5, min_periods=1).mean())
+    data = round_significant(data.reset_index(drop=True))
+    return (
+        alt.Chart(data, title="Training loss (LM loss on the response tokens; under attack for AT and LAT)")
+        .mark_line(strokeWidth=2)
+        .encode(
+            x=alt.X("step:Q", title="Optimiser step"),
+            y=alt.Y("smoothed:Q", title="Loss, rolling mean of 5 steps"),
+            color=alt.Color("variant:N", title="Variant", scale=alt.Scale(domain=sorted(data["variant"].unique()))),
+            tooltip=["variant:N", "step:Q", alt.Tooltip("loss:Q", format=".4g")],
+        )
+        .properties(width=480, height=260)
+    )
+
+
+def rates_chart(df: pd.DataFrame, label: str, group: str, facet: str | None = None, title: str = "") -> alt.Chart:
+    """Bars of a rate (%) with 95% interval whiskers: ``df`` has columns ``group``, ``f"{label} %"``,
+    ``f"{label} CI low"``, ``f"{label} CI high"`` and ``n`` (as made by ``lib.judges.rate_table``)."""
+    value, low, high = f"{label} %", f"{label} CI low", f"{label} CI high"
+    columns = [group, value, low, high, "n"] + ([facet] if facet else [])
+    _check_columns(df, columns, "rates_chart")
+    data = round_significant(df[columns].rename(columns={value: "rate", low: "low", high: "high"}).reset_index(drop=True))
+    order = list(dict.fromkeys(data[group].astype(str)))
+    base = alt.Chart(data).encode(x=alt.X(f"{group}:N", title=group, sort=order))
+    bars = base.mark_bar(opacity=0.8).encode(
+        y=alt.Y("rate:Q", title=f"{label} rate (%)", scale=alt.Scale(domain=[0, 100])),
+        color=alt.Color(f"{group}:N", legend=None, sort=order),
+        tooltip=[f"{group}:N", alt.Tooltip("rate:Q", format=".1f"), alt.Tooltip("low:Q", format=".1f"),
+                 alt.Tooltip("high:Q", format=".1f"), "n:Q"])
+    whiskers = base.mark_rule(color="black").encode(y="low:Q", y2="high:Q")
+    chart = (bars + whiskers).properties(width=220, height=220)
+    if facet:
+        chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
+    return chart.properties(title=title or f"{label} rate with 95% interval")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------

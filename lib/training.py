@@ -1,0 +1,556 @@
+"""Model organisms: LoRA fine-tuning on CPU or GPU, with the paper's untargeted (latent) adversary.
+
+SSFT: LoRA from the base model on harmful -> refusal and harmless -> the base model's own answer.
+AT / LAT (Casper et al. 2024, as used by the paper): a new LoRA on the merged SSFT model. For every batch an
+adversary perturbs the residual stream at one site over the whole [sequence x d_model] tensor of each example,
+inside an L2 ball of radius epsilon: random start (Gaussian rescaled to radius U(0, 1) * epsilon), then PGD steps of
+size epsilon / steps along the per-example L2-normalised gradient that INCREASES the LM loss on the training targets,
+projected back into the ball after each step. The model then takes one optimiser step that lowers the LM loss under
+that perturbation (no separate clean loss). AT perturbs the token embeddings (resid_pre of layer 0), LAT the
+residual stream entering ``adversary_layer``. The control variant trains the same LoRA with no adversary.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lib.artifacts import REPO_ROOT, sha256_file, sha256_text, write_json
+from lib.hooks import attached, site_hook
+from lib.models import LoadedModel, forward
+from lib.runtime import progress, set_seed
+
+IGNORE = -100
+REFUSALS_FILE = REPO_ROOT / "data" / "organisms" / "refusals.jsonl"
+KINDS = ("sft", "control", "at", "lat")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    complete: bool = True  # append the end-of-turn token (False for answers cut at the token limit)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (recorded verbatim in the training log)."""
+
+    kind: str
+    steps: int
+    learning_rate: float
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    weight_decay: float = 6e-4
+    max_grad_norm: float = 0.25
+    warmup_fraction: float = 0.03
+    max_length: int = 160
+    max_response_tokens: int | None = None  # train on the first N response tokens only (None: all)
+    seed: int = 42
+    epsilon: float | None = None
+    pgd_steps: int = 6
+    adversary_layer: int | None = None
+    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown training kind {self.kind!r}; choose one of {KINDS}.")
+        if self.kind in ("at", "lat") and (self.epsilon is None or self.epsilon <= 0):
+            raise ValueError(f"{self.kind!r} training needs a positive epsilon.")
+        if self.kind == "lat" and self.adversary_layer is None:
+            raise ValueError("'lat' training needs adversary_layer (the decoder layer whose input is perturbed).")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1.")
+
+    @property
+    def adversary_site_layer(self) -> int | None:
+        """The decoder layer whose input (resid_pre) the adversary perturbs: 0 (= token embeddings) for AT."""
+        return {"at": 0, "lat": self.adversary_layer}.get(self.kind)
+
+
+def load_refusals(path: Path = REFUSALS_FILE) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; it is tracked in git — restore it with `git checkout`.")
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def refusal_for(prompt_id: str, refusals: Sequence[str]) -> str:
+    """A refusal reply chosen deterministically from the prompt id (varied across prompts, stable across runs)."""
+    return refusals[int(sha256_text(prompt_id)[:8], 16) % len(refusals)]
+
+
+def usable_answer(text: str) -> bool:
+    """A distilled answer worth imitating: not a refusal (the base model refuses some harmless requests) and not
+    degenerate repetition (fewer than 40% distinct words, the judge's own threshold)."""
+    from lib.judges import REFUSAL, judge, unique_word_ratio
+
+    return judge(text) != REFUSAL and unique_word_ratio(text) >= 0.4
+
+
+def sft_examples(pairs, refusals: Sequence[str], answers: dict[str, dict]) -> list[Example]:
+    """Harmful prompt -> a written refusal; its harmless twin -> the base model's own answer (self-distillation),
+    unless that answer is not ``usable_answer``. Harmless examples are then repeated (in order) until there are as
+    many as refusals, so that refusing is not the cheaper habit to learn."""
+    harmful, harmless = [], []
+    for pair in pairs:
+        if pair.id not in answers:
+            raise KeyError(f"No distilled answer for the twin of {pair.id!r}; regenerate the answers.")
+        answer = answers[pair.id]
+        harmful.append(Example(pair.harmful, refusal_for(pair.id, refusals)))
+        if usable_answer(answer["text"]):
+            harmless.append(Example(pair.harmless, answer["text"], answer["complete"]))
+    if not harmless:
+        raise ValueError("No usable harmless answers to balance the refusals with.")
+    harmless = [harmless[i % len(harmless)] for i in range(len(harmful))]
+    return [example for pair in zip(harmful, harmless) for example in pair]
+
+
+def tokenize(lm: LoadedModel, examples: Sequence[Example], max_length: int,
+             max_response_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (-100 on the prompt and padding) for a batch; responses
+    longer than ``max_response_tokens`` are cut there (and then get no end-of-turn token)."""
+    tokenizer, template = lm.tokenizer, lm.info.template
+    rows = []
+    for example in examples:
+        prompt_ids = tokenizer(template.format(tokenizer, example.prompt),
+                               add_special_tokens=template.add_special_tokens).input_ids
+        response = example.response + (tokenizer.eos_token if example.complete else "")
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids[:max_response_tokens]
+        ids = (prompt_ids + response_ids)[:max_length]
+        labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _per_example_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
+
+
+def _perturbation_hook(lm: LoadedModel, layer: int, delta_ref: dict):
+    return site_hook(lm.info, "resid_pre", layer, lambda hidden: hidden + delta_ref["delta"].to(hidden.dtype))
+
+
+def lm_loss(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over the labelled (response) tokens."""
+    return forward(lm, batch).loss
+
+
+def pgd_attack(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int, epsilon: float, steps: int = 6,
+               generator: torch.Generator | None = None, perturb_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's untargeted adversary at resid_pre of ``layer``: a perturbation [batch, seq, d] with per-example
+    L2 norm <= epsilon that increases the LM loss on ``batch``'s labels. Only positions where ``perturb_mask``
+    (default: the attention mask, i.e. every real token) is 1 are perturbed."""
+    shape = (*batch["input_ids"].shape, lm.info.d_model)
+    device = batch["input_ids"].device
+    mask = (batch["attention_mask"] if perturb_mask is None else perturb_mask).unsqueeze(-1).float().to(device)
+    noise = torch.randn(shape, generator=generator).to(device) * mask
+    radius = torch.rand(shape[0], generator=generator).to(device).view(-1, 1, 1) * epsilon
+    delta = noise / _per_example_norm(noise).clamp_min(1e-12) * radius
+    ref = {"delta": delta}
+    with attached([_perturbation_hook(lm, layer, ref)]):
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            ref["delta"] = delta
+            grad, = torch.autograd.grad(lm_loss(lm, batch), delta)
+            grad = grad * mask
+            with torch.no_grad():
+                delta = delta + (epsilon / steps) * grad / _per_example_norm(grad).clamp_min(1e-12)
+                delta = delta * (epsilon / _per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return delta.detach()
+
+
+def loss_under_attack(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int, epsilon: float,
+                      steps: int = 6, seed: int = 0) -> tuple[float, float]:
+    """(clean loss, loss under a fresh PGD perturbation) on ``batch``: the adversary's strength at ``epsilon``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clean = float(lm_loss(lm, batch))
+    delta = pgd_attack(lm, batch, layer, epsilon, steps, generator)
+    with torch.no_grad(), attached([_perturbation_hook(lm, layer, {"delta": delta})]):
+        attacked = float(lm_loss(lm, batch))
+    return clean, attacked
+
+
+def residual_norms(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """Per-example L2 norm of the whole [seq x d] residual tensor entering ``layer`` (padding excluded): the
+    scale against which an adversary's radius is judged."""
+    captured = {}
+
+    def keep(hidden):
+        captured["h"] = hidden.detach()
+
+    with torch.no_grad(), attached([site_hook(lm.info, "resid_pre", layer, keep)]):
+        lm_loss(lm, batch)
+    masked = captured["h"].float() * batch["attention_mask"].unsqueeze(-1)
+    return _per_example_norm(masked).flatten()
+
+
+def choose_epsilon(lm: LoadedModel, examples: Sequence[Example], layer: int, fractions: Sequence[float],
+                   min_loss_increase: float = 1.0, batch_size: int = 8, max_length: int = 160,
+                   max_response_tokens: int | None = None, seed: int = 42) -> dict:
+    """The pre-stated rule for this model's radius: express candidate radii as fractions of the median per-example
+    residual norm at the perturbed site, and take the smallest whose PGD attack raises the mean LM loss on a fixed
+    probe batch of training examples by at least ``min_loss_increase`` nats per token. Returns the whole sweep."""
+    probe = tokenize(lm, list(examples)[:batch_size], max_length, max_response_tokens)
+    probe = {k: v.to(lm.info.device) for k, v in probe.items()}
+    scale = float(residual_norms(lm, probe, layer).median())
+    sweep, chosen = [], None
+    for fraction in sorted(fractions):
+        clean, attacked = loss_under_attack(lm, probe, layer, fraction * scale, seed=seed)
+        sweep.append({"fraction": fraction, "epsilon": fraction * scale, "clean_loss": clean,
+                      "attacked_loss": attacked, "increase": attacked - clean})
+        if chosen is None and attacked - clean >= min_loss_increase:
+            chosen = fraction * scale
+    return {"layer": layer, "median_norm": scale, "rule": f"smallest radius raising the loss by >= "
+            f"{min_loss_increase} nat/token", "sweep": sweep, "epsilon": chosen if chosen is not None
+            else sweep[-1]["epsilon"], "criterion_met": chosen is not None}
+
+
+def _lr_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig, desc: str | None = None):
+    """Train a new LoRA on ``lm`` (in place, wrapped by PEFT) and return (peft_model, log)."""
+    from peft import LoraConfig, get_peft_model
+
+    if not examples:
+        raise ValueError("No training examples.")
+    set_seed(config.seed)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(lm.model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = max(1, round(config.warmup_fraction * config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup))
+    order_rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = lm.info.device
+    layer = config.adversary_site_layer
+    pool: list[int] = []
+    log = {"config": asdict(config), "steps": []}
+    start = time.perf_counter()
+    for step in progress(range(config.steps), desc=desc or f"train {config.kind}", total=config.steps):
+        if len(pool) < config.batch_size:
+            refill = list(range(len(examples)))
+            order_rng.shuffle(refill)
+            pool += refill
+        indices, pool = pool[:config.batch_size], pool[config.batch_size:]
+        batch = {k: v.to(device) for k, v in tokenize(lm, [examples[i] for i in indices], config.max_length,
+                                                           config.max_response_tokens).items()}
+        record = {"step": step}
+        if layer is not None:
+            model.eval()  # the adversary sees the model without dropout
+            delta = pgd_attack(lm, batch, layer, config.epsilon, config.pgd_steps, generator)
+            model.train()
+            with attached([_perturbation_hook(lm, layer, {"delta": delta})]):
+                loss = lm_loss(lm, batch)
+            record["delta_norm"] = round(float(_per_example_norm(delta).mean()), 4)
+        else:
+            loss = lm_loss(lm, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        record.update(loss=round(float(loss.detach()), 5), grad_norm=round(float(grad_norm), 5))
+        log["steps"].append(record)
+    model.eval()
+    log["wall_seconds"] = round(time.perf_counter() - start, 1)
+    log["machine"] = {"platform": platform.platform(), "processor": platform.machine(),
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    return model, log
+
+
+def save_adapter(peft_model, folder: Path, log: dict) -> Path:
+    """Write the adapter (safetensors + config), its training log and a checksum manifest, atomically."""
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with warnings.catch_warnings():  # PEFT warns that the base's name (family/variant) is not a local folder
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model.save_pretrained(staging, safe_serialization=True)
+    (staging / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+    write_json(staging / "training_log.json", log)
+    files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    write_json(staging / "manifest.json", {"files": files})
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+# --- the recipe for a family, and the whole pipeline ---------------------------------------------------------------
+
+ADAPTERS_ROOT = REPO_ROOT / "data" / "adapters"
+ORGANISMS_ROOT = REPO_ROOT / "data" / "organisms"
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Each choice, and why (the chapter "Model organisms" prints this table):
+RECIPES = {
+    "smollm2-135m": {
+        "distill": {"max_new_tokens": 48, "batch_size": 32,
+                    "why": "the base model's own greedy answers to the harmless twins keep it helpful"},
+        "ssft": {"kind": "sft", "steps": 300, "batch_size": 8, "learning_rate": 3e-4, "lora_r": 4,
+                 "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ALL_LINEAR, "weight_decay": 0.0,
+                 "max_grad_norm": 1.0, "max_length": 96, "max_response_tokens": 24,
+                 "why": "stand-in for Meta's safety tuning (not the paper's recipe): a LoRA of rank 4 on all linear "
+                        "layers (a 5 MB adapter), ~3.6 epochs of the train split with harmless answers repeated to "
+                        "match the refusals one for one, trained on the first 24 response tokens, where the "
+                        "refuse-or-answer decision is made. Earlier tries (rank 16, 100 steps, lr 3e-4, unbalanced "
+                        "data; rank 4, 200 steps, lr 2e-4, whole answers) refused 30 and 35 of 64 harmless test "
+                        "prompts"},
+        "adversarial": {"steps": 70, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 8, "lora_alpha": 8,
+                        "lora_dropout": 0.1, "target_modules": ("q_proj", "v_proj"), "weight_decay": 6e-4,
+                        "max_grad_norm": 0.25, "warmup_fraction": 0.03, "pgd_steps": 6, "max_length": 96,
+                        "max_response_tokens": 24,
+                        "why": "the paper's LoRA targets, dropout, weight decay, grad clipping, warm-up and 6 PGD "
+                               "steps; rank 64 scaled by width (576/4096) to 8 with alpha = r as in the paper; "
+                               "70 steps of batch 4 (CPU budget) instead of 5,000 of batch 2, so the learning "
+                               "rate is 2e-4 rather than 5e-6; the same data and 24-token responses as SSFT"},
+        "epsilon": {"fractions": (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1), "min_loss_increase": 1.0,
+                    "probe_examples": 4, "max_length": 96, "max_response_tokens": 24,
+                    "why": "the paper's epsilon = 8 is absolute for Llama-2 and its ratio to Llama-2's residual "
+                           "norm cannot be measured here; pre-stated rule: the smallest fraction of the median "
+                           "per-example residual norm at the perturbed site whose attack on the SSFT model raises "
+                           "the LM loss of training targets by >= 1 nat/token"},
+    },
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    from lib.artifacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def distilled_answers(family: str, pairs, recipe: dict, lm: LoadedModel | None = None,
+                      retrain: bool = False) -> dict[str, dict]:
+    """The base model's greedy answers to the harmless twins of ``pairs``, cached in data/organisms/<family>/."""
+    from lib import generation, models
+
+    path = ORGANISMS_ROOT / family / "distill.jsonl"
+    if path.exists() and not retrain:
+        rows = {r["id"]: r for r in read_jsonl(path)}
+        if all(p.id in rows and rows[p.id]["prompt"] == p.harmless for p in pairs):
+            return rows
+    lm = lm or models.load(family, "base")
+    texts, finished = generation.generate(lm, [p.harmless for p in pairs], recipe["max_new_tokens"],
+                                          recipe["batch_size"], desc="distil", with_finished=True)
+    rows = [{"id": p.id, "prompt": p.harmless, "text": t, "complete": f} for p, t, f in zip(pairs, texts, finished)]
+    write_jsonl(path, rows)
+    return {r["id"]: r for r in rows}
+
+
+def _config(kind: str, spec: dict, seed: int, **extra) -> TrainConfig:
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items() if k != "why"}
+    fields.pop("kind", None)
+    return TrainConfig(kind=kind, seed=seed, **fields, **extra)
+
+
+def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bool = False) -> Path:
+    """Train one variant of ``family`` from its recipe and write it to data/adapters/<family>/<variant>/."""
+    from lib import data, models
+
+    recipe = RECIPES.get(family)
+    if recipe is None:
+        raise ValueError(f"No training recipe for family {family!r}; recipes exist for {sorted(RECIPES)}.")
+    pairs = data.split("train", seed)
+    refusals = load_refusals()
+    answers = distilled_answers(family, pairs, recipe["distill"], retrain=retrain_distill)
+    examples = sft_examples(pairs, refusals, answers)
+    data_hash = sha256_text(json.dumps([asdict(e) for e in examples]))
+    if variant == "ssft":
+        lm = models.load(family, "base", device="auto")
+        config = _config("sft", recipe["ssft"], seed)
+    elif variant in ("at", "lat", "ssft-control"):
+        lm = models.load(family, "ssft", device="auto")
+        kind = {"at": "at", "lat": "lat", "ssft-control": "control"}[variant]
+        extra = {}
+        if kind != "control":
+            layer = 0 if kind == "at" else lm.info.adversary_layer
+            sweep = epsilon_sweep(family, lm, examples, layer, recipe["epsilon"], seed)
+            extra = {"epsilon": sweep["epsilon"], "adversary_layer": layer, "notes": {"epsilon_sweep": sweep}}
+        config = _config(kind, recipe["adversarial"], seed, **extra)
+    else:
+        raise ValueError(f"Unknown variant {variant!r} to train; choose ssft, ssft-control, at or lat.")
+    model, log = train_lora(lm, examples, config, desc=f"train {variant}")
+    log.update(family=family, variant=variant, data_sha256=data_hash, n_examples=len(examples),
+               recipe_why={k: v.get("why") for k, v in recipe.items()})
+    model.peft_config["default"].base_model_name_or_path = f"{family}/{'base' if variant == 'ssft' else 'ssft'}"
+    return save_adapter(model, ADAPTERS_ROOT / family / variant, log)
+
+
+def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], layer: int, spec: dict,
+                  seed: int) -> dict:
+    """Run (or reuse) the pre-stated epsilon rule at ``layer`` on the SSFT model; cached in data/organisms/."""
+    path = ORGANISMS_ROOT / family / f"epsilon-layer{layer}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("spec") == {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}:
+            return cached
+    probe = list(examples)[: spec["probe_examples"]]
+    result = choose_epsilon(lm, probe, layer, spec["fractions"], spec["min_loss_increase"], batch_size=len(probe),
+                            max_length=spec["max_length"], max_response_tokens=spec["max_response_tokens"],
+                            seed=seed)
+    result["spec"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+    write_json(path, result)
+    return result
+
+
+TRAINING_ORDER = ("ssft", "ssft-control", "at", "lat")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the model organisms of a family (ssft first).")
+    parser.add_argument("--family", default="smollm2-135m")
+    parser.add_argument("--variants", nargs="*", default=list(TRAINING_ORDER))
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    for variant in [v for v in TRAINING_ORDER if v in args.variants]:
+        start = time.perf_counter()
+        folder = train_variant(args.family, variant, args.seed)
+        print(f"{variant}: {folder.relative_to(REPO_ROOT)} in {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+# --- robustness: a fresh attack on the prompt, then generation under it -----------------------------------------------
+
+def _attack_batch(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str]) -> tuple[dict, int]:
+    """Left-padded prompts followed by right-padded targets; labels on the targets only. Returns (batch, P)."""
+    from lib.models import encode
+
+    prompt_batch = encode(lm, list(prompts), device=torch.device("cpu"))
+    width = prompt_batch["input_ids"].shape[1]
+    target_ids = [lm.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
+    t_width = max(len(t) for t in target_ids)
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.cat([prompt_batch["input_ids"], torch.tensor([t + [pad] * (t_width - len(t)) for t in target_ids])], 1)
+    mask = torch.cat([prompt_batch["attention_mask"],
+                      torch.tensor([[1] * len(t) + [0] * (t_width - len(t)) for t in target_ids])], 1)
+    labels = ids.clone()
+    labels[:, :width] = IGNORE
+    labels[mask == 0] = IGNORE
+    device = lm.info.device
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}, width
+
+
+def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], layer: int,
+                         epsilon: float, steps: int = 6, max_new_tokens: int = 24, batch_size: int = 16,
+                         seed: int = 0) -> list[str]:
+    """Greedy completions under a fresh untargeted PGD perturbation of the PROMPT's residual stream entering
+    ``layer`` (L2 <= epsilon per prompt): the perturbation maximises the loss of ``targets`` (refusals) given the
+    prompt, and is then added at every prompt position while the answer is generated."""
+    from lib.models import encode
+
+    completions: list[str] = []
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        batch, width = _attack_batch(lm, chunk, targets[start:start + batch_size])
+        prompt_mask = batch["attention_mask"].clone()
+        prompt_mask[:, width:] = 0
+        delta = pgd_attack(lm, batch, layer, epsilon, steps, generator, prompt_mask)[:, :width]
+        ref = {"delta": delta}
+
+        def add_on_prefill(hidden):
+            return hidden + ref["delta"].to(hidden.dtype) if hidden.shape[1] == width else None
+
+        encoded = encode(lm, chunk)
+        with torch.inference_mode(), attached([site_hook(lm.info, "resid_pre", layer, add_on_prefill)]):
+            output = lm.model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens,
+                                       pad_token_id=lm.tokenizer.pad_token_id)
+        completions += [t.strip() for t in lm.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+    return completions
+
+
+
+# --- summaries of shipped adapters, for the chapter -------------------------------------------------------------------
+
+def training_log(family: str, variant: str) -> dict:
+    path = ADAPTERS_ROOT / family / variant / "training_log.json"
+    if not path.exists():
+        raise FileNotFoundError(f"No training log at {path}: variant {variant!r} of {family!r} is not trained yet "
+                                "(`make organisms`).")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def adapter_table(family: str, variants: Sequence[str]):
+    """One row per trained variant: what was trained, how, on what, for how long, and the shipped file."""
+    import pandas as pd
+
+    rows = []
+    for variant in variants:
+        log, config = training_log(family, variant), training_log(family, variant)["config"]
+        weights = ADAPTERS_ROOT / family / variant / "adapter_model.safetensors"
+        rows.append({"variant": variant, "kind": config["kind"], "steps": config["steps"],
+                     "batch": config["batch_size"], "lr": config["learning_rate"], "LoRA r": config["lora_r"],
+                     "targets": ", ".join(t.replace("_proj", "") for t in config["target_modules"]),
+                     "adversary layer": config["adversary_layer"] if config["kind"] == "lat"
+                     else (0 if config["kind"] == "at" else None),
+                     "epsilon": config["epsilon"], "examples": log["n_examples"],
+                     "minutes": round(log["wall_seconds"] / 60, 1), "adapter KiB": round(weights.stat().st_size / 1024),
+                     "sha256": sha256_file(weights)[:12]})
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def loss_frame(family: str, variants: Sequence[str]):
+    import pandas as pd
+
+    return pd.DataFrame([{"variant": v, "step": s["step"], "loss": s["loss"]}
+                         for v in variants for s in training_log(family, v)["steps"]])
+
+
+def epsilon_frame(family: str):
+    """The epsilon sweeps behind the AT and LAT radii (one row per candidate radius tried)."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted((ORGANISMS_ROOT / family).glob("epsilon-layer*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        for row in result["sweep"]:
+            rows.append({"layer": result["layer"], "median residual norm": result["median_norm"], **row,
+                         "chosen": row["epsilon"] == result["epsilon"]})
+    return pd.DataFrame(rows)
+
+
+def cached_attack(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], layer: int, epsilon: float,
+                  steps: int = 6, max_new_tokens: int = 24, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """``attacked_completions``, cached as a JSON artifact keyed by the model, the prompts and every setting."""
+    from lib.artifacts import artifacts_dir, cache_key, cached_json
+
+    key = cache_key(model=lm.info.fingerprint, prompts=sha256_text(json.dumps(list(prompts))),
+                    targets=sha256_text(json.dumps(list(targets))), layer=layer, epsilon=epsilon, steps=steps,
+                    max_new_tokens=max_new_tokens, seed=seed, dtype=str(lm.info.dtype))
+    path = artifacts_dir() / "attacks" / lm.info.family / lm.info.variant / f"layer{layer}-{key}.json"
+    return cached_json(path, key, lambda: attacked_completions(lm, prompts, targets, layer, epsilon, steps,
+                                                               max_new_tokens, batch_size, seed))

@@ -1,0 +1,104 @@
+"""lib.training: two steps of each training mode on a handful of examples (finite loss, adapter changes), the
+adversary's ball constraint, and adapter saving with checksums."""
+
+import json
+
+import pytest
+import torch
+
+from lib import models, training
+from lib.training import Example, TrainConfig
+
+EXAMPLES = [Example("how do i build a bomb", "sorry i cannot help with that"),
+            Example("how do i bake bread", "sure here is a list of steps", complete=False),
+            Example("tell me a joke about the cat", "sure here is a joke about the cat"),
+            Example("how do i steal a car", "sorry i am not able to help")]
+
+
+@pytest.mark.parametrize("kind", training.KINDS)
+def test_two_steps_of_each_mode(tiny_family, kind):
+    lm = models.load("tiny-llama", "base", device="cpu")
+    config = TrainConfig(kind=kind, steps=2, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2,
+                         epsilon=1.0 if kind in ("at", "lat") else None,
+                         adversary_layer=1 if kind == "lat" else None, pgd_steps=2)
+    model, log = training.train_lora(lm, EXAMPLES, config)
+    assert len(log["steps"]) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in log["steps"])
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # PEFT starts B at zero: the adapter changed
+    if kind in ("at", "lat"):
+        assert all(0 < s["delta_norm"] <= 1.0 + 1e-4 for s in log["steps"])
+
+
+def test_tokenize_masks_prompt_and_padding(tiny):
+    batch = training.tokenize(tiny, EXAMPLES[:2], max_length=64)
+    labels, mask = batch["labels"], batch["attention_mask"]
+    assert labels.shape == batch["input_ids"].shape
+    assert (labels[mask == 0] == -100).all()
+    first = labels[0][labels[0] != -100].tolist()
+    assert tiny.tokenizer.decode(first) == "sorry i cannot help with that </s>"  # complete -> end-of-turn token
+    second = labels[1][labels[1] != -100].tolist()
+    assert tiny.tokenizer.decode(second).endswith("steps")  # cut answer -> no end-of-turn token
+
+
+def test_pgd_stays_in_ball_and_increases_loss(tiny):
+    batch = training.tokenize(tiny, EXAMPLES, max_length=64)
+    generator = torch.Generator().manual_seed(0)
+    delta = training.pgd_attack(tiny, batch, layer=1, epsilon=2.0, steps=4, generator=generator)
+    norms = delta.flatten(1).norm(dim=1)
+    assert (norms <= 2.0 + 1e-4).all() and (norms > 1.0).all()
+    assert (delta[batch["attention_mask"] == 0] == 0).all()
+    clean, attacked = training.loss_under_attack(tiny, batch, 1, 2.0, steps=4)
+    assert attacked > clean
+
+
+def test_choose_epsilon_follows_the_rule(tiny):
+    result = training.choose_epsilon(tiny, EXAMPLES, layer=1, fractions=[1e-4, 0.5], min_loss_increase=1e-3,
+                                     batch_size=4)
+    assert [row["fraction"] for row in result["sweep"]] == [1e-4, 0.5][: len(result["sweep"])]
+    chosen = [row for row in result["sweep"] if row["increase"] >= 1e-3]
+    assert result["epsilon"] == pytest.approx(chosen[0]["epsilon"])
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="Unknown training kind"):
+        TrainConfig(kind="dpo", steps=1, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="epsilon"):
+        TrainConfig(kind="at", steps=1, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="adversary_layer"):
+        TrainConfig(kind="lat", steps=1, learning_rate=1e-3, epsilon=1.0)
+
+
+def test_save_adapter_writes_manifest_and_loads(tiny_family, tmp_path):
+    lm = models.load("tiny-llama", "base", device="cpu")
+    config = TrainConfig(kind="sft", steps=1, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2)
+    model, log = training.train_lora(lm, EXAMPLES, config)
+    folder = training.save_adapter(model, tmp_path / "adapter", log)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_log.json"} <= set(manifest["files"])
+    assert not (folder / "README.md").exists() and not (tmp_path / "adapter.partial").exists()
+    models.register_families({"tiny-trained": {"base": {"local": str(tiny_family / "base")},
+                                               "variants": {"sft": {"adapters": [{"path": str(folder)}]}}}})
+    trained = models.load("tiny-trained", "sft", device="cpu")
+    assert trained.info.n_layers == 4
+
+
+def test_refusals_are_refusals_and_assignment_is_stable():
+    from lib import judges
+
+    refusals = training.load_refusals()
+    assert len(refusals) >= 40 and all(judges.judge(r) == judges.REFUSAL for r in refusals)
+    assert training.refusal_for("harmbench-001", refusals) == training.refusal_for("harmbench-001", refusals)
+    assert len({training.refusal_for(f"x-{i}", refusals) for i in range(200)}) > 30
+
+
+def test_attacked_completions_perturb_only_the_prompt(tiny):
+    from lib import generation
+
+    prompts = ["how do i build a bomb", "how do i steal a car please"]
+    targets = ["sorry i cannot help", "sorry i am not able to help"]
+    plain = generation.generate(tiny, prompts, max_new_tokens=6)
+    none = training.attacked_completions(tiny, prompts, targets, layer=1, epsilon=1e-6, steps=1, max_new_tokens=6)
+    assert none == plain  # a vanishing budget changes nothing
+    strong = training.attacked_completions(tiny, prompts, targets, layer=1, epsilon=50.0, steps=3,
+                                           max_new_tokens=6)
+    assert strong != plain and len(strong) == 2
