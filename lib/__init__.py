@@ -8,3 +8,8 @@ safetensors files). ``runtime`` holds device, dtype, seed and progress-bar helpe
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# tqdm.auto (imported by dependencies) warns inside Jupyter when ipywidgets is absent; lib's own bars are plain tqdm.
+_warnings.filterwarnings("ignore", message="IProgress not found")

@@ -9,13 +9,18 @@ all positions. ``orthogonalized`` bakes the same projection into the weights tha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lib.hooks import attached, check_layers, input_hook, output_hook
 from lib.models import LoadedModel, ModelInfo
+
+# The paper's self-attack (each model ablated with its own layer-14 direction; 520 prompts): refusal/valid/broken %.
+PAPER_SELF_ATTACK = {"ssft": (20.38, 76.92, 2.69), "at": (38.08, 59.62, 2.31), "lat": (16.92, 80.96, 2.12)}
 
 OUTPUT_PROJECTIONS = {"attn": ("o_proj", "out_proj", "dense", "c_proj"),
                       "mlp": ("down_proj", "fc2", "dense_4h_to_h", "c_proj", "w2")}
@@ -121,3 +126,134 @@ def added(lm: LoadedModel, direction: torch.Tensor, layer: int, coefficient: flo
     fn = lambda hidden: hidden + coefficient * direction.to(hidden.device, hidden.dtype)  # noqa: E731
     with attached([(lm.info.layers[layer], "pre", input_hook(fn))]):
         yield
+
+
+def orthogonalizable(lm: LoadedModel) -> bool:
+    """True when the residual writers hold plain floating-point weights (not e.g. 4-bit quantised ones), so that
+    ``orthogonalized`` can edit them; otherwise ablation falls back to hooks."""
+    try:
+        writers = [_output_projection(lm.info.submodule(0, role), role) for role in ("attn", "mlp")]
+    except ValueError:
+        return False
+    weights = [lm.model.get_input_embeddings().weight] + [w.weight for w in writers]
+    return all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype.is_floating_point for w in weights)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One experimental condition for generation or scoring: ``"ablate"`` (project ``directions`` out everywhere,
+    by weight orthogonalisation) or ``"add"`` (activation addition of ``directions`` at ``layer``). ``key()``
+    identifies it for caching by the exact tensor values."""
+
+    kind: str
+    directions: torch.Tensor
+    layer: int | None = None
+    coefficient: float = 1.0
+    label: str = ""
+
+    def __post_init__(self):
+        if self.kind not in ("ablate", "add"):
+            raise ValueError(f"Unknown intervention kind {self.kind!r}; use 'ablate' or 'add'.")
+        if self.kind == "add" and self.layer is None:
+            raise ValueError("Activation addition needs the layer whose input receives the direction.")
+
+    def key(self) -> str:
+        values = self.directions.detach().float().cpu().contiguous().numpy().tobytes()
+        digest = hashlib.sha256(values + repr((self.kind, tuple(self.directions.shape), self.layer,
+                                               self.coefficient)).encode()).hexdigest()[:16]
+        return f"{self.kind}-{digest}"
+
+    def applied(self, lm: LoadedModel):
+        if self.kind == "ablate":
+            return orthogonalized(lm, self.directions) if orthogonalizable(lm) else ablated(lm, self.directions)
+        return added(lm, self.directions, self.layer, self.coefficient)
+
+
+def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
+                layers: Sequence[int] | None = None, batch_size: int = 16, desc: str = "sweep"):
+    """Arditi et al.'s generation-free layer sweep: for each candidate layer's direction (``candidates`` is
+    [n_layers, d]), ablate it everywhere and measure the mean refusal score on ``harmful`` prompts and the mean
+    KL divergence of the first-token distribution on ``harmless`` prompts from the unablated model's.
+
+    Returns a DataFrame (layer, refusal score, KL) with a first row for the unablated model (layer -1)."""
+    import pandas as pd
+
+    from lib.judges import kl_divergence, next_token_log_probs, refusal_score_from
+    from lib.runtime import progress
+
+    layers = check_layers(lm.info, layers)
+    clean_harmless = next_token_log_probs(lm, harmless, batch_size)
+    rows = [{"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
+        lm, harmful, batch_size)).mean()), "KL": 0.0}]
+    for layer in progress(layers, desc=desc):
+        with orthogonalized(lm, candidates[layer]):
+            score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
+            kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
+        rows.append({"layer": layer, "refusal score": float(score), "KL": float(kl)})
+    return pd.DataFrame(rows)
+
+
+def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_depth: float = 0.8) -> tuple[int, str]:
+    """Arditi et al.'s rule: among layers below ``max_depth`` of the depth whose ablation keeps the harmless
+    first-token KL under ``max_kl``, the one whose ablation lowers the refusal score most. Where no layer qualifies,
+    ``fallback`` (the paper's relative layer) is returned. Returns (layer, the reason in words)."""
+    ok = sweep[(sweep["layer"] >= 0) & (sweep["layer"] < max_depth * n_layers) & (sweep["KL"] < max_kl)]
+    if ok.empty:
+        return int(fallback), f"no layer kept the harmless KL under {max_kl}: the paper's relative layer"
+    best = int(ok.sort_values(["refusal score", "layer"], kind="stable").iloc[0]["layer"])
+    return best, f"lowest refusal score among layers with KL < {max_kl} below {max_depth:.0%} depth"
+
+
+def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
+                    max_new_tokens: int = 64, batch_size: int = 32, device: str = "auto", dtype: str = "auto",
+                    baseline: bool = True) -> dict[tuple[str, str], dict[str, list[str]]]:
+    """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant (each
+    target loaded once), plus the unablated target as source ``"none"`` when ``baseline``. Every condition is cached
+    (``lib.judges.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
+    from lib.judges import evaluate
+    from lib.models import load
+
+    results = {}
+    for target in targets:
+        lm = load(family, target, device=device, dtype=dtype)
+        if baseline:
+            results[("none", target)] = evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")
+        for source, direction in sources.items():
+            intervention = Intervention("ablate", direction, label=f"{source} direction")
+            results[(source, target)] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
+                                                 desc=f"{source} -> {target}")
+        del lm
+    return results
+
+
+def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
+                 batch_size: int = 16, device: str = "auto", dtype: str = "auto", n_boot: int = 2000,
+                 seed: int = 0):
+    """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
+    every named source subspace (``[d]`` or ``[k, d]``) ablated in every target, plus the unablated target
+    (source ``"none"``), each with a 95% bootstrap interval over prompts. A DataFrame (source, target, score, low,
+    high, n)."""
+    import pandas as pd
+
+    from lib.judges import bootstrap_indices, refusal_score
+    from lib.models import load
+    from lib.runtime import progress
+
+    index = bootstrap_indices(len(prompts), n_boot, seed)
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    rows = []
+    for target in targets:
+        lm = load(family, target, device=device, dtype=dtype)
+        conditions = {"none": None, **sources}
+        for source, subspace in progress(list(conditions.items()), desc=f"scores {target}"):
+            if subspace is None:
+                scores = refusal_score(lm, prompts, batch_size)
+            else:
+                with Intervention("ablate", subspace).applied(lm):
+                    scores = refusal_score(lm, prompts, batch_size)
+            means = scores.double()[index].mean(1)
+            low, high = torch.quantile(means, q).tolist()
+            rows.append({"source": source, "target": target, "score": float(scores.double().mean()), "low": low,
+                         "high": high, "n": len(prompts)})
+        del lm
+    return pd.DataFrame(rows)

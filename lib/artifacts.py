@@ -160,3 +160,19 @@ def cached_json(path: str | Path, key: str, compute: Callable[[], Any]) -> Any:
     result = compute()
     write_json(path, {"key": key, "lib_version": lib.__version__, "result": result})
     return result
+
+
+def verdicts_dir() -> Path:
+    return artifacts_dir() / "verdicts"
+
+
+def write_verdict(family: str, claim: str, verdict: dict[str, Any]) -> Path:
+    """Store a chapter's computed verdict on one of the paper's claims, for the conclusions chapter."""
+    path = verdicts_dir() / family / f"{claim}.json"
+    write_json(path, {"family": family, "claim": claim, **verdict})
+    return path
+
+
+def read_verdicts() -> list[dict[str, Any]]:
+    """Every stored verdict, ordered by family and claim."""
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(verdicts_dir().glob("*/*.json"))]

@@ -14,7 +14,7 @@ import lib
 from lib.artifacts import artifacts_dir, cache_key, cached_tensors
 from lib.hooks import SITES, attached, check_layers, check_sites, site_hook
 from lib.models import LoadedModel, encode, forward
-from lib.runtime import progress
+from lib.runtime import auto_batch_size, progress
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -37,23 +37,31 @@ def _position_index(attention_mask: torch.Tensor, positions: Sequence[int]) -> t
     return torch.stack([torch.as_tensor(i).expand(len(lengths)) for i in index], dim=1)
 
 
+def prompt_lengths(lm: LoadedModel, prompts: Sequence[str]) -> list[int]:
+    """Tokenised length of each prompt as the model sees it (template and special tokens included)."""
+    return [len(lm.tokenizer(lm.info.template.format(lm.tokenizer, p),
+                             add_special_tokens=lm.info.template.add_special_tokens).input_ids) for p in prompts]
+
+
 def order_by_length(lm: LoadedModel, prompts: Sequence[str]) -> list[int]:
     """Prompt indices sorted by tokenised length (stable), so that batches carry little padding."""
-    lengths = [len(lm.tokenizer(lm.info.template.format(lm.tokenizer, p),
-                                add_special_tokens=lm.info.template.add_special_tokens).input_ids) for p in prompts]
+    lengths = prompt_lengths(lm, prompts)
     return sorted(range(len(prompts)), key=lambda i: lengths[i])
 
 
 def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | None = None,
             sites: Sequence[str] = ("resid_pre",), positions: int | Sequence[int] = -1,
-            batch_size: int = DEFAULT_BATCH_SIZE, desc: str = "capture") -> dict[str, torch.Tensor]:
+            batch_size: int | None = DEFAULT_BATCH_SIZE, desc: str = "capture") -> dict[str, torch.Tensor]:
     """Residual activations for ``prompts`` (formatted with the family's template), one tensor per site.
 
     Returns ``{site: [n, len(layers), d]}`` for a single position (default: the last prompt token), or
     ``[n, len(layers), len(positions), d]`` for a list of positions; float32 on the CPU, rows in prompt order.
+    ``batch_size=None`` picks one that fits the free memory (``lib.runtime.auto_batch_size``).
     """
     if not prompts:
         raise ValueError("The prompt list is empty; pass at least one prompt.")
+    if batch_size is None:
+        batch_size = auto_batch_size(lm, max(prompt_lengths(lm, prompts)), 0)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     layers = check_layers(lm.info, layers)
@@ -138,3 +146,21 @@ def norms_frame(tensors: dict[str, torch.Tensor], variant: str, site: str = "res
         for slot, norm in enumerate(acts.norm(dim=-1).mean(0).tolist()):
             rows.append({"variant": variant, "layer": labels[slot], "split": split, "mean_norm": norm})
     return pd.DataFrame(rows)
+
+
+def variant_activations(family: str, variants: Sequence[str], pairs: Sequence, dataset: str = "offline",
+                        site: str = "resid_pre", batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
+                        dtype: str = "auto") -> dict[str, dict]:
+    """The activation-collection chapter's artifacts for several variants (each computed if absent):
+    ``{variant: {"harmful": [n, layers, d], "harmless": [n, layers, d], "fingerprint": str}}`` at ``site`` and the
+    last prompt token, every layer. Each model is loaded only to check (or compute) its artifact."""
+    from lib.models import load
+
+    out = {}
+    for variant in variants:
+        lm = load(family, variant, device=device, dtype=dtype)
+        tensors, _ = pair_activations(lm, pairs, dataset, None, SITES, -1, batch_size)
+        out[variant] = {"harmful": tensors[f"harmful/{site}"], "harmless": tensors[f"harmless/{site}"],
+                        "fingerprint": lm.info.fingerprint, "n_layers": lm.info.n_layers}
+        del lm
+    return out

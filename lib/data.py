@@ -281,3 +281,37 @@ def direction_pairs(dataset: str = "offline", n_pairs: int | None = None, seed: 
 def pairs_sha256(pairs: list[PromptPair]) -> str:
     """A hash of the exact prompt texts (part of every artifact's cache key)."""
     return sha256_text(json.dumps([[p.id, p.harmful, p.harmless] for p in pairs]))
+
+
+def test_prompts(dataset: str = "offline", n: int | None = None, seed: int = 42) -> dict[str, list[str]]:
+    """Held-out prompts for attacks and side-effect checks: ``{"harmful": [...], "harmless": [...]}``. Offline: the
+    ``test`` split's harmful prompts and their twins; paper: the public part of the paper's ablation test set
+    (harmful-train beyond the 100 direction pairs + harmful-test, 420 prompts) and Alpaca's test split. ``n``
+    keeps the first n of each (None: all)."""
+    if dataset == "offline":
+        pairs = split("test", seed)
+        harmful, harmless = [p.harmful for p in pairs], [p.harmless for p in pairs]
+    elif dataset == "paper":
+        protocol = load_paper_protocol(seed=seed)
+        harmful, harmless = [p.text for p in protocol["test"]], list(protocol["test_harmless"])
+    else:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {DATASETS}.")
+    if n is not None and not 1 <= n <= len(harmful):
+        raise ValueError(f"n={n} is outside 1..{len(harmful)} for the {dataset!r} test prompts.")
+    return {"harmful": harmful[:n], "harmless": harmless[:n]}
+
+
+def sweep_prompts(dataset: str = "offline", n: int = 16, seed: int = 42) -> dict[str, list[str]]:
+    """Validation prompts for the layer sweep. Offline: the ``train`` split, disjoint from the direction pairs and
+    the test prompts. Paper: the paper tests on every AdvBench prompt outside its 100 pairs, so no disjoint harmful
+    set exists; the sweep uses the last n of those test prompts (an overlap the chapter states) and Alpaca
+    training rows beyond the pairs."""
+    if dataset == "offline":
+        pairs = split("train", seed)[:n]
+        return {"harmful": [p.harmful for p in pairs], "harmless": [p.harmless for p in pairs]}
+    if dataset == "paper":
+        protocol = load_paper_protocol(seed=seed)
+        start = len(protocol["pairs"])
+        return {"harmful": [p.text for p in protocol["test"]][-n:],  # harmful-test rows, last n
+                "harmless": protocol["train_harmless"][start:start + n]}
+    raise ValueError(f"Unknown dataset {dataset!r}; choose one of {DATASETS}.")

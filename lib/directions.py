@@ -59,3 +59,124 @@ def separation(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     pooled = ((h.var(0) + b.var(0)) / 2).sqrt()
     gap = h.mean(0) - b.mean(0)
     return torch.where(pooled > 0, gap / pooled.clamp_min(1e-30), torch.zeros_like(gap)).float()
+
+
+def cosine_matrix(directions: dict[str, torch.Tensor]):
+    """Cosine similarity between every two named directions ([d] each): a square DataFrame."""
+    import pandas as pd
+
+    names = list(directions)
+    stacked = unit(torch.stack([directions[n].double() for n in names]))
+    return pd.DataFrame((stacked @ stacked.T).float().numpy(), index=names, columns=names)
+
+
+def convergence(harmful: torch.Tensor, harmless: torch.Tensor, sizes: list[int] | None = None):
+    """How the unit direction settles as pairs are added (the paper's reason for 100 pairs): for the first n pairs,
+    n = 2..N, the cosine with the all-pairs direction and the distance ||r_n - r_(n-1)|| between consecutive unit
+    directions. ``[N, d]`` x 2 at one layer -> DataFrame (n, cosine to final, step distance)."""
+    import pandas as pd
+
+    n_total = harmful.shape[0]
+    h, b = harmful.double().cumsum(0), harmless.double().cumsum(0)
+    counts = torch.arange(1, n_total + 1, dtype=torch.float64).unsqueeze(1)
+    running = unit(h / counts - b / counts)
+    final = running[-1]
+    step = torch.cat([torch.tensor([float("nan")], dtype=torch.float64), (running[1:] - running[:-1]).norm(dim=1)])
+    frame = pd.DataFrame({"n": range(1, n_total + 1), "cosine to final": (running @ final).numpy(),
+                          "step distance": step.numpy()}).iloc[1:]
+    return frame if sizes is None else frame[frame["n"].isin(sizes)]
+
+
+def settled_at(frame, tolerance: float = 0.01) -> int | None:
+    """The smallest n from which every later consecutive step distance stays below ``tolerance`` (None if never)."""
+    above = frame[frame["step distance"] >= tolerance]
+    if above.empty:
+        return int(frame["n"].min())
+    last = int(above["n"].max())
+    return last + 1 if last < int(frame["n"].max()) else None
+
+
+def top_pc_removed_direction(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """The paper's variant: fit a 1-component PCA on the pooled activations ([n, d] each, one layer), remove that
+    component from every activation, then take the unit difference in means."""
+    from lib.spectra import pca_basis
+
+    pooled = torch.cat([harmful, harmless]).double()
+    mean, axes = pca_basis(pooled, k=1)
+    pc = axes.double()[0]
+
+    def remove(x: torch.Tensor) -> torch.Tensor:
+        centred = x.double() - mean.double()
+        return x.double() - (centred @ pc).unsqueeze(1) * pc
+
+    return unit(mean_difference(remove(harmful), remove(harmless)).double()).float()
+
+
+def probe_accuracy(harmful: torch.Tensor, harmless: torch.Tensor, kind: str = "logistic", folds: int = 5,
+                   seed: int = 0) -> dict[str, float]:
+    """Cross-validated accuracy of a harmful-vs-harmless probe on one layer's activations ([n, d] each): mean and
+    a 95% normal interval over the pooled held-out predictions. ``kind``: "logistic" (standardised features,
+    L2 logistic regression) or "forest" (random forest, 200 trees)."""
+    import numpy as np
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if kind == "logistic":
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+    elif kind == "forest":
+        model = RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
+    else:
+        raise ValueError(f"Unknown probe {kind!r}; use 'logistic' or 'forest'.")
+    x = torch.cat([harmful, harmless]).double().numpy()
+    y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    correct = cross_val_predict(model, x, y, cv=splitter) == y
+    accuracy = float(correct.mean())
+    half = 1.959964 * float(np.sqrt(accuracy * (1 - accuracy) / len(y)))
+    return {"accuracy": accuracy, "low": max(0.0, accuracy - half), "high": min(1.0, accuracy + half), "n": len(y)}
+
+
+def save_directions(family: str, per_variant: dict[str, dict[str, torch.Tensor]], metadata: dict):
+    """Write every variant's directions (``{"unit": [layers, d], "mean_difference": [layers, d]}``) and the
+    selection metadata (chosen layers, sweep) as one artifact: ``artifacts/directions/<family>.safetensors``."""
+    from lib.artifacts import artifacts_dir, save_tensors
+
+    tensors = {f"{variant}/{name}": t for variant, parts in per_variant.items() for name, t in parts.items()}
+    return save_tensors(artifacts_dir() / "directions" / f"{family}.safetensors", tensors, metadata)
+
+
+def load_directions(family: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """The artifact written by the refusal-directions chapter: (``{variant: {"unit", "mean_difference"}}``,
+    metadata with the chosen layer per variant)."""
+    from lib.artifacts import artifacts_dir, load_tensors
+
+    tensors, meta = load_tensors(artifacts_dir() / "directions" / f"{family}.safetensors")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        variant, part = name.split("/")
+        out.setdefault(variant, {})[part] = tensor
+    return out, meta
+
+
+def check_matches(metadata: dict, info) -> None:
+    """Raise if a directions artifact was computed from other weights than the loaded model's (``info`` is
+    ``LoadedModel.info``): re-run the directions chapter after retraining or changing a variant."""
+    from lib.artifacts import ArtifactError
+
+    stored = metadata.get("fingerprints", {}).get(info.variant)
+    if stored != info.fingerprint:
+        raise ArtifactError(f"The stored directions for {info.family}/{info.variant} were computed from other "
+                            f"weights (fingerprint {stored} != {info.fingerprint}); re-run book/04_directions.")
+
+
+def layer_directions(mean_differences: torch.Tensor) -> torch.Tensor:
+    """Unit directions per layer from ``[layers, d]`` mean differences, with an all-zero row wherever the two
+    classes' means coincide (e.g. layer 0 at a template token, where every prompt has the same input); ablating
+    such a row is refused by ``lib.ablation.check_directions``."""
+    norms = mean_differences.double().norm(dim=-1, keepdim=True)
+    if not torch.isfinite(mean_differences).all():
+        raise ValueError("The mean differences contain NaN or infinite values.")
+    return torch.where(norms > 0, mean_differences.double() / norms.clamp_min(1e-30), 0.0).float()

@@ -5,6 +5,7 @@
 Chapters are the notebooks listed in ``_toc.yml``, in its order. A profile is YAML::
 
     description: free text (optional)
+    skip: [book/01_organisms]   # chapters this profile does not run (optional)
     defaults:            # applied to every chapter whose `parameters` cell declares the name
       seed: 0
     chapters:            # per-chapter overrides; keys are notebook paths without suffix, relative to the repo root
@@ -42,7 +43,7 @@ INJECTED_TAG = "injected-parameters"
 # myst-nb renders a `hide-cell` cell as a collapsed toggle: readers can open it to see the effective parameters.
 INJECTED_HIDE_TAG = "hide-cell"
 INJECTED_CELL_ID = "injected-parameters"
-PROFILE_KEYS = {"description", "defaults", "chapters"}
+PROFILE_KEYS = {"description", "defaults", "chapters", "skip"}
 # Output mimetypes that only point at live widget state (random model ids): meaningless once the kernel is gone.
 WIDGET_MIMETYPES = {"application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"}
 
@@ -128,7 +129,10 @@ def load_profile(path: str | Path) -> dict:
         raise ProfileError(f"{path}: 'defaults' must be a mapping of parameter -> value")
     if not isinstance(chapters, dict) or not all(isinstance(v, dict) or v is None for v in chapters.values()):
         raise ProfileError(f"{path}: 'chapters' must map chapter keys (e.g. book/02_activations) to mappings")
-    return {"defaults": defaults, "chapters": {str(k): (v or {}) for k, v in chapters.items()}}
+    skip = profile.get("skip") or []
+    if not isinstance(skip, list) or not all(isinstance(k, str) for k in skip):
+        raise ProfileError(f"{path}: 'skip' must be a list of chapter keys (e.g. book/01_organisms)")
+    return {"defaults": defaults, "chapters": {str(k): (v or {}) for k, v in chapters.items()}, "skip": skip}
 
 
 def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> list[tuple[Path, dict]]:
@@ -137,7 +141,8 @@ def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> li
     declared = {key: declared_parameters(nb) for key, nb in keys.items()}
     defaults, chapters = profile["defaults"], profile["chapters"]
 
-    unknown_chapters = sorted(set(chapters) - set(keys))
+    skip = profile.get("skip", [])
+    unknown_chapters = sorted((set(chapters) | set(skip)) - set(keys))
     if unknown_chapters:
         raise ProfileError(f"profile names chapter(s) {unknown_chapters} that are not notebooks in _toc.yml; "
                            f"chapters are {sorted(keys)}")
@@ -155,6 +160,8 @@ def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> li
 
     plan = []
     for key, nb in keys.items():
+        if key in skip:
+            continue
         params = {name: value for name, value in defaults.items() if name in declared[key]}
         params.update(chapters.get(key, {}))
         plan.append((nb, params))

@@ -243,7 +243,7 @@ def pca_scatter_chart(df: pd.DataFrame) -> alt.FacetChart:
                 alt.Tooltip("pc2:Q", title="PC 2", format=".4g"),
             ],
         )
-        .properties(width=160, height=160)
+        .properties(width=104, height=104)
     )
     title = "Harmless, harmful and ablated activations: first two principal components per layer"
     layer_header = alt.Header(labelExpr="'layer ' + datum.value")
@@ -298,6 +298,68 @@ def rates_chart(df: pd.DataFrame, label: str, group: str, facet: str | None = No
     if facet:
         chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
     return chart.properties(title=title or f"{label} rate with 95% interval")
+
+
+def heatmap_chart(df: pd.DataFrame, x: str, y: str, value: str, title: str, domain: tuple[float, float] | None = None,
+                  scheme: str = "blues", text_format: str = ".2f", facet: str | None = None) -> alt.Chart:
+    """A labelled heatmap: one cell per (x, y) coloured by ``value`` with the value printed in it (columns keep the
+    order in which they first appear in ``df``)."""
+    columns = [x, y, value] + ([facet] if facet else [])
+    _check_columns(df, columns, "heatmap_chart")
+    data = round_significant(df[columns].reset_index(drop=True))
+    x_order, y_order = list(dict.fromkeys(data[x].astype(str))), list(dict.fromkeys(data[y].astype(str)))
+    scale = alt.Scale(scheme=scheme, domain=list(domain)) if domain else alt.Scale(scheme=scheme)
+    base = alt.Chart(data).encode(x=alt.X(f"{x}:N", title=x, sort=x_order),
+                                  y=alt.Y(f"{y}:N", title=y, sort=y_order))
+    cells = base.mark_rect().encode(color=alt.Color(f"{value}:Q", title=value, scale=scale),
+                                    tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=text_format)])
+    labels = base.mark_text(fontSize=11).encode(text=alt.Text(f"{value}:Q", format=text_format))
+    chart = (cells + labels).properties(width=max(160, 44 * len(x_order)), height=max(120, 30 * len(y_order)))
+    if facet:
+        chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
+    return chart.properties(title=title)
+
+
+def lines_chart(df: pd.DataFrame, x: str, y: str, colour: str, title: str, y_title: str | None = None,
+                x_title: str | None = None, dash: str | None = None, rule: float | None = None,
+                facet: str | None = None, log_y: bool = False) -> alt.Chart:
+    """Lines of ``y`` against a quantitative ``x``, one per ``colour`` (optionally dashed by ``dash``, faceted by
+    ``facet``), with an optional horizontal reference line at ``rule``."""
+    columns = [x, y, colour] + [c for c in (dash, facet) if c]
+    _check_columns(df, columns, "lines_chart")
+    data = round_significant(df[columns].reset_index(drop=True))
+    data[colour] = data[colour].astype(str)
+    encoding = dict(x=alt.X(f"{x}:Q", title=x_title or x),
+                    y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(type="log" if log_y else "linear")),
+                    color=alt.Color(f"{colour}:N", title=colour, sort=list(dict.fromkeys(data[colour]))),
+                    tooltip=[f"{c}:N" for c in (colour, dash, facet) if c] + [f"{x}:Q",
+                             alt.Tooltip(f"{y}:Q", format=".4g")])
+    if dash:
+        encoding["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=dash)
+    chart = alt.Chart(data).mark_line(point=True, strokeWidth=2).encode(**encoding).properties(width=420, height=240)
+    if rule is not None:
+        chart = chart + alt.Chart(pd.DataFrame({"rule": [rule]})).mark_rule(color="grey", strokeDash=[4, 4]).encode(
+            y="rule:Q")
+    if facet:
+        chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
+    return chart.properties(title=title)
+
+
+def scree_chart(df: pd.DataFrame, title: str) -> alt.Chart:
+    """Bars of each component's share with the cumulative share as a line, one panel per variant, a row per
+    measure. ``df`` as made by ``lib.spectra.scree_frame``."""
+    _check_columns(df, ["variant", "measure", "component", "share", "cumulative"], "scree_chart")
+    data = round_significant(df.reset_index(drop=True))
+    base = alt.Chart(data).encode(x=alt.X("component:O", title="Component"))
+    bars = base.mark_bar(opacity=0.75).encode(y=alt.Y("share:Q", title="Share of energy",
+                                                       scale=alt.Scale(domain=[0, 1])),
+                                              tooltip=["variant:N", "component:O", alt.Tooltip("share:Q", format=".3f"),
+                                                       alt.Tooltip("cumulative:Q", format=".3f")])
+    line = base.mark_line(point=True, color="black").encode(y="cumulative:Q")
+    variants = list(dict.fromkeys(data["variant"].astype(str)))
+    return (bars + line).properties(width=150, height=150).facet(
+        column=alt.Column("variant:N", title=None, sort=variants),
+        row=alt.Row("measure:N", title=None)).properties(title=title)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -188,3 +188,58 @@ def test_nbval_sanitize_rules_parse_and_apply():
     assert sanitize("/work/main/artifacts/a.json") == sanitize("/tmp/ci/clone/artifacts/a.json")
     assert sanitize("took 12.3 s") == sanitize("took 9.8 s")
     assert sanitize("100s of prompts, layer 14, 0.4885") == "100s of prompts, layer 14, 0.4885"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The "Re-run it" page
+# --------------------------------------------------------------------------------------------------------------------
+
+RERUN_PAGE = REPO_ROOT / "book" / "rerun.md"
+
+
+def _code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def test_rerun_page_comes_last_before_references():
+    import yaml
+
+    chapters = [entry["file"] for entry in yaml.safe_load((REPO_ROOT / "_toc.yml").read_text())["chapters"]]
+    assert chapters[-2:] == ["book/rerun", "book/references"]
+
+
+def test_rerun_page_examples_match_the_code(monkeypatch, tmp_path, capsys):
+    """The page's family YAML registers, the profiles it names validate against the chapters, its runner flags
+    exist."""
+    import yaml
+
+    from lib import models
+
+    text = RERUN_PAGE.read_text(encoding="utf-8")
+    blocks = _code_blocks(text, "yaml")
+    family = yaml.safe_load(next(block for block in blocks if "variants:" in block))
+    monkeypatch.setattr(models, "_FAMILIES", dict(models.families()))  # the new family must not leak into other tests
+    (name,) = models.register_families(family)
+    assert models.variants(name) and "hub" in models.family_spec(name)["base"]
+
+    profiles = set(re.findall(r"params/[\w.-]+\.yaml", text))
+    assert "params/llama2-7b.yaml" in profiles
+    for profile in profiles:
+        plan = runner.plan_runs(runner.load_profile(REPO_ROOT / profile), runner.read_toc_notebooks(REPO_ROOT),
+                                REPO_ROOT)
+        assert plan, profile
+
+    for block in _code_blocks(text, "bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("papermill "):
+                notebook = REPO_ROOT / line.split()[1]
+                names = set(re.findall(r"-p (\w+)", line))
+                names |= {key for value in re.findall(r'-y "([^"]+)"', line) for key in yaml.safe_load(value)}
+                assert names <= set(runner.declared_parameters(notebook)), (line, sorted(names))
+
+    with pytest.raises(SystemExit):
+        runner.main(["--help"])
+    known = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    used = {flag for block in _code_blocks(text, "bash") for line in block.splitlines() if "lib.runner" in line
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)}
+    assert used and used <= known, f"the page uses runner flags {sorted(used - known)} that lib.runner lacks"

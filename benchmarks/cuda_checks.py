@@ -1,0 +1,111 @@
+"""Checks of lib on the benchmark's device (CUDA on a GPU machine; the CPU elsewhere), with the test suite's tiny
+random Llama: ``python -m pytest -p benchmarks.cuda_plugin benchmarks/cuda_checks.py`` (benchmarks/gpu.sh runs it).
+
+What the speed-ups rest on: ablation by hooks, by orthogonalised weights and by the paper's recompute loop give the
+same greedy tokens (KV cache or not), in float32 and in bfloat16; capture matches ``output_hidden_states``; the model
+really is on the device; and the batch-size estimate fits the device's free memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lib import runtime
+from benchmarks.run import hf_greedy, recompute_greedy
+from lib import ablation, capture, generation, models
+from lib.artifacts import REPO_ROOT
+
+PROMPTS = ["how do i bake bread", "tell me a joke about the cat", "write a poem",
+           "explain why the sky is blue please help with homework"]
+
+
+def _suite_conftest():
+    spec = importlib.util.spec_from_file_location("suite_conftest", REPO_ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    suite = _suite_conftest()
+    root = tmp_path_factory.mktemp("tiny-device")
+    tokenizer = suite.build_tokenizer()
+    suite.build_model(len(tokenizer)).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    models.register_families({"tiny-device": {"base": {"local": str(root)}, "template": suite.PAPER_TEMPLATE,
+                                              "add_special_tokens": True, "variants": {"base": {"adapters": []}}}})
+    return "tiny-device"
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def lm(request, family, bench_device):
+    return models.load(family, "base", device=str(bench_device), dtype=request.param)
+
+
+def direction(d: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_model_is_on_the_device(lm, bench_device):
+    assert lm.info.device.type == bench_device.type
+    assert all(p.device.type == bench_device.type for p in lm.model.parameters())
+    assert models.encode(lm, PROMPTS)["input_ids"].device.type == bench_device.type
+
+
+def test_hooks_orthogonalised_and_recompute_loop_agree(lm):
+    batch = models.encode(lm, PROMPTS)
+    r = direction(lm.info.d_model)
+    with ablation.ablated(lm, r):
+        hooked = hf_greedy(lm, batch, 8)
+        recomputed = recompute_greedy(lm, batch, 8)
+    with ablation.orthogonalized(lm, r):
+        baked = hf_greedy(lm, batch, 8)
+    plain = hf_greedy(lm, batch, 8)
+    assert torch.equal(hooked, recomputed)
+    if lm.info.dtype == torch.float32:  # in bfloat16 the edited weights round differently from the hooked sums
+        assert torch.equal(hooked, baked)
+    else:
+        assert (hooked == baked).float().mean() > 0.5
+    assert not torch.equal(hooked, plain)
+
+
+def test_orthogonalised_logits_match_hooks(lm):
+    batch = models.encode(lm, PROMPTS)
+    r = direction(lm.info.d_model, 2)
+    with torch.inference_mode():
+        with ablation.ablated(lm, r):
+            hooked = models.forward(lm, batch).logits.float()
+        with ablation.orthogonalized(lm, r):
+            baked = models.forward(lm, batch).logits.float()
+    tolerance = 1e-3 if lm.info.dtype == torch.float32 else 0.05 * hooked.abs().max().item()
+    assert (hooked - baked).abs().max().item() < tolerance
+
+
+def test_capture_matches_hidden_states(lm):
+    acts = capture.collect(lm, PROMPTS, sites=("resid_pre",))["resid_pre"]
+    with torch.inference_mode():
+        states = models.forward(lm, models.encode(lm, PROMPTS), output_hidden_states=True).hidden_states
+    expected = torch.stack([states[layer][:, -1] for layer in range(lm.info.n_layers)], 1).float().cpu()
+    order = capture.order_by_length(lm, PROMPTS)  # collect batches by length; one batch here, rows in prompt order
+    assert sorted(order) == list(range(len(PROMPTS)))
+    assert torch.allclose(acts, expected, atol=1e-5 if lm.info.dtype == torch.float32 else 0.0)
+
+
+def test_ablated_generation_and_hooks_removed(lm):
+    r = direction(lm.info.d_model, 3)
+    with ablation.ablated(lm, r):
+        texts = generation.generate(lm, PROMPTS, max_new_tokens=6)
+    assert len(texts) == len(PROMPTS)
+    assert not lm.info.layers[0]._forward_pre_hooks and not lm.info.submodule(0, "mlp")._forward_hooks
+
+
+def test_autobatch_fits_the_device(lm, bench_device):
+    size = runtime.auto_batch_size(lm, 64, 64)
+    cap = runtime.CUDA_CAP if bench_device.type == "cuda" else runtime.CPU_CAP
+    assert 1 <= size <= cap
+    free = runtime.available_memory(bench_device)
+    assert size * runtime.sequence_bytes(lm, 64, 64) <= free

@@ -1,0 +1,280 @@
+"""The paper-scale workload on a GPU without weights or network: a randomly initialised model with Llama-2-7B's
+shapes (32 layers, d_model 4096, 32 heads, FFN 11008, vocabulary 32000) in bfloat16.
+
+1. generation at the paper's batch (16 prompts x 64 new tokens): plain ``generate`` | lib hooks + KV cache |
+   lib orthogonalised weights | the paper's loop (whole prefix every token, no KV cache), against the paper's
+   ~20 s per batch of 16 (TransformerLens, 4-bit, a ~48 GB GPU).
+2. the transfer workload: ``--conditions`` (12: the 3x3 matrix plus 3 unablated baselines) x ``--prompts`` (520) x
+   ``--new-tokens`` (64) through ``lib.generation.generate`` with all-layer ablation by orthogonalised weights, batch
+   from ``lib.runtime.auto_batch_size``; within ``--budget-s`` whole conditions run and the rest is projected. Compared with
+   the paper's ~1.7 h for the 3x3 matrix (9 x ~11 min).
+
+Prompts are random words of a synthetic word-level tokenizer (the vocabulary is 32000 words, so every id is used),
+12 to 32 words long like AdvBench's goals, in the paper's template. Weights are random, so completions are
+meaningless and rarely end early: every condition generates (almost) all its tokens, the worst case for time.
+``--smoke`` runs the same code with tiny shapes, on the CPU if there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from benchmarks import common
+from lib import runtime
+from benchmarks.run import agreement, hf_greedy, paired, random_directions, recompute_greedy
+
+PAPER_TEMPLATE = "\n[INST]{prompt}[/INST]\n"
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512, rms_norm_eps=1e-5)
+PAPER_BATCH_SECONDS = 20.0  # the paper: ~20 s per batch of 16 prompts x 64 tokens
+PAPER_MATRIX_SECONDS = 9 * 11 * 60  # the paper: ~11 min per (model, layer) x 9 cells = ~1.7 h
+
+
+log = common.log
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose ids 5..vocab_size-1 are the words w5, w6, ...; specials as Llama-2's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("[INST]", "isolated"),
+                                                     pre_tokenizers.Split("[/INST]", "isolated"),
+                                                     pre_tokenizers.Whitespace()])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["[INST]", "[/INST]"])
+
+
+def random_prompts(n: int, vocab_size: int, seed: int = 0) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(12, 33, (n,), generator=generator)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(5, vocab_size, (int(k),), generator=generator))
+            for k in lengths]
+
+
+def random_model(shapes: dict, device: torch.device, dtype: torch.dtype):
+    """A LlamaForCausalLM with random weights, made directly on ``device`` in ``dtype``, wrapped as lib's
+    LoadedModel (family "llama2-7b-shapes", the paper's template)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.models import LoadedModel, PromptTemplate, describe, prepare_tokenizer
+
+    config = LlamaConfig(**shapes, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):  # allocate and initialise on the device: no 13 GB detour through CPU memory
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    if next(model.parameters()).device.type != device.type or next(model.parameters()).dtype != dtype:
+        model = model.to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    tokenizer = prepare_tokenizer(word_tokenizer(shapes["vocab_size"]))
+    info = describe(model, "llama2-7b-shapes", "random", PromptTemplate(PAPER_TEMPLATE, add_special_tokens=True),
+                    refusal_tokens=["w5"])
+    return LoadedModel(model, tokenizer, info)
+
+
+def bench_paper_batch(lm, args, device, results: dict) -> None:
+    from lib.ablation import ablated, orthogonalized
+    from lib.models import encode
+
+    prompts = random_prompts(args.batch_prompts, lm.model.config.vocab_size, seed=1)
+    batch = encode(lm, prompts)
+    direction = random_directions(1, lm.info.d_model, 0)[0]
+    n = args.new_tokens
+
+    def hooks(fn):
+        def run():
+            with ablated(lm, direction):
+                return fn()
+        return run
+
+    def ortho(fn):
+        def run():
+            with orthogonalized(lm, direction):
+                return fn()
+        return run
+
+    methods = {"plain generate, no ablation (the limit)": lambda: hf_greedy(lm, batch, n),
+               "lib hooks + KV cache": hooks(lambda: hf_greedy(lm, batch, n)),
+               "lib orthogonalised weights + KV cache (incl. the weight edit)": ortho(lambda: hf_greedy(lm, batch, n))}
+    warmups = {"plain": lambda: hf_greedy(lm, batch, 4), "hooks": hooks(lambda: hf_greedy(lm, batch, 4)),
+               "ortho": ortho(lambda: hf_greedy(lm, batch, 4))}
+    log(f"paper batch: {len(prompts)} prompts x {n} tokens (prompt width {batch['input_ids'].shape[1]})")
+    times, outputs = common.interleaved(methods, args.repeats, warmups, device, log)
+    plain_name, hooks_name = "plain generate, no ablation (the limit)", "lib hooks + KV cache"
+    ratios = {name: paired(times, name, plain_name) for name in times}
+    loop = "paper's loop: full prefix every token, no KV cache (lib hooks)"
+    loop_times, loop_out = common.interleaved(  # each run of the loop paired with a run of lib hooks
+        {"hooks (paired)": methods[hooks_name], loop: hooks(lambda: recompute_greedy(lm, batch, n))},
+        args.loop_repeats, None, device, log)
+    times[loop] = loop_times[loop]
+    outputs[loop] = loop_out[loop]
+    hooks_vs_loop = paired(loop_times, "hooks (paired)", loop)
+    ratios[loop] = ratios[hooks_name] / hooks_vs_loop
+    reference = outputs[hooks_name]
+    tokens = len(prompts) * n
+    rows = []
+    for name, seconds in times.items():
+        rows.append({"method": name, "runs": len(seconds), "s per batch": common.median(seconds),
+                     "new tokens/s": tokens / common.median(seconds), "vs plain": ratios[name],
+                     "vs the paper's 20 s": PAPER_BATCH_SECONDS / common.median(seconds),
+                     "same tokens as lib hooks": None if name == plain_name
+                     else agreement(outputs[name].cpu(), reference.cpu())})
+    results["paper_batch"] = {"prompts": len(prompts), "new_tokens": n, "rows": rows, "times": times,
+                              "hooks_vs_loop": hooks_vs_loop}
+
+
+def bench_transfer(lm, args, device, results: dict) -> None:
+    from lib.ablation import orthogonalized
+    from lib.generation import generate
+    from lib.models import encode
+
+    prompts = random_prompts(args.prompts, lm.model.config.vocab_size, seed=2)
+    longest = max(encode(lm, [p]).input_ids.shape[1] for p in prompts[:64])
+    longest = max(longest, 3 + 32 + 4)  # the longest prompt the generator can draw, templated
+    batch_size = args.batch_size or runtime.auto_batch_size(lm, longest, args.new_tokens, device)
+    batch_size = runtime.balanced(len(prompts), batch_size)
+    n_ablated = args.conditions - args.baselines
+    directions = random_directions(max(1, n_ablated), lm.info.d_model, 1)
+    conditions = [None] * args.baselines + list(range(n_ablated))
+    log(f"transfer: {len(conditions)} conditions ({args.baselines} unablated) x {len(prompts)} prompts x "
+        f"{args.new_tokens} tokens, batch {batch_size}, budget {args.budget_s:.0f} s")
+    runs, ended = [], []
+    start = time.perf_counter()
+    peak = None
+    for index, source in enumerate(conditions):
+        if runs and time.perf_counter() - start > args.budget_s:
+            break
+        common.sync(device)
+        t0 = time.perf_counter()
+        if source is None:  # unablated: its peak memory is the generation's alone (no weight copies)
+            with common.PeakMemory(device) as memory:
+                _, finished = generate(lm, prompts, args.new_tokens, batch_size, with_finished=True)
+            peak = memory.bytes if peak is None else max(peak, memory.bytes or 0)
+        else:
+            with orthogonalized(lm, directions[source]):
+                _, finished = generate(lm, prompts, args.new_tokens, batch_size, with_finished=True)
+        common.sync(device)
+        runs.append(time.perf_counter() - t0)
+        ended.append(sum(finished))
+        log(f"  condition {index + 1}/{len(conditions)} ({'unablated' if source is None else 'ablated'}): "
+            f"{runs[-1]:.1f} s, {ended[-1]} of {len(prompts)} ended before {args.new_tokens} tokens")
+    measured = time.perf_counter() - start
+    per_condition = common.median(runs)
+    projected = measured + (len(conditions) - len(runs)) * per_condition
+    estimate = batch_size * runtime.sequence_bytes(lm, longest, args.new_tokens)
+    results["transfer"] = {
+        "conditions": len(conditions), "baselines": args.baselines, "prompts": len(prompts),
+        "new_tokens": args.new_tokens, "batch_size": batch_size, "conditions_run": len(runs),
+        "condition_seconds": runs, "measured_s": measured, "projected_total_s": projected,
+        "projected_3x3_s": 9 * per_condition, "paper_3x3_s": PAPER_MATRIX_SECONDS,
+        "speedup_vs_paper_3x3": PAPER_MATRIX_SECONDS / (9 * per_condition),
+        "peak_bytes_above_weights": peak, "autobatch_estimate_bytes": estimate,
+        "estimate_covers_peak": None if peak is None else bool(estimate * runtime.SAFETY >= peak)}
+
+
+def report(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# benchmarks/gpu.sh: random {results['shapes']} model, {results['dtype']}, on "
+             f"{m.get('gpu', m['device'])} ({m['date']}, torch {m['torch']}, transformers {m['transformers']})", ""]
+    if "paper_batch" in results:
+        p = results["paper_batch"]
+        lines += [f"## The paper's batch: {p['prompts']} prompts x {p['new_tokens']} new tokens", "",
+                  common.markdown_table(p["rows"], ["method", "runs", "s per batch", "new tokens/s", "vs plain",
+                                                    "vs the paper's 20 s", "same tokens as lib hooks"]), "",
+                  f"lib hooks + KV cache vs the paper's loop, paired runs: {p['hooks_vs_loop']:.1f}x", ""]
+    if "transfer" in results:
+        t = results["transfer"]
+        lines += [f"## Transfer workload: {t['conditions']} conditions x {t['prompts']} prompts x {t['new_tokens']} "
+                  f"tokens, batch {t['batch_size']}", "",
+                  f"- ran {t['conditions_run']} of {t['conditions']} conditions in {t['measured_s']:.0f} s "
+                  f"(median {common.median(t['condition_seconds']):.1f} s per condition)",
+                  f"- projected wall time for all {t['conditions']}: {t['projected_total_s']:.0f} s "
+                  f"({t['projected_total_s'] / 60:.1f} min); for the 3x3 matrix alone {t['projected_3x3_s']:.0f} s "
+                  f"against the paper's ~{t['paper_3x3_s'] / 3600:.2f} h: {t['speedup_vs_paper_3x3']:.0f}x faster",
+                  f"- peak memory above the weights (unablated condition) "
+                  f"{common.fmt_bytes(t['peak_bytes_above_weights'])}; autobatch "
+                  f"estimate for the batch {common.fmt_bytes(t['autobatch_estimate_bytes'])} (x{runtime.SAFETY} "
+                  f"margin covers the peak: {t['estimate_covers_peak']})", ""]
+    lines.append(f"Command: {results['command']}  (wall time {results['wall_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and counts; runs on the CPU as well")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--conditions", type=int, default=12)
+    parser.add_argument("--baselines", type=int, default=3, help="conditions without ablation")
+    parser.add_argument("--prompts", type=int, default=520)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: lib.runtime.auto_batch_size")
+    parser.add_argument("--batch-prompts", type=int, default=16, help="the paper's batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loop-repeats", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=180.0, help="transfer: start no condition after this")
+    parser.add_argument("--sections", default="paper_batch,transfer")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("REFUSAL_BOOK_PROGRESS", "0")
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif args.smoke:
+        device = torch.device("cpu")
+    else:
+        raise SystemExit("No CUDA device: benchmarks.gpu_bench needs a GPU (or --smoke for a tiny CPU run).")
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        from benchmarks.run import idle_threads
+
+        torch.set_num_threads(idle_threads())
+    try:
+        return _main(args, argv, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args, argv, device) -> dict:
+    wall = time.perf_counter()
+    from lib.runtime import resolve_dtype
+
+    if args.smoke:
+        args.prompts, args.conditions, args.baselines = min(args.prompts, 24), min(args.conditions, 3), 1
+        args.new_tokens, args.batch_prompts, args.repeats, args.loop_repeats = 8, 4, 1, 1
+        args.budget_s = min(args.budget_s, 30.0)
+        if device.type == "cpu":
+            args.dtype = "float32"
+    dtype = resolve_dtype(args.dtype, device)
+    shapes = SMOKE if args.smoke else LLAMA2_7B
+    t0 = time.perf_counter()
+    lm = random_model(shapes, device, dtype)
+    log(f"random model ({sum(p.numel() for p in lm.model.parameters()) / 1e9:.2f} B parameters) on {device} in "
+        f"{time.perf_counter() - t0:.1f} s")
+    results = {"shapes": "tiny (--smoke)" if args.smoke else "Llama-2-7B-shaped", "dtype": str(dtype).replace(
+        "torch.", ""), "machine": common.machine(device), "args": vars(args),
+        "command": "python -m benchmarks.gpu_bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+    sections = args.sections.split(",")
+    if "paper_batch" in sections:
+        bench_paper_batch(lm, args, device, results)
+    if "transfer" in sections:
+        bench_transfer(lm, args, device, results)
+    results["wall_s"] = time.perf_counter() - wall
+    text = report(results)
+    print(text)
+    common.write_results(results, text, f"gpu-{results['machine']['date']}-{'smoke' if args.smoke else 'llama2-7b-shapes'}-{device.type}", args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The peer library the benchmark compares lib with: TransformerLens (the paper's tool).
+
+It comes from the optional extra ``bench`` (``pip install -e .[bench]``), which ``make bench`` installs into its
+own ``.venv-bench`` so that ``.venv`` keeps exactly the book's pins. ``TransformerLensPeer`` raises
+``PeerUnavailable`` with the peer's own error text when it cannot load the model; the benchmark then reports that
+text and keeps the other comparisons.
+
+TransformerLens 4.3.0 with transformers 5.24.0: ``TransformerBridge`` reads the KV cache from the attention
+module's ``past_key_values`` (or ``layer_past``) keyword, but transformers 5.24 passes it as ``cache`` (the old
+name is deprecated). The cache is then never extended: with ``use_past_kv_cache=True`` every decode step attends
+to itself alone and greedy output degenerates after the first token (SmolLM2: token 29 repeated). ``patch_kv_cache``
+forwards ``cache`` under the old name; with it, TransformerLens's cached greedy tokens equal HF ``generate``'s.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from lib.hooks import check_layers
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer library is missing or cannot load or run this model."""
+
+
+_PATCHED = False
+
+
+def patch_kv_cache() -> bool:
+    """Make TransformerBridge's attention find transformers 5.24's ``cache`` keyword (see the module docstring).
+    Returns True when a patch was applied."""
+    global _PATCHED
+    if _PATCHED:
+        return True
+    from transformer_lens.model_bridge.generalized_components import attention
+
+    original = attention.AttentionBridge._update_kv_cache
+
+    def _update_kv_cache(self, k, v, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None \
+                and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return original(self, k, v, **kwargs)
+
+    attention.AttentionBridge._update_kv_cache = _update_kv_cache
+    _PATCHED = True
+    return True
+
+
+def transformer_lens_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("transformer-lens")
+    except PackageNotFoundError:
+        return None
+
+
+class TransformerLensPeer:
+    """A TransformerLens ``TransformerBridge`` around its own copy of the HF model (TransformerLens forces eager
+    attention on the model it wraps, which must not slow down the lib runs on the original)."""
+
+    name = "TransformerLens"
+
+    def __init__(self, lm, kv_cache_patch: bool = True):
+        try:
+            from transformer_lens.model_bridge import TransformerBridge
+        except ImportError as error:
+            raise PeerUnavailable(f"transformer-lens is not installed ({error}); run `make bench`, which installs "
+                                  "the `bench` extra into .venv-bench.") from error
+        self.lm = lm
+        self.patched = patch_kv_cache() if kv_cache_patch else False
+        model = copy.deepcopy(lm.model)
+        source = getattr(model.config, "_name_or_path", "") or "custom"
+        try:
+            self.bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=lm.tokenizer,
+                                                              device=str(lm.info.device), dtype=lm.info.dtype)
+        except Exception as error:  # noqa: BLE001 - the peer's own message is the finding
+            raise PeerUnavailable(f"TransformerBridge.boot_transformers failed: {type(error).__name__}: "
+                                  f"{error}") from error
+        self.bridge.eval()
+        self.version = transformer_lens_version()
+
+    def ablation_hooks(self, basis: torch.Tensor) -> list[tuple[str, Any]]:
+        """The paper's hooks: project ``basis`` out of resid_pre, resid_mid and resid_post of every layer."""
+        def ablate(activation, hook):
+            b = basis.to(activation.device, activation.dtype)
+            return activation - (activation @ b.T) @ b
+
+        return [(f"blocks.{layer}.hook_resid_{site}", ablate)
+                for layer in check_layers(self.lm.info, None) for site in ("pre", "mid", "post")]
+
+    def generate(self, batch, max_new_tokens: int, basis: torch.Tensor | None = None, kv_cache: bool = True):
+        """Greedy new tokens [batch, max_new_tokens] from a left-padded batch, with the ablation hooks if given."""
+        hooks = self.ablation_hooks(basis) if basis is not None else []
+
+        def run():
+            return self.bridge.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=False,
+                                        use_past_kv_cache=kv_cache, return_type="tokens", verbose=False)
+
+        with torch.inference_mode():
+            if hooks:
+                with self.bridge.hooks(fwd_hooks=hooks):
+                    out = run()
+            else:
+                out = run()
+        return out[:, batch["input_ids"].shape[1]:]
+
+    def capture_last(self, batch, layers: list[int]) -> torch.Tensor:
+        """resid_pre of ``layers`` at the last prompt token: [batch, len(layers), d] (float32, CPU)."""
+        names = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+        wanted = set(names)
+        with torch.inference_mode():
+            _, cache = self.bridge.run_with_cache(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                  names_filter=lambda name: name in wanted)
+        return torch.stack([cache[name][:, -1] for name in names], dim=1).float().cpu()

@@ -1,0 +1,301 @@
+"""The analysis stages: spectra tables and bootstrap intervals, direction diagnostics (convergence, top-PC removal,
+probes, artifact round trip), the layer sweep and selection rule, cached interventions, the transfer matrix and
+the claim-3 contrasts. Uses the tiny random Llama with the paper's template (the llama2-7b code path)."""
+
+import pandas as pd
+import pytest
+import torch
+
+from lib import ablation, artifacts, directions, judges, models, spectra, viz
+
+
+@pytest.fixture
+def artifact_root(tmp_path, monkeypatch):
+    monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path))
+    return tmp_path
+
+
+def gaussian(n, d, seed):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+# --- spectra -----------------------------------------------------------------------------------------------------
+
+def test_rank_one_differences_have_all_energy_in_one_component():
+    rows = torch.linspace(1, 2, 20).unsqueeze(1) * gaussian(1, 16, 0)
+    table = spectra.spectrum_frame({"x": rows}).set_index("measure")
+    assert table.loc["uncentred (paper)", "top-1"] == pytest.approx(1.0, abs=1e-6)
+    assert table.loc["centred (PCA)", "top-1"] == pytest.approx(1.0, abs=1e-6)  # still rank one after centring
+    noisy = table.loc["uncentred (paper)"]
+    assert noisy["n"] == 20
+
+
+def test_two_dimensional_differences_beat_one_dimensional_ones_beyond_the_interval():
+    basis = torch.linalg.qr(gaussian(16, 2, 1))[0].T  # two orthonormal axes
+    n = 80
+    one = 3 * basis[0] + 0.3 * gaussian(n, 16, 2)
+    two = 3 * basis[0] + torch.randn(n, 1, generator=torch.Generator().manual_seed(3)) * 2 * basis[1] \
+        + 0.3 * gaussian(n, 16, 4)
+    single, pairwise = spectra.share_intervals({"one": one, "two": two}, k=2, n_boot=200, seed=0)
+    assert (single["low"] <= single["top-2"]).all() or (single["high"] >= single["top-2"]).all()
+    row = pairwise[(pairwise["variant"] == "two") & (pairwise["versus"] == "one")].iloc[0]
+    assert row["difference"] > 0 and row["low"] > 0
+    assert judges.verdict(row["low"], row["high"], "higher", "lower", "open") == "higher"
+
+
+def test_layer_shares_skip_identical_layers_and_svd_directions_point_along_the_mean():
+    tensor = torch.stack([torch.zeros(10, 8), gaussian(10, 8, 5) + 4], dim=1)
+    frame = spectra.layer_share_frame({"v": tensor}, k=2)
+    assert frame["layer"].tolist() == [1]
+    axes = spectra.svd_directions(tensor[:, 1], 2)
+    assert axes.shape == (2, 8)
+    assert float(axes[0] @ tensor[:, 1].mean(0)) > 0
+    assert torch.allclose(axes @ axes.T, torch.eye(2), atol=1e-5)
+
+
+def test_scree_frame_cumulates():
+    frame = spectra.scree_frame({"v": gaussian(12, 6, 6)}, components=4)
+    for _, group in frame.groupby("measure"):
+        assert group["cumulative"].is_monotonic_increasing
+        assert group["cumulative"].iloc[-1] <= 1 + 1e-9
+
+
+# --- directions --------------------------------------------------------------------------------------------------
+
+def test_cosine_matrix_and_layer_directions():
+    a, b = gaussian(1, 8, 7)[0], gaussian(1, 8, 8)[0]
+    matrix = directions.cosine_matrix({"a": a, "b": b, "-a": -a})
+    assert matrix.loc["a", "a"] == pytest.approx(1) and matrix.loc["a", "-a"] == pytest.approx(-1)
+    assert matrix.loc["a", "b"] == pytest.approx(matrix.loc["b", "a"])
+    units = directions.layer_directions(torch.stack([torch.zeros(8), 3 * a]))
+    assert torch.equal(units[0], torch.zeros(8)) and units[1].norm() == pytest.approx(1, abs=1e-6)
+    with pytest.raises(ValueError, match="zero"):
+        ablation.check_directions(units[0], 8)
+
+
+def test_convergence_settles_with_more_pairs():
+    shift = torch.zeros(8)
+    shift[0] = 5
+    harmful, harmless = gaussian(200, 8, 9) + shift, gaussian(200, 8, 10)
+    frame = directions.convergence(harmful, harmless)
+    assert frame["n"].iloc[0] == 2 and frame["cosine to final"].iloc[-1] == pytest.approx(1)
+    assert frame["step distance"].iloc[-1] < frame["step distance"].iloc[0]
+    n = directions.settled_at(frame, 0.01)
+    assert n is not None and (frame[frame["n"] >= n]["step distance"] < 0.01).all()
+    assert directions.settled_at(frame, 1e-12) is None
+
+
+def test_top_pc_removal_drops_a_dominant_shared_axis():
+    axis = torch.zeros(8)
+    axis[1] = 1
+    refusal = torch.zeros(8)
+    refusal[0] = 1
+    spread = 40 * torch.randn(100, 1, generator=torch.Generator().manual_seed(11)) * axis
+    harmful = spread[:50] + 2 * refusal + 0.1 * gaussian(50, 8, 12) + 3 * axis  # also differs along the big axis
+    harmless = spread[50:] + 0.1 * gaussian(50, 8, 13)
+    plain = directions.unit(directions.mean_difference(harmful, harmless))
+    removed = directions.top_pc_removed_direction(harmful, harmless)
+    assert abs(float(removed @ axis)) < abs(float(plain @ axis))
+    assert float(removed @ refusal) > 0.9
+
+
+def test_probe_accuracy_separable_and_random():
+    shift = torch.zeros(8)
+    shift[0] = 6
+    easy = directions.probe_accuracy(gaussian(40, 8, 14) + shift, gaussian(40, 8, 15), "logistic")
+    assert easy["accuracy"] > 0.95 and easy["low"] <= easy["accuracy"] <= easy["high"] and easy["n"] == 80
+    hard = directions.probe_accuracy(gaussian(40, 8, 16), gaussian(40, 8, 17), "forest")
+    assert hard["accuracy"] < 0.8
+    with pytest.raises(ValueError, match="Unknown probe"):
+        directions.probe_accuracy(gaussian(4, 8, 0), gaussian(4, 8, 1), "svm")
+
+
+def test_directions_artifact_round_trip_and_staleness(artifact_root, tiny):
+    unit = directions.layer_directions(gaussian(4, 64, 18))
+    directions.save_directions("tiny-llama", {"base": {"unit": unit, "mean_difference": 2 * unit}},
+                               {"chosen_layers": {"base": 2}, "fingerprints": {"base": tiny.info.fingerprint}})
+    stored, meta = directions.load_directions("tiny-llama")
+    assert torch.equal(stored["base"]["unit"], unit) and meta["chosen_layers"] == {"base": 2}
+    directions.check_matches(meta, tiny.info)
+    with pytest.raises(artifacts.ArtifactError, match="re-run"):
+        directions.check_matches({**meta, "fingerprints": {"base": "0" * 16}}, tiny.info)
+    with pytest.raises(artifacts.ArtifactError, match="does not exist"):
+        directions.load_directions("no-such-family")
+
+
+# --- judges: scores, bootstrap, contrasts ------------------------------------------------------------------------
+
+def test_next_token_log_probs_agree_with_refusal_score(tiny, prompts):
+    log_probs = judges.next_token_log_probs(tiny, prompts, batch_size=3)
+    assert log_probs.shape[0] == len(prompts)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(len(prompts), dtype=torch.float64))
+    assert torch.allclose(judges.refusal_score_from(tiny, log_probs), judges.refusal_score(tiny, prompts, 2),
+                          atol=1e-5)
+    assert torch.allclose(judges.kl_divergence(log_probs, log_probs), torch.zeros(len(prompts)))
+
+
+def test_bootstrap_difference_and_contrast():
+    same = ["refusal", "valid"] * 20
+    result = judges.bootstrap_rate_difference(same, same)
+    assert result["difference"] == 0 and result["low"] <= 0 <= result["high"]
+    more = judges.bootstrap_rate_difference(["refusal"] * 40, ["valid"] * 40)
+    assert more["difference"] == 100 and more["low"] == 100
+    with pytest.raises(ValueError, match="same prompts"):
+        judges.bootstrap_contrast([["refusal"]], [["refusal", "valid"]])
+
+
+def synthetic_matrix(lat_foreign, lat_self, others_self, others_foreign, lat_source_into_others, n=40):
+    def labels(rate):
+        hits = round(rate * n)
+        return ["refusal"] * hits + ["valid"] * (n - hits)
+
+    models_ = ("lat", "ssft", "at")
+    out = {}
+    for s in models_:
+        for t in models_:
+            if s == t:
+                out[(s, t)] = labels(lat_self if t == "lat" else others_self)
+            elif t == "lat":
+                out[(s, t)] = labels(lat_foreign)
+            elif s == "lat":
+                out[(s, t)] = labels(lat_source_into_others)
+            else:
+                out[(s, t)] = labels(others_foreign)
+    return out
+
+
+def test_transfer_contrasts_support_and_contradict():
+    paper_like = judges.transfer_contrasts(synthetic_matrix(0.9, 0.1, 0.5, 0.7, 0.2), n_boot=300)
+    assert [r["verdict"] for r in paper_like] == ["supported"] * 3
+    opposite = judges.transfer_contrasts(synthetic_matrix(0.2, 0.9, 0.4, 0.6, 0.9), n_boot=300)
+    assert [r["verdict"] for r in opposite] == ["contradicted"] * 3
+    with pytest.raises(ValueError, match="lacks"):
+        judges.transfer_contrasts({("lat", "lat"): ["refusal"]})
+
+
+# --- interventions, sweep, transfer matrix -----------------------------------------------------------------------
+
+def test_intervention_keys_and_application(tiny, prompts):
+    d1, d2 = gaussian(1, 64, 19)[0], gaussian(1, 64, 20)[0]
+    assert ablation.Intervention("ablate", d1).key() == ablation.Intervention("ablate", d1.clone()).key()
+    assert ablation.Intervention("ablate", d1).key() != ablation.Intervention("ablate", d2).key()
+    assert ablation.Intervention("ablate", d1).key() != ablation.Intervention("add", d1, layer=1).key()
+    with pytest.raises(ValueError, match="layer"):
+        ablation.Intervention("add", d1)
+    with pytest.raises(ValueError, match="Unknown intervention"):
+        ablation.Intervention("scale", d1)
+    assert ablation.orthogonalizable(tiny)
+    with ablation.Intervention("ablate", d1).applied(tiny):
+        baked = judges.next_token_log_probs(tiny, prompts)
+    with ablation.ablated(tiny, d1):
+        hooked = judges.next_token_log_probs(tiny, prompts)
+    assert (baked - hooked).abs().max() < 1e-4
+
+
+def test_layer_sweep_and_selection(tiny, prompts):
+    candidates = directions.layer_directions(gaussian(tiny.info.n_layers, 64, 21))
+    sweep = ablation.layer_sweep(tiny, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2)
+    assert sweep["layer"].tolist() == [-1, 1, 2]
+    assert sweep.loc[0, "KL"] == 0 and (sweep["KL"] >= -1e-9).all()
+    frame = pd.DataFrame({"layer": [-1, 0, 1, 2, 3], "refusal score": [5, 1, -2, -3, -9], "KL": [0, .05, .05, .5, 0]})
+    assert ablation.select_layer(frame, 3, fallback=2)[0] == 1  # layer 2 breaks the KL bound, 3 is too deep
+    layer, why = ablation.select_layer(frame.assign(KL=1.0), 3, fallback=2)
+    assert layer == 2 and "paper" in why
+
+
+def test_transfer_matrix_caches_every_condition(artifact_root, tiny_family, prompts, monkeypatch):
+    from lib import generation
+
+    calls = []
+    real = generation.generate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counting)
+    sources = {"a": gaussian(1, 64, 22)[0], "b": gaussian(1, 64, 23)[0]}
+    first = ablation.transfer_matrix("tiny-llama", sources, ["base", "lora"], prompts[:2], 3, 2, "cpu")
+    assert set(first) == {(s, t) for s in ("none", "a", "b") for t in ("base", "lora")}
+    assert all(len(r["labels"]) == 2 for r in first.values())
+    assert len(calls) == 6
+    again = ablation.transfer_matrix("tiny-llama", sources, ["base", "lora"], prompts[:2], 3, 2, "cpu")
+    assert again == first and len(calls) == 6  # every condition came from its cached artifact
+    ablation.transfer_matrix("tiny-llama", sources, ["base"], prompts[:2], 4, 2, "cpu")
+    assert len(calls) == 9  # a changed setting recomputes
+
+
+def test_verdicts_round_trip(artifact_root):
+    artifacts.write_verdict("fam", "claim2", {"verdict": "supported"})
+    assert artifacts.read_verdicts() == [{"family": "fam", "claim": "claim2", "verdict": "supported"}]
+
+
+# --- charts ------------------------------------------------------------------------------------------------------
+
+def test_new_charts_have_stable_specs():
+    frame = pd.DataFrame({"source": ["a", "a", "b", "b"], "target": ["x", "y", "x", "y"], "rate": [1.0, 2, 3, 4]})
+    heat = viz.heatmap_chart(frame, "target", "source", "rate", "t", domain=(0, 100))
+    assert viz.spec_id(heat.to_dict()) == viz.spec_id(viz.heatmap_chart(frame, "target", "source", "rate", "t",
+                                                                        domain=(0, 100)).to_dict())
+    lines = pd.DataFrame({"layer": [1, 2, 1, 2], "share": [0.1, 0.2, 0.3, 0.4], "variant": ["a", "a", "b", "b"]})
+    assert viz.lines_chart(lines, "layer", "share", "variant", "t", rule=0.5, log_y=True).to_dict()
+    with pytest.raises(ValueError, match="missing column"):
+        viz.lines_chart(lines, "layer", "nope", "variant", "t")
+    scree = spectra.scree_frame({"v": gaussian(10, 5, 24)}, 3)
+    assert viz.scree_chart(scree, "t").to_dict()["title"] == "t"
+
+
+# --- held-out prompts, profiles ----------------------------------------------------------------------------------
+
+def test_test_and_sweep_prompts(monkeypatch):
+    from pathlib import Path
+
+    from lib import data
+
+    offline = data.test_prompts("offline", 5)
+    assert offline["harmful"] == [p.harmful for p in data.split("test")[:5]] and len(offline["harmless"]) == 5
+    sweep = data.sweep_prompts("offline", 4)
+    assert not set(sweep["harmful"]) & set(data.test_prompts("offline")["harmful"])
+    assert not set(sweep["harmful"]) & {p.harmful for p in data.split("pairs")}
+    fixtures = Path(__file__).parent / "fixtures"
+    protocol = data.paper_protocol(fixtures / "advbench_small.csv", fixtures / "alpaca_small.json", n_pairs=5,
+                                   expect_rows=20)
+    monkeypatch.setattr(data, "load_paper_protocol", lambda **kwargs: protocol)
+    paper = data.test_prompts("paper")
+    assert paper["harmful"] == [p.text for p in protocol["test"]] and paper["harmless"] == protocol["test_harmless"]
+    assert data.sweep_prompts("paper", 2)["harmless"] == protocol["train_harmless"][5:7]
+    with pytest.raises(ValueError, match="outside"):
+        data.test_prompts("offline", 10_000)
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        data.sweep_prompts("nope")
+
+
+def test_profiles_validate_against_the_chapters(tmp_path):
+    from lib import runner
+    from lib.artifacts import REPO_ROOT
+
+    notebooks = runner.read_toc_notebooks(REPO_ROOT)
+    for name in ("default", "llama2-7b"):
+        plan = runner.plan_runs(runner.load_profile(REPO_ROOT / "params" / f"{name}.yaml"), notebooks, REPO_ROOT)
+        assert plan
+    llama = dict(runner.plan_runs(runner.load_profile(REPO_ROOT / "params" / "llama2-7b.yaml"), notebooks, REPO_ROOT))
+    assert not any(nb.stem == "01_organisms" for nb in llama)  # skipped: it trains the offline family
+    transfer = next(params for nb, params in llama.items() if nb.stem == "05_transfer")
+    assert transfer["family"] == "llama2-7b" and transfer["dataset"] == "paper" and transfer["layer_rule"] == "paper"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("skip: [book/nope]\n", encoding="utf-8")
+    with pytest.raises(runner.ProfileError, match="book/nope"):
+        runner.plan_runs(runner.load_profile(bad), notebooks, REPO_ROOT)
+    bad.write_text("skip: book/01_organisms\n", encoding="utf-8")
+    with pytest.raises(runner.ProfileError, match="'skip' must be a list"):
+        runner.load_profile(bad)
+
+
+def test_score_matrix_on_the_paper_template(tiny_family, prompts):
+    subspaces = {"one": gaussian(1, 64, 25)[0], "plane": gaussian(2, 64, 26)}
+    frame = ablation.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
+    assert frame["source"].tolist() == ["none", "one", "plane"] and (frame["n"] == len(prompts)).all()
+    assert (frame["low"] <= frame["score"] + 1e-9).all() and (frame["score"] <= frame["high"] + 1e-9).all()
+    lm = models.load("tiny-llama", "base", device="cpu")
+    assert frame.loc[0, "score"] == pytest.approx(float(judges.refusal_score(lm, prompts).double().mean()), abs=1e-5)
+    assert "[INST]" in lm.info.template.format(lm.tokenizer, "x")  # the paper's template

@@ -1,0 +1,40 @@
+"""benchmarks/: `make bench` and the GPU script's Python part run end to end on tiny models (seconds), and the
+methods they time produce the same greedy tokens."""
+
+import importlib.util
+import json
+import sys
+
+from lib.artifacts import REPO_ROOT
+
+if importlib.util.find_spec("benchmarks") is None:  # pytest run from outside the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import gpu_bench, run  # noqa: E402
+
+
+def rows_by_method(rows):
+    return {row["method"]: row for row in rows}
+
+
+def test_make_bench_path_on_the_tiny_family(tiny_family, tmp_path):
+    results = run.main(["--family", "tiny-llama", "--peer", "none", "--prompts", "3", "--new-tokens", "4",
+                        "--repeats", "1", "--capture-prompts", "3", "--capture-repeats", "1",
+                        "--transfer-conditions", "2", "--transfer-prompts", "3", "--transfer-tokens", "3",
+                        "--transfer-batch", "2", "--out", str(tmp_path)])
+    generation = rows_by_method(results["generation"]["rows"])
+    assert {row["same tokens as lib hooks"] for name, row in generation.items() if "plain" not in name} == {1.0}
+    assert results["generation"]["ablation_changes_tokens"]
+    capture = rows_by_method(results["capture"]["rows"])
+    assert capture["HF output_hidden_states=True"]["max |diff| vs lib"] < 1e-5
+    assert results["transfer"]["complete"] and results["transfer"]["targets"] == ["lora"]
+    assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["family"] == "tiny-llama"
+    assert "## Targets" in next(tmp_path.glob("bench-*.md")).read_text()
+
+
+def test_gpu_script_smoke_path(tmp_path):
+    results = gpu_bench.main(["--smoke", "--out", str(tmp_path)])
+    batch = rows_by_method(results["paper_batch"]["rows"])
+    assert {row["same tokens as lib hooks"] for name, row in batch.items() if "plain" not in name} == {1.0}
+    transfer = results["transfer"]
+    assert transfer["conditions_run"] == transfer["conditions"] and transfer["projected_total_s"] > 0
