@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from lib.artifacts import REPO_ROOT, ArtifactError, atomic_path, cache_dir, sha256_file, sha256_text, write_json
+from lib.artifacts import REPO_ROOT, ArtifactError, cache_dir, sha256_file, sha256_text, write_json
 from lib.runtime import resolve_device, resolve_dtype
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
