@@ -232,7 +232,7 @@ def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequenc
     """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
     every named source subspace (``[d]`` or ``[k, d]``) ablated in every target, plus the unablated target
     (source ``"none"``), each with a 95% bootstrap interval over prompts. A DataFrame (source, target, score, low,
-    high, n)."""
+    high, n, per_prompt); ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``)."""
     import pandas as pd
 
     from lib.judges import bootstrap_indices, refusal_score
@@ -254,6 +254,27 @@ def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequenc
             means = scores.double()[index].mean(1)
             low, high = torch.quantile(means, q).tolist()
             rows.append({"source": source, "target": target, "score": float(scores.double().mean()), "low": low,
-                         "high": high, "n": len(prompts)})
+                         "high": high, "n": len(prompts), "per_prompt": tuple(scores.double().tolist())})
         del lm
+    return pd.DataFrame(rows)
+
+
+def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: int = 2000, seed: int = 0):
+    """How much each extra dimension adds to a subspace attack: for every source, target and consecutive k -> k', the
+    change in mean refusal score when ``"<source>, k=<k>"`` grows to ``"<source>, k=<k'>"`` (negative: the larger
+    subspace removes more refusal), with a 95% paired bootstrap interval over prompts. ``scores`` as made by
+    ``score_matrix``. A DataFrame (source, target, from, to, change, low, high, n)."""
+    import pandas as pd
+
+    from lib.judges import bootstrap_mean_difference
+
+    by = scores.set_index(["source", "target"])["per_prompt"]
+    rows = []
+    for source in sources:
+        for target in dict.fromkeys(scores["target"]):
+            for a, b in zip(ks, ks[1:]):
+                small, large = by[(f"{source}, k={a}", target)], by[(f"{source}, k={b}", target)]
+                gap = bootstrap_mean_difference(large, small, n_boot, seed)
+                rows.append({"source": source, "target": target, "from": f"k={a}", "to": f"k={b}",
+                             "change": gap["difference"], "low": gap["low"], "high": gap["high"], "n": gap["n"]})
     return pd.DataFrame(rows)

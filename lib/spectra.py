@@ -109,9 +109,11 @@ def scree_frame(differences: dict[str, torch.Tensor], components: int = 10):
     return pd.DataFrame(rows)
 
 
-def layer_share_frame(differences: dict[str, torch.Tensor], k: int = 2, centred: bool = False):
+def layer_share_frame(differences: dict[str, torch.Tensor], k: int = 2, centred: bool = False, n_boot: int = 0,
+                      seed: int = 0):
     """Top-``k`` share at every layer for each named [n, layers, d] difference tensor: DataFrame (variant, layer,
-    share)."""
+    share), plus ``low``/``high`` (95% basic bootstrap interval over pairs, see ``share_intervals``) when
+    ``n_boot`` > 0."""
     import pandas as pd
 
     rows = []
@@ -121,48 +123,83 @@ def layer_share_frame(differences: dict[str, torch.Tensor], k: int = 2, centred:
             if float(matrix.double().abs().sum()) == 0:
                 continue  # e.g. layer 0 at a template token: identical inputs, no spectrum
             share = top_k_shares(energy_fractions(matrix, centred), (k,))[k]
-            rows.append({"variant": name, "layer": layer, "share": share})
+            row = {"variant": name, "layer": layer, "share": share}
+            if n_boot:
+                boots = bootstrap_shares(matrix, (k,), n_boot, seed, centred)[:, 0]
+                row["low"], row["high"] = basic_interval(share, boots)
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def bootstrap_shares(matrix: torch.Tensor, k: int = 2, n_boot: int = 1000, seed: int = 0,
-                     centred: bool = False) -> torch.Tensor:
-    """Top-``k`` share of ``matrix`` ([n, d]) recomputed on ``n_boot`` resamples of its rows (pairs)."""
+def _energies_from_gram(gram: torch.Tensor, centred: bool) -> torch.Tensor:
+    """Squared singular values, largest first, of matrices given by their row Gram matrices [..., n, n] (the same
+    numbers as ``svdvals(x)**2`` for x with x x^T = gram, at a fraction of the cost when n < d)."""
+    if centred:
+        n = gram.shape[-1]
+        centring = torch.eye(n, dtype=gram.dtype) - 1.0 / n
+        gram = centring @ gram @ centring
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
+
+
+def bootstrap_shares(matrix: torch.Tensor, ks=(1, 2, 10), n_boot: int = 1000, seed: int = 0,
+                     centred: bool = False, chunk: int = 100) -> torch.Tensor:
+    """Top-k shares of ``matrix`` ([n, d]) recomputed on ``n_boot`` resamples of its rows (pairs): [n_boot, len(ks)].
+
+    A resample's Gram matrix is a re-indexing of the full one (x[r] x[r]^T = G[r][:, r]), so every k comes from one
+    batched eigendecomposition of an [n, n] matrix per resample."""
     from lib.judges import bootstrap_indices
 
-    index = bootstrap_indices(matrix.shape[0], n_boot, seed)
+    if matrix.ndim != 2 or min(matrix.shape) == 0:
+        raise ValueError(f"Expected a non-empty [n, d] matrix, got shape {tuple(matrix.shape)}.")
     x = matrix.double()
+    gram = x @ x.T
+    index = bootstrap_indices(x.shape[0], n_boot, seed)
+    columns = [min(k, x.shape[0]) - 1 for k in ks]
     shares = []
-    for rows in index:
-        sample = x[rows]
-        if centred:
-            sample = sample - sample.mean(0, keepdim=True)
-        energy = torch.linalg.svdvals(sample).square()
-        shares.append(float(energy[:k].sum() / energy.sum()))
-    return torch.tensor(shares, dtype=torch.float64)
+    for rows in index.split(chunk):
+        energy = _energies_from_gram(gram[rows.unsqueeze(-1), rows.unsqueeze(-2)], centred)
+        shares.append((energy.cumsum(-1) / energy.sum(-1, keepdim=True))[:, columns])
+    return torch.cat(shares)
 
 
-def share_intervals(differences: dict[str, torch.Tensor], k: int = 2, n_boot: int = 1000, seed: int = 0,
+def basic_interval(estimate: float, boots: torch.Tensor) -> tuple[float, float]:
+    """95% basic (reverse-percentile) bootstrap interval: (2 estimate - q97.5, 2 estimate - q2.5).
+
+    Spectral shares need it: a resample repeats pairs, which concentrates the spectrum, so resampled shares sit
+    above the estimate (for example an uncentred top-10 share of 0.527 whose resamples span 0.553-0.611). The
+    percentile interval would carry that bias; the basic interval reflects it back around the estimate."""
+    low_q, high_q = torch.quantile(boots.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return 2 * estimate - high_q, 2 * estimate - low_q
+
+
+def share_intervals(differences: dict[str, torch.Tensor], ks=(1, 2, 10), n_boot: int = 1000, seed: int = 0,
                     centred: bool = False):
-    """Top-``k`` share with a 95% percentile bootstrap interval over pairs, per variant, plus the paired
-    bootstrap of every variant's share minus every other's (the same resampled pairs for all variants, whose
-    pairs are the same prompts). Returns (per-variant DataFrame, pairwise-difference DataFrame)."""
+    """Top-k shares with 95% basic bootstrap intervals over pairs (``basic_interval``), per variant and k, and the
+    paired bootstrap of every variant's share minus every other's (the same resampled pairs for all variants,
+    whose pairs are the same prompts).
+
+    Returns (per-variant DataFrame: variant, k, share, low, high, bias, n — ``bias`` is the mean resampled share
+    minus the estimate; pairwise DataFrame: variant, versus, k, difference, low, high)."""
     import pandas as pd
 
-    boots = {name: bootstrap_shares(m, k, n_boot, seed, centred) for name, m in differences.items()}
-    point = {name: top_k_shares(energy_fractions(m, centred), (k,))[k] for name, m in differences.items()}
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    single = pd.DataFrame([{"variant": name, f"top-{k}": point[name],
-                            **dict(zip(("low", "high"), torch.quantile(boots[name], q).tolist())),
-                            "n": differences[name].shape[0]} for name in differences])
-    pairs = []
-    for a in differences:
-        for b in differences:
-            if a != b and differences[a].shape[0] == differences[b].shape[0]:
-                low, high = torch.quantile(boots[a] - boots[b], q).tolist()
-                pairs.append({"variant": a, "versus": b, "difference": point[a] - point[b], "low": low,
-                              "high": high})
-    return single, pd.DataFrame(pairs)
+    ks = tuple(ks)
+    boots = {name: bootstrap_shares(m, ks, n_boot, seed, centred) for name, m in differences.items()}
+    point = {name: top_k_shares(energy_fractions(m, centred), ks) for name, m in differences.items()}
+    single, pairs = [], []
+    for j, k in enumerate(ks):
+        for name in differences:
+            low, high = basic_interval(point[name][k], boots[name][:, j])
+            single.append({"variant": name, "k": f"top-{k}", "share": point[name][k], "low": low, "high": high,
+                           "bias": float(boots[name][:, j].mean()) - point[name][k],
+                           "n": differences[name].shape[0]})
+        for a in differences:
+            for b in differences:
+                if a != b and differences[a].shape[0] == differences[b].shape[0]:
+                    difference = point[a][k] - point[b][k]
+                    low, high = basic_interval(difference, boots[a][:, j] - boots[b][:, j])
+                    pairs.append({"variant": a, "versus": b, "k": f"top-{k}", "difference": difference,
+                                  "low": low, "high": high})
+    return pd.DataFrame(single), pd.DataFrame(pairs)
 
 
 def svd_directions(matrix: torch.Tensor, k: int) -> torch.Tensor:

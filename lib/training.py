@@ -317,7 +317,9 @@ RECIPES = {
                         "match the refusals one for one, trained on the first 24 response tokens, where the "
                         "refuse-or-answer decision is made. Earlier tries (rank 16, 100 steps, lr 3e-4, unbalanced "
                         "data; rank 4, 200 steps, lr 2e-4, whole answers) refused 30 and 35 of 64 harmless test "
-                        "prompts"},
+                        "prompts; this recipe refuses 17. A later try with this recipe plus 320 everyday requests "
+                        "(self-distilled; two harmless examples per refusal) refused 14 of 64 harmless but "
+                        "only 56 of 64 harmful test prompts, so it was not kept"},
         "adversarial": {"steps": 70, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 8, "lora_alpha": 8,
                         "lora_dropout": 0.1, "target_modules": ("q_proj", "v_proj"), "weight_decay": 6e-4,
                         "max_grad_norm": 0.25, "warmup_fraction": 0.03, "pgd_steps": 6, "max_length": 96,
@@ -410,13 +412,15 @@ def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], lay
     path = ORGANISMS_ROOT / family / f"epsilon-layer{layer}.json"
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("spec") == {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}:
+        if (cached.get("spec") == {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+                and cached.get("model") == lm.info.fingerprint):
             return cached
     probe = list(examples)[: spec["probe_examples"]]
     result = choose_epsilon(lm, probe, layer, spec["fractions"], spec["min_loss_increase"], batch_size=len(probe),
                             max_length=spec["max_length"], max_response_tokens=spec["max_response_tokens"],
                             seed=seed)
     result["spec"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+    result["model"] = lm.info.fingerprint  # the SSFT model it was measured on: a retrained SSFT reruns the sweep
     write_json(path, result)
     return result
 

@@ -178,6 +178,21 @@ def _ordered(values: pd.Series, preferred: list[str]) -> list[str]:
     return [v for v in preferred if v in present] + sorted(v for v in present if v not in preferred)
 
 
+def interval_table(df: pd.DataFrame, value: str, index: list[str], columns: str | None = None, digits: int = 3,
+                   low: str = "low", high: str = "high", signed: bool = False) -> pd.DataFrame:
+    """A compact table of "value [low, high]" strings, rows ``index`` and (optionally) one column per value of
+    ``columns``, in order of first appearance: intervals that fit a page instead of three numeric columns each."""
+    _check_columns(df, [value, low, high, *index] + ([columns] if columns else []), "interval_table")
+    number = f"{{:{'+' if signed else ''}.{digits}f}}"
+    cells = [f"{number.format(v)} [{number.format(lo)}, {number.format(hi)}]"
+             for v, lo, hi in zip(df[value], df[low], df[high])]
+    label = f"{value} [95% CI]"
+    frame = df[index + ([columns] if columns else [])].assign(**{label: cells})
+    if not columns:
+        return frame.set_index(index)
+    return frame.pivot_table(index=index, columns=columns, values=label, aggfunc="first", sort=False)
+
+
 def layer_norms_chart(df: pd.DataFrame) -> alt.Chart:
     """Line chart of mean residual-stream norm against layer; colour = variant, dash = split.
 
@@ -322,21 +337,30 @@ def heatmap_chart(df: pd.DataFrame, x: str, y: str, value: str, title: str, doma
 
 def lines_chart(df: pd.DataFrame, x: str, y: str, colour: str, title: str, y_title: str | None = None,
                 x_title: str | None = None, dash: str | None = None, rule: float | None = None,
-                facet: str | None = None, log_y: bool = False) -> alt.Chart:
+                facet: str | None = None, log_y: bool = False, band: tuple[str, str] | None = None) -> alt.Chart:
     """Lines of ``y`` against a quantitative ``x``, one per ``colour`` (optionally dashed by ``dash``, faceted by
-    ``facet``), with an optional horizontal reference line at ``rule``."""
-    columns = [x, y, colour] + [c for c in (dash, facet) if c]
+    ``facet``), with an optional horizontal reference line at ``rule`` and an optional shaded interval between
+    the two columns named by ``band`` (low, high)."""
+    columns = [x, y, colour] + [c for c in (dash, facet) if c] + list(band or ())
     _check_columns(df, columns, "lines_chart")
     data = round_significant(df[columns].reset_index(drop=True))
     data[colour] = data[colour].astype(str)
-    encoding = dict(x=alt.X(f"{x}:Q", title=x_title or x),
+    x_encoding = alt.X(f"{x}:Q", title=x_title or x)
+    colour_encoding = alt.Color(f"{colour}:N", title=colour, sort=list(dict.fromkeys(data[colour])))
+    encoding = dict(x=x_encoding,
                     y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(type="log" if log_y else "linear")),
-                    color=alt.Color(f"{colour}:N", title=colour, sort=list(dict.fromkeys(data[colour]))),
+                    color=colour_encoding,
                     tooltip=[f"{c}:N" for c in (colour, dash, facet) if c] + [f"{x}:Q",
-                             alt.Tooltip(f"{y}:Q", format=".4g")])
+                             alt.Tooltip(f"{y}:Q", format=".4g")] + [f"{c}:Q" for c in band or ()])
     if dash:
         encoding["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=dash)
-    chart = alt.Chart(data).mark_line(point=True, strokeWidth=2).encode(**encoding).properties(width=420, height=240)
+    base = alt.Chart(data)
+    chart = base.mark_line(point=True, strokeWidth=2).encode(**encoding)
+    if band:
+        low, high = band
+        chart = base.mark_area(opacity=0.18).encode(x=x_encoding, y=f"{low}:Q", y2=f"{high}:Q",
+                                                     color=colour_encoding) + chart
+    chart = chart.properties(width=420, height=240)
     if rule is not None:
         chart = chart + alt.Chart(pd.DataFrame({"rule": [rule]})).mark_rule(color="grey", strokeDash=[4, 4]).encode(
             y="rule:Q")

@@ -36,17 +36,65 @@ def test_two_dimensional_differences_beat_one_dimensional_ones_beyond_the_interv
     one = 3 * basis[0] + 0.3 * gaussian(n, 16, 2)
     two = 3 * basis[0] + torch.randn(n, 1, generator=torch.Generator().manual_seed(3)) * 2 * basis[1] \
         + 0.3 * gaussian(n, 16, 4)
-    single, pairwise = spectra.share_intervals({"one": one, "two": two}, k=2, n_boot=200, seed=0)
-    assert (single["low"] <= single["top-2"]).all() or (single["high"] >= single["top-2"]).all()
+    single, pairwise = spectra.share_intervals({"one": one, "two": two}, ks=(2,), n_boot=200, seed=0)
+    assert ((single["low"] <= single["share"]) & (single["share"] <= single["high"])).all()
     row = pairwise[(pairwise["variant"] == "two") & (pairwise["versus"] == "one")].iloc[0]
     assert row["difference"] > 0 and row["low"] > 0
     assert judges.verdict(row["low"], row["high"], "higher", "lower", "open") == "higher"
 
 
+def test_bootstrap_shares_from_the_gram_matrix_equal_a_direct_svd_of_each_resample():
+    matrix = gaussian(30, 12, 7) + 1.5
+    for centred in (False, True):
+        fast = spectra.bootstrap_shares(matrix, (1, 2, 10), n_boot=5, seed=3, centred=centred)
+        for b, rows in enumerate(judges.bootstrap_indices(30, 5, 3)):
+            direct = spectra.top_k_shares(spectra.energy_fractions(matrix[rows], centred), (1, 2, 10))
+            assert fast[b].tolist() == pytest.approx(list(direct.values()), abs=1e-5)
+
+
+def test_basic_interval_covers_the_population_top_2_share_where_the_percentile_interval_does_not():
+    """Rank-two signal plus isotropic noise (like the book's D): the population top-2 share is known exactly.
+    Resampling pairs with replacement repeats rows and inflates resampled shares, so the percentile interval
+    under-covers; the basic interval should be close to 95%."""
+    d, n, reps, sigma = 64, 100, 80, 0.35
+    population = torch.full((d,), sigma ** 2, dtype=torch.float64)
+    population[0] += 10.0  # E[a^2] for a ~ N(3, 1)
+    population[1] += 1.0  # E[b^2] for b ~ N(0, 1)
+    target = float(population.sort(descending=True).values[:2].sum() / population.sum())
+    covered = {"percentile": 0, "basic": 0}
+    for rep in range(reps):
+        generator = torch.Generator().manual_seed(100 + rep)
+        x = sigma * torch.randn(n, d, generator=generator, dtype=torch.float64)
+        x[:, 0] += 3 + torch.randn(n, generator=generator, dtype=torch.float64)
+        x[:, 1] += torch.randn(n, generator=generator, dtype=torch.float64)
+        share = spectra.top_k_shares(spectra.energy_fractions(x), (2,))[2]
+        boots = spectra.bootstrap_shares(x, (2,), n_boot=150, seed=rep)[:, 0]
+        low, high = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        covered["percentile"] += low <= target <= high
+        low, high = spectra.basic_interval(share, boots)
+        covered["basic"] += low <= target <= high
+    print(covered)
+    assert covered["basic"] / reps >= 0.85 and covered["basic"] > covered["percentile"]
+
+
+def test_share_intervals_report_the_resampling_bias():
+    matrix = gaussian(40, 64, 8)  # isotropic noise: a resample's repeated rows concentrate its spectrum
+    single, _ = spectra.share_intervals({"noise": matrix}, ks=(10,), n_boot=300, seed=0)
+    boots = spectra.bootstrap_shares(matrix, (10,), n_boot=300, seed=0)[:, 0]
+    assert single.loc[0, "bias"] == pytest.approx(float(boots.mean()) - single.loc[0, "share"])
+    assert single.loc[0, "bias"] > 0.05
+    assert (single.loc[0, "low"], single.loc[0, "high"]) == pytest.approx(
+        spectra.basic_interval(single.loc[0, "share"], boots))
+
+
 def test_layer_shares_skip_identical_layers_and_svd_directions_point_along_the_mean():
     tensor = torch.stack([torch.zeros(10, 8), gaussian(10, 8, 5) + 4], dim=1)
     frame = spectra.layer_share_frame({"v": tensor}, k=2)
-    assert frame["layer"].tolist() == [1]
+    assert frame["layer"].tolist() == [1] and "low" not in frame
+    with_intervals = spectra.layer_share_frame({"v": tensor}, k=2, n_boot=50)
+    boots = spectra.bootstrap_shares(tensor[:, 1], (2,), n_boot=50)[:, 0]
+    expected = spectra.basic_interval(with_intervals.loc[0, "share"], boots)
+    assert (with_intervals.loc[0, "low"], with_intervals.loc[0, "high"]) == pytest.approx(expected)
     axes = spectra.svd_directions(tensor[:, 1], 2)
     assert axes.shape == (2, 8)
     assert float(axes[0] @ tensor[:, 1].mean(0)) > 0
@@ -241,6 +289,12 @@ def test_new_charts_have_stable_specs():
     assert viz.lines_chart(lines, "layer", "share", "variant", "t", rule=0.5, log_y=True).to_dict()
     with pytest.raises(ValueError, match="missing column"):
         viz.lines_chart(lines, "layer", "nope", "variant", "t")
+    banded = viz.lines_chart(lines.assign(low=lines["share"] - 0.05, high=lines["share"] + 0.05, m="u"), "layer",
+                             "share", "variant", "t", facet="m", band=("low", "high")).to_dict()
+    marks = [layer["mark"]["type"] for layer in banded["spec"]["layer"]]
+    assert marks == ["area", "line"] and banded["spec"]["layer"][0]["encoding"]["y2"]["field"] == "high"
+    table = viz.interval_table(lines.assign(low=0.0, high=1.0), "share", ["variant"], "layer", digits=2)
+    assert table.loc["b", 2] == "0.40 [0.00, 1.00]" and list(table.columns) == [1, 2]
     scree = spectra.scree_frame({"v": gaussian(10, 5, 24)}, 3)
     assert viz.scree_chart(scree, "t").to_dict()["title"] == "t"
 
@@ -299,3 +353,23 @@ def test_score_matrix_on_the_paper_template(tiny_family, prompts):
     lm = models.load("tiny-llama", "base", device="cpu")
     assert frame.loc[0, "score"] == pytest.approx(float(judges.refusal_score(lm, prompts).double().mean()), abs=1e-5)
     assert "[INST]" in lm.info.template.format(lm.tokenizer, "x")  # the paper's template
+
+
+def test_subspace_gains_pair_the_same_prompts(tiny_family, prompts):
+    plane = gaussian(2, 64, 27)
+    subspaces = {"s, k=1": plane[:1], "s, k=2": plane}
+    frame = ablation.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
+    gains = ablation.subspace_gains(frame, ["s"], [1, 2], n_boot=200, seed=0)
+    row = gains.iloc[0]
+    scores = frame.set_index("source")["score"]
+    assert (row["from"], row["to"], row["n"]) == ("k=1", "k=2", len(prompts))
+    assert row["change"] == pytest.approx(scores["s, k=2"] - scores["s, k=1"], abs=1e-9)
+    assert row["low"] <= row["change"] <= row["high"]
+
+
+def test_bootstrap_mean_difference_is_paired():
+    a = [1.0, 2.0, 3.0, 4.0]
+    shifted = judges.bootstrap_mean_difference([x + 0.5 for x in a], a, n_boot=100)
+    assert shifted["difference"] == pytest.approx(0.5) and shifted["low"] == pytest.approx(0.5)  # no spread: paired
+    with pytest.raises(ValueError, match="equally long"):
+        judges.bootstrap_mean_difference([1.0], a)

@@ -243,3 +243,22 @@ def test_rerun_page_examples_match_the_code(monkeypatch, tmp_path, capsys):
     used = {flag for block in _code_blocks(text, "bash") for line in block.splitlines() if "lib.runner" in line
             for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)}
     assert used and used <= known, f"the page uses runner flags {sorted(used - known)} that lib.runner lacks"
+
+
+def test_bibliography_labels_are_author_year():
+    import importlib.util
+
+    from pybtex.database import parse_file, parse_string
+    from pybtex.plugin import find_plugin
+
+    spec = importlib.util.spec_from_file_location("bibliography_style", REPO_ROOT / "book" / "_ext" / "bibliography_style.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    style = find_plugin("pybtex.style.formatting", "author_year_list")()
+    labels = [entry.label for entry in style.format_entries(parse_file(REPO_ROOT / "book" / "references.bib").entries.values())]
+    assert "Abbas et al. 2025" in labels and "Ben Allal et al. 2025" in labels
+    twins = parse_string("@misc{a, author={Doe, Jane}, year={2020}, title={A}}\n"
+                         "@misc{b, author={Doe, Jane}, year={2020}, title={B}}\n"
+                         "@misc{c, author={Roe, R. and Poe, P.}, year={2021}, title={C}}", "bibtex")
+    assert [e.label for e in style.format_entries(twins.entries.values())] == ["Doe 2020a", "Doe 2020b",
+                                                                                  "Roe and Poe 2021"]
+    assert "bibliography_style" in (REPO_ROOT / "_config.yml").read_text()
