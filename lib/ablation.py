@@ -170,12 +170,14 @@ class Intervention:
 
 
 def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
-                layers: Sequence[int] | None = None, batch_size: int = 16, desc: str = "sweep"):
+                layers: Sequence[int] | None = None, batch_size: int = 16, desc: str = "sweep",
+                baseline: bool = True):
     """Arditi et al.'s generation-free layer sweep: for each candidate layer's direction (``candidates`` is
     [n_layers, d]), ablate it everywhere and measure the mean refusal score on ``harmful`` prompts and the mean
     KL divergence of the first-token distribution on ``harmless`` prompts from the unablated model's.
 
-    Returns a DataFrame (layer, refusal score, KL) with a first row for the unablated model (layer -1)."""
+    Returns a DataFrame (layer, refusal score, KL), with a first row for the unablated model (layer -1) when
+    ``baseline``."""
     import pandas as pd
 
     from lib.judges import kl_divergence, next_token_log_probs, refusal_score_from
@@ -183,14 +185,16 @@ def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str
 
     layers = check_layers(lm.info, layers)
     clean_harmless = next_token_log_probs(lm, harmless, batch_size)
-    rows = [{"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
-        lm, harmful, batch_size)).mean()), "KL": 0.0}]
+    rows = []
+    if baseline:
+        rows.append({"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
+            lm, harmful, batch_size)).mean()), "KL": 0.0})
     for layer in progress(layers, desc=desc):
         with orthogonalized(lm, candidates[layer]):
             score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
             kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
         rows.append({"layer": layer, "refusal score": float(score), "KL": float(kl)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["layer", "refusal score", "KL"])
 
 
 def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_depth: float = 0.8) -> tuple[int, str]:
@@ -202,6 +206,31 @@ def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_d
         return int(fallback), f"no layer kept the harmless KL under {max_kl}: the paper's relative layer"
     best = int(ok.sort_values(["refusal score", "layer"], kind="stable").iloc[0]["layer"])
     return best, f"lowest refusal score among layers with KL < {max_kl} below {max_depth:.0%} depth"
+
+
+def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
+                     fallback: int, stride: int = 1, max_kl: float = 0.1, max_depth: float = 0.8,
+                     batch_size: int = 16, desc: str = "sweep"):
+    """``layer_sweep`` of every ``stride``-th layer from layer 1, then of the unvisited layers within ``stride`` of
+    the best one, and ``select_layer`` on all of them: a coarse sweep whose choice is still the best of its
+    immediate neighbours (with stride 2, at about half the cost of visiting every layer).
+
+    Returns (sweep DataFrame sorted by layer, chosen layer, the reason in words)."""
+    import pandas as pd
+
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}.")
+    n_layers = lm.info.n_layers
+    sweep = layer_sweep(lm, candidates, harmful, harmless, range(1, n_layers, stride), batch_size, desc)
+    layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
+    visited = set(sweep["layer"])
+    near = [n for n in range(layer - stride + 1, layer + stride) if 1 <= n < n_layers and n not in visited]
+    if stride > 1 and layer in visited and near:
+        extra = layer_sweep(lm, candidates, harmful, harmless, near, batch_size, f"{desc} (refine)", baseline=False)
+        sweep = pd.concat([sweep, extra], ignore_index=True).sort_values("layer", kind="stable").reset_index(drop=True)
+        layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
+        reason += f" (a sweep at stride {stride}, then the layers next to the best)"
+    return sweep, layer, reason
 
 
 def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],

@@ -94,18 +94,29 @@ def spectrum_frame(differences: dict[str, torch.Tensor], ks=(1, 2, 10)):
     return pd.DataFrame(rows)
 
 
-def scree_frame(differences: dict[str, torch.Tensor], components: int = 10):
+def scree_frame(differences: dict[str, torch.Tensor], components: int = 10, n_boot: int = 0, seed: int = 0):
     """Per-component and cumulative energy fractions of the first ``components`` (both measures): a DataFrame
-    (variant, measure, component, share, cumulative)."""
+    (variant, measure, component, share, cumulative), plus 95% basic bootstrap intervals over pairs (``low``,
+    ``high``, ``cumulative_low``, ``cumulative_high``) when ``n_boot`` > 0, from the same resamples as
+    ``share_intervals`` with the same seed."""
     import pandas as pd
 
     rows = []
     for name, matrix in differences.items():
         for measure, centred in (("uncentred (paper)", False), ("centred (PCA)", True)):
             fractions = energy_fractions(matrix, centred).double()
-            for k in range(min(components, len(fractions))):
-                rows.append({"variant": name, "measure": measure, "component": k + 1,
-                             "share": float(fractions[k]), "cumulative": float(fractions[: k + 1].sum())})
+            count = min(components, len(fractions))
+            if n_boot:
+                resampled = bootstrap_fractions(matrix, n_boot, seed, centred)
+                boots, boot_cumulative = resampled[:, :count], resampled.cumsum(-1)[:, :count]
+            for k in range(count):
+                row = {"variant": name, "measure": measure, "component": k + 1,
+                       "share": float(fractions[k]), "cumulative": float(fractions[: k + 1].sum())}
+                if n_boot:
+                    row["low"], row["high"] = basic_interval(row["share"], boots[:, k])
+                    row["cumulative_low"], row["cumulative_high"] = basic_interval(row["cumulative"],
+                                                                                   boot_cumulative[:, k])
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -141,12 +152,13 @@ def _energies_from_gram(gram: torch.Tensor, centred: bool) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
-def bootstrap_shares(matrix: torch.Tensor, ks=(1, 2, 10), n_boot: int = 1000, seed: int = 0,
-                     centred: bool = False, chunk: int = 100) -> torch.Tensor:
-    """Top-k shares of ``matrix`` ([n, d]) recomputed on ``n_boot`` resamples of its rows (pairs): [n_boot, len(ks)].
+def bootstrap_fractions(matrix: torch.Tensor, n_boot: int = 1000, seed: int = 0, centred: bool = False,
+                        chunk: int = 100) -> torch.Tensor:
+    """Energy fractions of every component of ``matrix`` ([n, d]) recomputed on ``n_boot`` resamples of its rows
+    (pairs): [n_boot, n], largest first.
 
-    A resample's Gram matrix is a re-indexing of the full one (x[r] x[r]^T = G[r][:, r]), so every k comes from one
-    batched eigendecomposition of an [n, n] matrix per resample."""
+    A resample's Gram matrix is a re-indexing of the full one (x[r] x[r]^T = G[r][:, r]), so each resample costs
+    one batched eigendecomposition of an [n, n] matrix rather than an SVD of an [n, d] one."""
     from lib.judges import bootstrap_indices
 
     if matrix.ndim != 2 or min(matrix.shape) == 0:
@@ -154,12 +166,19 @@ def bootstrap_shares(matrix: torch.Tensor, ks=(1, 2, 10), n_boot: int = 1000, se
     x = matrix.double()
     gram = x @ x.T
     index = bootstrap_indices(x.shape[0], n_boot, seed)
-    columns = [min(k, x.shape[0]) - 1 for k in ks]
-    shares = []
+    fractions = []
     for rows in index.split(chunk):
         energy = _energies_from_gram(gram[rows.unsqueeze(-1), rows.unsqueeze(-2)], centred)
-        shares.append((energy.cumsum(-1) / energy.sum(-1, keepdim=True))[:, columns])
-    return torch.cat(shares)
+        fractions.append(energy / energy.sum(-1, keepdim=True))
+    return torch.cat(fractions)
+
+
+def bootstrap_shares(matrix: torch.Tensor, ks=(1, 2, 10), n_boot: int = 1000, seed: int = 0,
+                     centred: bool = False) -> torch.Tensor:
+    """Top-k shares of ``matrix`` ([n, d]) recomputed on ``n_boot`` resamples of its rows (pairs): [n_boot, len(ks)]
+    (every k from the same resamples, ``bootstrap_fractions``)."""
+    columns = [min(k, matrix.shape[0]) - 1 for k in ks]
+    return bootstrap_fractions(matrix, n_boot, seed, centred).cumsum(-1)[:, columns]
 
 
 def basic_interval(estimate: float, boots: torch.Tensor) -> tuple[float, float]:

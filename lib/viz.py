@@ -371,17 +371,24 @@ def lines_chart(df: pd.DataFrame, x: str, y: str, colour: str, title: str, y_tit
 
 def scree_chart(df: pd.DataFrame, title: str) -> alt.Chart:
     """Bars of each component's share with the cumulative share as a line, one panel per variant, a row per
-    measure. ``df`` as made by ``lib.spectra.scree_frame``."""
+    measure; 95% intervals as whiskers on both when ``df`` has them. ``df`` as made by ``lib.spectra.scree_frame``."""
     _check_columns(df, ["variant", "measure", "component", "share", "cumulative"], "scree_chart")
     data = round_significant(df.reset_index(drop=True))
+    with_intervals = {"low", "high", "cumulative_low", "cumulative_high"} <= set(data.columns)
+    tooltip = ["variant:N", "component:O", alt.Tooltip("share:Q", format=".3f"),
+               alt.Tooltip("cumulative:Q", format=".3f")]
+    if with_intervals:
+        tooltip += [alt.Tooltip(f"{c}:Q", format=".3f") for c in ("low", "high", "cumulative_low", "cumulative_high")]
     base = alt.Chart(data).encode(x=alt.X("component:O", title="Component"))
     bars = base.mark_bar(opacity=0.75).encode(y=alt.Y("share:Q", title="Share of energy",
-                                                       scale=alt.Scale(domain=[0, 1])),
-                                              tooltip=["variant:N", "component:O", alt.Tooltip("share:Q", format=".3f"),
-                                                       alt.Tooltip("cumulative:Q", format=".3f")])
+                                                       scale=alt.Scale(domain=[0, 1])), tooltip=tooltip)
     line = base.mark_line(point=True, color="black").encode(y="cumulative:Q")
+    layers = [bars, line]
+    if with_intervals:
+        layers += [base.mark_rule(color="#444").encode(y="low:Q", y2="high:Q"),
+                   base.mark_rule(color="black").encode(y="cumulative_low:Q", y2="cumulative_high:Q")]
     variants = list(dict.fromkeys(data["variant"].astype(str)))
-    return (bars + line).properties(width=150, height=150).facet(
+    return alt.layer(*layers).properties(width=150, height=150).facet(
         column=alt.Column("variant:N", title=None, sort=variants),
         row=alt.Row("measure:N", title=None)).properties(title=title)
 

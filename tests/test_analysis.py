@@ -108,6 +108,22 @@ def test_scree_frame_cumulates():
         assert group["cumulative"].iloc[-1] <= 1 + 1e-9
 
 
+def test_scree_intervals_come_from_the_same_resamples_as_the_share_intervals():
+    matrix = gaussian(30, 12, 9) + 1.0
+    frame = spectra.scree_frame({"v": matrix}, components=3, n_boot=60, seed=4)
+    single, _ = spectra.share_intervals({"v": matrix}, ks=(1, 2, 3), n_boot=60, seed=4)
+    uncentred = frame[frame["measure"] == "uncentred (paper)"].set_index("component")
+    for k in (1, 2, 3):
+        row = single[single["k"] == f"top-{k}"].iloc[0]
+        assert (uncentred.loc[k, "cumulative_low"], uncentred.loc[k, "cumulative_high"]) == pytest.approx(
+            (row["low"], row["high"]))
+    per_component = spectra.bootstrap_fractions(matrix, 60, 4)[:, 1]
+    assert (uncentred.loc[2, "low"], uncentred.loc[2, "high"]) == pytest.approx(
+        spectra.basic_interval(uncentred.loc[2, "share"], per_component))
+    assert (frame["low"] < frame["high"]).all() and (frame["cumulative_low"] < frame["cumulative_high"]).all()
+    assert {"low", "cumulative_low"}.isdisjoint(spectra.scree_frame({"v": matrix}, components=3).columns)
+
+
 # --- directions --------------------------------------------------------------------------------------------------
 
 def test_cosine_matrix_and_layer_directions():
@@ -251,6 +267,27 @@ def test_layer_sweep_and_selection(tiny, prompts):
     assert layer == 2 and "paper" in why
 
 
+def test_coarse_sweep_is_refined_around_its_best_layer(tiny, prompts):
+    assert tiny.info.n_layers >= 3
+    candidates = directions.layer_directions(gaussian(tiny.info.n_layers, 64, 22))
+    full = ablation.layer_sweep(tiny, candidates, prompts[:2], prompts[2:], batch_size=2)
+    sweep, layer, why = ablation.sweep_and_select(tiny, candidates, prompts[:2], prompts[2:], fallback=1, stride=2,
+                                                  max_kl=float("inf"), max_depth=1.0, batch_size=2)
+    coarse = set(range(1, tiny.info.n_layers, 2))
+    best_coarse = ablation.select_layer(full[full["layer"].isin(coarse | {-1})], tiny.info.n_layers, 1,
+                                        float("inf"), 1.0)[0]
+    expected = coarse | {n for n in (best_coarse - 1, best_coarse + 1) if 1 <= n < tiny.info.n_layers}
+    assert set(sweep["layer"]) - {-1} == expected and sweep["layer"].is_monotonic_increasing
+    by_layer = full.set_index("layer")
+    assert sweep.set_index("layer")["refusal score"].to_dict() == pytest.approx(
+        by_layer.loc[sweep["layer"], "refusal score"].to_dict())
+    assert layer == ablation.select_layer(full[full["layer"].isin(expected | {-1})], tiny.info.n_layers, 1,
+                                          float("inf"), 1.0)[0]
+    assert ("stride 2" in why) == (expected != coarse)
+    with pytest.raises(ValueError, match="stride"):
+        ablation.sweep_and_select(tiny, candidates, prompts[:2], prompts[2:], fallback=1, stride=0)
+
+
 def test_transfer_matrix_caches_every_condition(artifact_root, tiny_family, prompts, monkeypatch):
     from lib import generation
 
@@ -297,6 +334,8 @@ def test_new_charts_have_stable_specs():
     assert table.loc["b", 2] == "0.40 [0.00, 1.00]" and list(table.columns) == [1, 2]
     scree = spectra.scree_frame({"v": gaussian(10, 5, 24)}, 3)
     assert viz.scree_chart(scree, "t").to_dict()["title"] == "t"
+    whiskers = viz.scree_chart(spectra.scree_frame({"v": gaussian(10, 5, 24)}, 3, n_boot=20), "t").to_dict()
+    assert [layer["mark"]["type"] for layer in whiskers["spec"]["layer"]].count("rule") == 2
 
 
 # --- held-out prompts, profiles ----------------------------------------------------------------------------------
