@@ -4,6 +4,8 @@ shapes (32 layers, d_model 4096, 32 heads, FFN 11008, vocabulary 32000) in bfloa
 1. generation at the paper's batch (16 prompts x 64 new tokens): plain ``generate`` | lib hooks + KV cache |
    lib orthogonalised weights | the paper's loop (whole prefix every token, no KV cache), against the paper's
    ~20 s per batch of 16 (TransformerLens, 4-bit, a ~48 GB GPU).
+   A torch.profiler table of plain generation and generation under hooks (host time by operator), and hooks
+   against the paper's loop once more at the transfer batch, where the GPU has enough work for recomputation to cost.
 2. the transfer workload: ``--conditions`` (12: the 3x3 matrix plus 3 unablated baselines) x ``--prompts`` (520) x
    ``--new-tokens`` (64) through ``lib.generation.generate`` with all-layer ablation by orthogonalised weights, batch
    from ``lib.runtime.auto_batch_size``; within ``--budget-s`` whole conditions run and the rest is projected. Compared with
@@ -18,6 +20,7 @@ meaningless and rarely end early: every condition generates (almost) all its tok
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -34,6 +37,7 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512, rms_norm_eps=1e-5)
 PAPER_BATCH_SECONDS = 20.0  # the paper: ~20 s per batch of 16 prompts x 64 tokens
+LIB_AT_SCALE, LOOP_AT_SCALE = "lib hooks + KV cache", "paper's loop (lib hooks)"
 PAPER_MATRIX_SECONDS = 9 * 11 * 60  # the paper: ~11 min per (model, layer) x 9 cells = ~1.7 h
 
 
@@ -85,7 +89,7 @@ def random_model(shapes: dict, device: torch.device, dtype: torch.dtype):
 
 
 def bench_paper_batch(lm, args, device, results: dict) -> None:
-    from lib.ablation import ablated, orthogonalized
+    from lib.ablation import orthogonalized
     from lib.models import encode
 
     prompts = random_prompts(args.batch_prompts, lm.model.config.vocab_size, seed=1)
@@ -93,11 +97,7 @@ def bench_paper_batch(lm, args, device, results: dict) -> None:
     direction = random_directions(1, lm.info.d_model, 0)[0]
     n = args.new_tokens
 
-    def hooks(fn):
-        def run():
-            with ablated(lm, direction):
-                return fn()
-        return run
+    hooks = functools.partial(under_hooks, lm, direction)
 
     def ortho(fn):
         def run():
@@ -108,8 +108,9 @@ def bench_paper_batch(lm, args, device, results: dict) -> None:
     methods = {"plain generate, no ablation (the limit)": lambda: hf_greedy(lm, batch, n),
                "lib hooks + KV cache": hooks(lambda: hf_greedy(lm, batch, n)),
                "lib orthogonalised weights + KV cache (incl. the weight edit)": ortho(lambda: hf_greedy(lm, batch, n))}
-    warmups = {"plain": lambda: hf_greedy(lm, batch, 4), "hooks": hooks(lambda: hf_greedy(lm, batch, 4)),
-               "ortho": ortho(lambda: hf_greedy(lm, batch, 4))}
+    # Full-length warm-ups: on a GPU every new shape (each cache length) is a first call for the kernel libraries.
+    warmups = {"plain": lambda: hf_greedy(lm, batch, n), "hooks": hooks(lambda: hf_greedy(lm, batch, n)),
+               "ortho": ortho(lambda: hf_greedy(lm, batch, n))}
     log(f"paper batch: {len(prompts)} prompts x {n} tokens (prompt width {batch['input_ids'].shape[1]})")
     times, outputs = common.interleaved(methods, args.repeats, warmups, device, log)
     plain_name, hooks_name = "plain generate, no ablation (the limit)", "lib hooks + KV cache"
@@ -117,7 +118,7 @@ def bench_paper_batch(lm, args, device, results: dict) -> None:
     loop = "paper's loop: full prefix every token, no KV cache (lib hooks)"
     loop_times, loop_out = common.interleaved(  # each run of the loop paired with a run of lib hooks
         {"hooks (paired)": methods[hooks_name], loop: hooks(lambda: recompute_greedy(lm, batch, n))},
-        args.loop_repeats, None, device, log)
+        args.loop_repeats, {"loop": hooks(lambda: recompute_greedy(lm, batch, n))}, device, log)
     times[loop] = loop_times[loop]
     outputs[loop] = loop_out[loop]
     hooks_vs_loop = paired(loop_times, "hooks (paired)", loop)
@@ -133,6 +134,59 @@ def bench_paper_batch(lm, args, device, results: dict) -> None:
                      else agreement(outputs[name].cpu(), reference.cpu())})
     results["paper_batch"] = {"prompts": len(prompts), "new_tokens": n, "rows": rows, "times": times,
                               "hooks_vs_loop": hooks_vs_loop}
+    if "profile" in args.sections.split(","):
+        results["profile"] = profile_hooks(lm, batch, min(n, 16), direction, device)
+
+
+def profile_hooks(lm, batch, n: int, direction, device, top: int = 15) -> str:
+    """torch.profiler over plain generation and generation under lib hooks (``n`` new tokens each): the operators
+    that take the most host time, so the cost of the hooks shows by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tables = []
+    for name, run in [("plain generate", lambda: hf_greedy(lm, batch, n)),
+                      ("lib hooks", under_hooks(lm, direction, lambda: hf_greedy(lm, batch, n)))]:
+        run()
+        with profile(activities=activities) as prof:
+            run()
+            common.sync(device)
+        tables.append(f"### {name}, {n} new tokens\n\n```\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top) + "\n```")
+    return "\n\n".join(tables)
+
+
+def under_hooks(lm, direction, fn):
+    """``fn`` as a callable that runs with ``direction`` ablated by lib hooks."""
+    from lib.ablation import ablated
+
+    def run():
+        with ablated(lm, direction):
+            return fn()
+    return run
+
+
+def bench_loop_at_scale(lm, args, device, results: dict) -> None:
+    """lib hooks + KV cache against the paper's loop at the large batch the transfer workload uses: at the paper's
+    batch of 16 a GPU waits on kernel launches whichever loop runs, so the cost of recomputing the prefix shows only
+    when the GPU has work to do."""
+    from lib.models import encode
+
+    n = args.new_tokens
+    probe = random_prompts(64, lm.model.config.vocab_size, seed=3)
+    longest = max(max(encode(lm, [p]).input_ids.shape[1] for p in probe), 3 + 32 + 4)
+    size = args.batch_size or min(runtime.auto_batch_size(lm, longest, n, device),
+                                  runtime.auto_batch_size(lm, longest, n, device, kv_cache=False))
+    batch = encode(lm, random_prompts(size, lm.model.config.vocab_size, seed=3))
+    direction = random_directions(1, lm.info.d_model, 0)[0]
+
+    hooks = functools.partial(under_hooks, lm, direction)
+    log(f"loop at scale: {size} prompts x {n} tokens (prompt width {batch['input_ids'].shape[1]})")
+    times, outputs = common.interleaved(
+        {LIB_AT_SCALE: hooks(lambda: hf_greedy(lm, batch, n)), LOOP_AT_SCALE: hooks(lambda: recompute_greedy(lm, batch, n))},
+        1, {"hooks": hooks(lambda: hf_greedy(lm, batch, n))}, device, log)
+    results["loop_at_scale"] = {"prompts": size, "new_tokens": n, "times": times,
+                                "hooks_vs_loop": paired(times, LIB_AT_SCALE, LOOP_AT_SCALE)}
 
 
 def bench_transfer(lm, args, device, results: dict) -> None:
@@ -194,6 +248,12 @@ def report(results: dict) -> str:
                   common.markdown_table(p["rows"], ["method", "runs", "s per batch", "new tokens/s", "vs plain",
                                                     "vs the paper's 20 s", "same tokens as lib hooks"]), "",
                   f"lib hooks + KV cache vs the paper's loop, paired runs: {p['hooks_vs_loop']:.1f}x", ""]
+    if "loop_at_scale" in results:
+        q = results["loop_at_scale"]
+        lib_s, loop_s = (common.median(q["times"][name]) for name in (LIB_AT_SCALE, LOOP_AT_SCALE))
+        lines += [f"## lib hooks + KV cache against the paper's loop at {q['prompts']} prompts x {q['new_tokens']} "
+                  "tokens (the transfer batch)", "",
+                  f"- lib hooks + KV cache {lib_s:.2f} s, the paper's loop {loop_s:.2f} s: {q['hooks_vs_loop']:.1f}x", ""]
     if "transfer" in results:
         t = results["transfer"]
         lines += [f"## Transfer workload: {t['conditions']} conditions x {t['prompts']} prompts x {t['new_tokens']} "
@@ -207,6 +267,8 @@ def report(results: dict) -> str:
                   f"{common.fmt_bytes(t['peak_bytes_above_weights'])}; autobatch "
                   f"estimate for the batch {common.fmt_bytes(t['autobatch_estimate_bytes'])} (x{runtime.SAFETY} "
                   f"margin covers the peak: {t['estimate_covers_peak']})", ""]
+    if "profile" in results:
+        lines += ["## Profile: plain generation and generation under lib hooks", "", results["profile"], ""]
     lines.append(f"Command: {results['command']}  (wall time {results['wall_s']:.0f} s)")
     return "\n".join(lines)
 
@@ -224,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-repeats", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=180.0, help="transfer: start no condition after this")
-    parser.add_argument("--sections", default="paper_batch,transfer")
+    parser.add_argument("--sections", default="paper_batch,profile,loop_at_scale,transfer")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("REFUSAL_BOOK_PROGRESS", "0")
@@ -267,6 +329,8 @@ def _main(args, argv, device) -> dict:
     sections = args.sections.split(",")
     if "paper_batch" in sections:
         bench_paper_batch(lm, args, device, results)
+    if "loop_at_scale" in sections:
+        bench_loop_at_scale(lm, args, device, results)
     if "transfer" in sections:
         bench_transfer(lm, args, device, results)
     results["wall_s"] = time.perf_counter() - wall

@@ -53,7 +53,16 @@ def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def ablation_hooks(info: ModelInfo, basis: torch.Tensor, layers=None) -> list:
     """Hooks that project ``basis`` out of every block input, attention output and MLP output."""
-    fn = lambda hidden: project_out(hidden, basis)  # noqa: E731
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        # Convert the basis once per (device, dtype), not in every hook call: a host-to-device copy per call
+        # stalls the GPU queue at each of the 3 x n_layers hooks (measured: hooks 0.70x plain generate on an H200).
+        key = (hidden.device, hidden.dtype)
+        if key not in cast:
+            cast[key] = basis.to(device=hidden.device, dtype=hidden.dtype)
+        return project_out(hidden, cast[key])
+
     hooks = []
     for layer in check_layers(info, layers):
         hooks.append((info.layers[layer], "pre", input_hook(fn)))

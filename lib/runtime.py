@@ -74,12 +74,15 @@ SAFETY = 1.25  # allocator slack and temporaries the estimate does not itemise
 
 
 def available_memory(device: str | torch.device = "cpu") -> int:
-    """Bytes free for new tensors on ``device`` now: CUDA ``mem_get_info``; CPU ``MemAvailable`` from
-    /proc/meminfo (Linux), else free physical pages from ``os.sysconf``."""
+    """Bytes free for new tensors on ``device`` now: CUDA ``mem_get_info`` plus what PyTorch's caching allocator
+    holds but no tensor uses (a large earlier batch leaves it reserved: without it the batch after a big run came out
+    a third of the first's on an H200); CPU ``MemAvailable`` from /proc/meminfo (Linux), else free physical pages
+    from ``os.sysconf``."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
