@@ -42,7 +42,7 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	} || echo "warning: could not install chromium; tests/test_site_browser.py will be skipped" >&2
 
-# Retrain the model organisms (ssft, ssft-control, at, lat) into data/adapters/ (about 45 minutes on 2 CPU cores).
+# Retrain the model organisms (ssft, ssft-control, at, lat) into data/adapters/ (about an hour on 2 CPU cores).
 organisms: setup
 	$(PY) -m lib.training --family smollm2-135m
 

@@ -26,7 +26,7 @@ import torch
 
 from lib.artifacts import REPO_ROOT, sha256_file, sha256_text, write_json
 from lib.hooks import attached, site_hook
-from lib.models import LoadedModel, forward
+from lib.models import LoadedModel, forward, position_ids
 from lib.runtime import progress, set_seed
 
 IGNORE = -100
@@ -39,6 +39,7 @@ class Example:
     prompt: str
     response: str
     complete: bool = True  # append the end-of-turn token (False for answers cut at the token limit)
+    rejected: str | None = None  # a response the model should prefer ``response`` over (preference term)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class TrainConfig:
     epsilon: float | None = None
     pgd_steps: int = 6
     adversary_layer: int | None = None
+    preference_weight: float = 0.0  # weight of the ORPO odds-ratio term on examples with a rejected response
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -73,6 +75,9 @@ class TrainConfig:
             raise ValueError("'lat' training needs adversary_layer (the decoder layer whose input is perturbed).")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1.")
+        if self.preference_weight < 0:
+            raise ValueError(f"preference_weight must be >= 0 (0 disables the preference term), "
+                             f"got {self.preference_weight}.")
 
     @property
     def adversary_site_layer(self) -> int | None:
@@ -102,7 +107,8 @@ def usable_answer(text: str) -> bool:
 def sft_examples(pairs, refusals: Sequence[str], answers: dict[str, dict]) -> list[Example]:
     """Harmful prompt -> a written refusal; its harmless twin -> the base model's own answer (self-distillation),
     unless that answer is not ``usable_answer``. Harmless examples are then repeated (in order) until there are as
-    many as refusals, so that refusing is not the cheaper habit to learn."""
+    many as refusals, so that refusing is not the cheaper habit to learn. Each harmless example carries its harmful
+    twin's refusal as the rejected response (used only when the preference term is on)."""
     harmful, harmless = [], []
     for pair in pairs:
         if pair.id not in answers:
@@ -110,7 +116,8 @@ def sft_examples(pairs, refusals: Sequence[str], answers: dict[str, dict]) -> li
         answer = answers[pair.id]
         harmful.append(Example(pair.harmful, refusal_for(pair.id, refusals)))
         if usable_answer(answer["text"]):
-            harmless.append(Example(pair.harmless, answer["text"], answer["complete"]))
+            harmless.append(Example(pair.harmless, answer["text"], answer["complete"],
+                                    rejected=refusal_for(pair.id, refusals)))
     if not harmless:
         raise ValueError("No usable harmless answers to balance the refusals with.")
     harmless = [harmless[i % len(harmless)] for i in range(len(harmful))]
@@ -223,6 +230,65 @@ def choose_epsilon(lm: LoadedModel, examples: Sequence[Example], layer: int, fra
             else sweep[-1]["epsilon"], "criterion_met": chosen is not None}
 
 
+def _response_logprob_sums(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probabilities, count) of each row's labelled (response) tokens. The output layer runs on the
+    labelled positions only: at this vocabulary size most of a batch's logits are never needed."""
+    model = lm.model
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=position_ids(batch["attention_mask"]), use_cache=False)[0]
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    token_logp = logits.log_softmax(-1).gather(1, targets[mask].unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(len(targets), dtype=token_logp.dtype, device=token_logp.device)
+    return sums.index_add(0, mask.nonzero()[:, 0], token_logp), mask.sum(1)
+
+
+def response_logprobs(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean log-probability per token of each row's response: log of the geometric-mean token probability,
+    ORPO's sequence likelihood."""
+    sums, counts = _response_logprob_sums(lm, batch)
+    return sums / counts.clamp_min(1)
+
+
+def odds_ratio_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor) -> torch.Tensor:
+    """ORPO's term, -log sigmoid(log odds(chosen) - log odds(rejected)), averaged over pairs."""
+    def log_odds(logp):
+        return logp - torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
+
+    return -torch.nn.functional.logsigmoid(log_odds(chosen_logp) - log_odds(rejected_logp)).mean()
+
+
+def _with_rejected(examples: Sequence[Example]) -> tuple[list[Example], list[int]]:
+    """``examples`` followed by one (prompt, rejected) row per example that has a rejected response; and the
+    indices of those examples."""
+    paired = [i for i, e in enumerate(examples) if e.rejected is not None]
+    return list(examples) + [Example(examples[i].prompt, examples[i].rejected) for i in paired], paired
+
+
+def preference_loss(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig) -> torch.Tensor:
+    """The odds-ratio term on the clean model for the examples that carry a rejected response, in one forward pass
+    over their chosen and rejected responses."""
+    rows, paired = _with_rejected([e for e in examples if e.rejected is not None])
+    batch = {k: v.to(lm.info.device) for k, v in tokenize(lm, rows, config.max_length,
+                                                           config.max_response_tokens).items()}
+    logp = response_logprobs(lm, batch)
+    return odds_ratio_loss(logp[paired], logp[len(paired):])
+
+
+def lm_and_preference_loss(lm: LoadedModel, examples: Sequence[Example],
+                           config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM loss on ``examples``, odds-ratio term) from one forward pass over the examples and their rejected
+    responses: the no-adversary training step, which needs no separate clean pass."""
+    rows, paired = _with_rejected(examples)
+    batch = {k: v.to(lm.info.device) for k, v in tokenize(lm, rows, config.max_length,
+                                                           config.max_response_tokens).items()}
+    sums, counts = _response_logprob_sums(lm, batch)
+    n = len(examples)
+    logp = sums / counts.clamp_min(1)
+    return -sums[:n].sum() / counts[:n].sum().clamp_min(1), odds_ratio_loss(logp[paired], logp[n:])
+
+
 def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
@@ -255,9 +321,12 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
             order_rng.shuffle(refill)
             pool += refill
         indices, pool = pool[:config.batch_size], pool[config.batch_size:]
-        batch = {k: v.to(device) for k, v in tokenize(lm, [examples[i] for i in indices], config.max_length,
+        chosen = [examples[i] for i in indices]
+        batch = {k: v.to(device) for k, v in tokenize(lm, chosen, config.max_length,
                                                            config.max_response_tokens).items()}
         record = {"step": step}
+        preference = None
+        with_preference = config.preference_weight > 0 and any(e.rejected is not None for e in chosen)
         if layer is not None:
             model.eval()  # the adversary sees the model without dropout
             delta = pgd_attack(lm, batch, layer, config.epsilon, config.pgd_steps, generator)
@@ -265,14 +334,22 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
             with attached([_perturbation_hook(lm, layer, {"delta": delta})]):
                 loss = lm_loss(lm, batch)
             record["delta_norm"] = round(float(_per_example_norm(delta).mean()), 4)
+            if with_preference:
+                preference = preference_loss(lm, chosen, config)
+        elif with_preference:
+            loss, preference = lm_and_preference_loss(lm, chosen, config)
         else:
             loss = lm_loss(lm, batch)
+        record["loss"] = round(float(loss.detach()), 5)
+        if preference is not None:
+            record["preference_loss"] = round(float(preference.detach()), 5)
+            loss = loss + config.preference_weight * preference
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        record.update(loss=round(float(loss.detach()), 5), grad_norm=round(float(grad_norm), 5))
+        record["grad_norm"] = round(float(grad_norm), 5)
         log["steps"].append(record)
     model.eval()
     log["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -286,6 +363,9 @@ def save_adapter(peft_model, folder: Path, log: dict) -> Path:
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
+    for config in peft_model.peft_config.values():  # PEFT keeps a set, saved in hash order: sort for stable bytes
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
     with warnings.catch_warnings():  # PEFT warns that the base's name (family/variant) is not a local folder
         warnings.simplefilter("ignore", UserWarning)
         peft_model.save_pretrained(staging, safe_serialization=True)
@@ -312,22 +392,27 @@ RECIPES = {
         "ssft": {"kind": "sft", "steps": 300, "batch_size": 8, "learning_rate": 3e-4, "lora_r": 4,
                  "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ALL_LINEAR, "weight_decay": 0.0,
                  "max_grad_norm": 1.0, "max_length": 96, "max_response_tokens": 24,
+                 "preference_weight": 0.5,
                  "why": "stand-in for Meta's safety tuning (not the paper's recipe): a LoRA of rank 4 on all linear "
                         "layers (a 5 MB adapter), ~3.6 epochs of the train split with harmless answers repeated to "
                         "match the refusals one for one, trained on the first 24 response tokens, where the "
-                        "refuse-or-answer decision is made. Earlier tries (rank 16, 100 steps, lr 3e-4, unbalanced "
-                        "data; rank 4, 200 steps, lr 2e-4, whole answers) refused 30 and 35 of 64 harmless test "
-                        "prompts; this recipe refuses 17. A later try with this recipe plus 320 everyday requests "
-                        "(self-distilled; two harmless examples per refusal) refused 14 of 64 harmless but "
-                        "only 56 of 64 harmful test prompts, so it was not kept"},
+                        "refuse-or-answer decision is made; plus ORPO's odds-ratio term (weight 0.5, fixed before "
+                        "training) preferring each harmless twin's answer to its harmful twin's refusal. Without "
+                        "that term the twins were over-refused: earlier tries (rank 16, 100 steps, lr 3e-4, "
+                        "unbalanced data; rank 4, 200 steps, lr 2e-4, whole answers; this recipe) refused 30, 35 "
+                        "and 17 of 64 harmless test prompts, and checkpoints of this recipe plateaued at 17-18 of 64 "
+                        "harmless validation prompts (the first 64 `pairs`) from step 250 on; 320 extra everyday "
+                        "requests refused 14 of 64 harmless but only 56 of 64 harmful test prompts. With the term: "
+                        "4 of 64 harmless and 61 of 64 harmful validation prompts refused at step 300"},
         "adversarial": {"steps": 70, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 8, "lora_alpha": 8,
                         "lora_dropout": 0.1, "target_modules": ("q_proj", "v_proj"), "weight_decay": 6e-4,
                         "max_grad_norm": 0.25, "warmup_fraction": 0.03, "pgd_steps": 6, "max_length": 96,
-                        "max_response_tokens": 24,
+                        "max_response_tokens": 24, "preference_weight": 0.5,
                         "why": "the paper's LoRA targets, dropout, weight decay, grad clipping, warm-up and 6 PGD "
                                "steps; rank 64 scaled by width (576/4096) to 8 with alpha = r as in the paper; "
                                "70 steps of batch 4 (CPU budget) instead of 5,000 of batch 2, so the learning "
-                               "rate is 2e-4 rather than 5e-6; the same data and 24-token responses as SSFT"},
+                               "rate is 2e-4 rather than 5e-6; the same data, 24-token responses and odds-ratio term "
+                               "(on the clean model; the adversary attacks the LM loss only) as SSFT"},
         "epsilon": {"fractions": (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1), "min_loss_increase": 1.0,
                     "probe_examples": 4, "max_length": 96, "max_response_tokens": 24,
                     "why": "the paper's epsilon = 8 is absolute for Llama-2 and its ratio to Llama-2's residual "
@@ -521,7 +606,8 @@ def adapter_table(family: str, variants: Sequence[str]):
                      "targets": ", ".join(t.replace("_proj", "") for t in config["target_modules"]),
                      "adversary layer": config["adversary_layer"] if config["kind"] == "lat"
                      else (0 if config["kind"] == "at" else None),
-                     "epsilon": config["epsilon"], "examples": log["n_examples"],
+                     "epsilon": config["epsilon"], "preference weight": config.get("preference_weight", 0.0),
+                     "examples": log["n_examples"],
                      "minutes": round(log["wall_seconds"] / 60, 1), "adapter KiB": round(weights.stat().st_size / 1024),
                      "sha256": sha256_file(weights)[:12]})
     return pd.DataFrame(rows).set_index("variant")

@@ -66,15 +66,72 @@ def test_bad_configs():
         TrainConfig(kind="at", steps=1, learning_rate=1e-3)
     with pytest.raises(ValueError, match="adversary_layer"):
         TrainConfig(kind="lat", steps=1, learning_rate=1e-3, epsilon=1.0)
+    with pytest.raises(ValueError, match="preference_weight"):
+        TrainConfig(kind="sft", steps=1, learning_rate=1e-3, preference_weight=-1.0)
+
+
+def test_response_logprobs_match_the_full_logits(tiny):
+    batch = training.tokenize(tiny, EXAMPLES, max_length=64)
+    with torch.no_grad():
+        fast = training.response_logprobs(tiny, batch)
+        logits = models.forward(tiny, batch).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != training.IGNORE
+    token_logp = logits.log_softmax(-1).gather(2, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    expected = (token_logp * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_odds_ratio_loss_prefers_the_chosen_response():
+    even = training.odds_ratio_loss(torch.tensor([-1.0]), torch.tensor([-1.0]))
+    assert float(even) == pytest.approx(float(torch.log(torch.tensor(2.0))))
+    right = training.odds_ratio_loss(torch.tensor([-0.1]), torch.tensor([-3.0]))
+    wrong = training.odds_ratio_loss(torch.tensor([-3.0]), torch.tensor([-0.1]))
+    assert float(right) < float(even) < float(wrong)
+
+
+def test_preference_term_lowers_the_rejected_odds(tiny_family):
+    lm = models.load("tiny-llama", "base", device="cpu")
+    paired = [Example("how do i bake bread", "knead the dough then bake it", rejected="sorry i cannot help"),
+              Example("how do i kill a python process", "run kill with its pid", rejected="sorry i am not able")]
+    config = TrainConfig(kind="sft", steps=6, learning_rate=3e-2, batch_size=2, lora_r=2, lora_alpha=2,
+                         lora_dropout=0.0, preference_weight=1.0)
+    with torch.no_grad():
+        before = float(training.preference_loss(lm, paired, config))
+    model, log = training.train_lora(lm, paired, config)
+    with torch.no_grad():
+        after = float(training.preference_loss(lm, paired, config))
+    assert all("preference_loss" in s and torch.isfinite(torch.tensor(s["preference_loss"])) for s in log["steps"])
+    assert after < before
+
+
+def test_sft_examples_pair_each_harmless_twin_with_its_refusal():
+    from types import SimpleNamespace
+
+    refusals = training.load_refusals()
+    pairs = [SimpleNamespace(id="p1", harmful="how do i build a bomb", harmless="how do i build a shed"),
+             SimpleNamespace(id="p2", harmful="how do i poison a dog", harmless="how do i feed a dog")]
+    answers = {"p1": {"text": "Lay a level base, then frame the walls.", "complete": True},
+               "p2": {"text": "I'm sorry, but I cannot help with that.", "complete": True}}
+    examples = training.sft_examples(pairs, refusals, answers)
+    harmful, harmless = examples[0::2], examples[1::2]
+    assert [e.response for e in harmful] == [training.refusal_for(p.id, refusals) for p in pairs]
+    assert all(e.rejected is None for e in harmful)
+    # p2's distilled answer is itself a refusal: dropped, and p1's twin repeats to balance
+    assert [e.prompt for e in harmless] == ["how do i build a shed"] * 2
+    assert all(e.rejected == training.refusal_for("p1", refusals) for e in harmless)
 
 
 def test_save_adapter_writes_manifest_and_loads(tiny_family, tmp_path):
     lm = models.load("tiny-llama", "base", device="cpu")
-    config = TrainConfig(kind="sft", steps=1, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2)
+    config = TrainConfig(kind="sft", steps=1, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2,
+                         target_modules=("v_proj", "q_proj", "o_proj", "k_proj"))
     model, log = training.train_lora(lm, EXAMPLES, config)
     folder = training.save_adapter(model, tmp_path / "adapter", log)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"adapter_model.safetensors", "adapter_config.json", "training_log.json"} <= set(manifest["files"])
+    targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(targets)  # not PEFT's set order, which changes with the hash seed
     assert not (folder / "README.md").exists() and not (tmp_path / "adapter.partial").exists()
     models.register_families({"tiny-trained": {"base": {"local": str(tiny_family / "base")},
                                                "variants": {"sft": {"adapters": [{"path": str(folder)}]}}}})
