@@ -56,7 +56,13 @@ def test_model_is_on_the_device(lm, bench_device):
     assert models.encode(lm, PROMPTS)["input_ids"].device.type == bench_device.type
 
 
-def test_hooks_orthogonalised_and_recompute_loop_agree(lm):
+@pytest.fixture(scope="module")
+def reference(family, bench_device):
+    """The same model in float32 on the same device: what bfloat16 results are measured against."""
+    return models.load(family, "base", device=str(bench_device), dtype="float32")
+
+
+def test_hooks_orthogonalised_and_recompute_loop_agree(lm, reference):
     batch = models.encode(lm, PROMPTS)
     r = direction(lm.info.d_model)
     with ablation.ablated(lm, r):
@@ -66,14 +72,20 @@ def test_hooks_orthogonalised_and_recompute_loop_agree(lm):
         baked = hf_greedy(lm, batch, 8)
     plain = hf_greedy(lm, batch, 8)
     assert torch.equal(hooked, recomputed)
-    if lm.info.dtype == torch.float32:  # in bfloat16 the edited weights round differently from the hooked sums
-        assert torch.equal(hooked, baked)
-    else:
-        assert (hooked == baked).float().mean() > 0.5
     assert not torch.equal(hooked, plain)
+    if lm.info.dtype == torch.float32:
+        assert torch.equal(hooked, baked)
+    else:  # bfloat16 rounds the hooked sums and the edited weights differently, and near-ties then flip greedy
+        # tokens after the first few: the first new token must match float32's (3 of 4 prompts at least)
+        with ablation.ablated(reference, r):
+            exact = hf_greedy(reference, models.encode(reference, PROMPTS), 8)
+        for tokens in (hooked, baked):  # new tokens only: column 0 is the first
+            assert (tokens[:, 0] == exact[:, 0]).sum() >= 3
 
 
-def test_orthogonalised_logits_match_hooks(lm):
+def test_orthogonalised_logits_match_hooks(lm, reference):
+    """Hooks and orthogonalised weights give the same logits in float32; in bfloat16 each stays within twice the
+    model's own bfloat16 rounding error (plain bfloat16 against plain float32) of the float32 ablated logits."""
     batch = models.encode(lm, PROMPTS)
     r = direction(lm.info.d_model, 2)
     with torch.inference_mode():
@@ -81,8 +93,15 @@ def test_orthogonalised_logits_match_hooks(lm):
             hooked = models.forward(lm, batch).logits.float()
         with ablation.orthogonalized(lm, r):
             baked = models.forward(lm, batch).logits.float()
-    tolerance = 1e-3 if lm.info.dtype == torch.float32 else 0.05 * hooked.abs().max().item()
-    assert (hooked - baked).abs().max().item() < tolerance
+        if lm.info.dtype == torch.float32:
+            assert (hooked - baked).abs().max().item() < 1e-3
+            return
+        with ablation.ablated(reference, r):
+            exact = models.forward(reference, batch).logits.float()
+        rounding = (models.forward(lm, batch).logits.float() - models.forward(reference, batch).logits.float())
+    budget = 2 * rounding.abs().max().item()
+    assert (hooked - exact).abs().max().item() < budget
+    assert (baked - exact).abs().max().item() < budget
 
 
 def test_capture_matches_hidden_states(lm):

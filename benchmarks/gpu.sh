@@ -7,7 +7,7 @@
 #      prompts x 64 tokens, bfloat16) on a randomly initialised model with Llama-2-7B's shapes (no weights needed),
 #      with the projected wall time against the paper's ~1.7 h.
 # Under 8 minutes end to end: each step has a timeout, and the workload stops starting conditions after
-# GPU_BUDGET_S seconds (default 180) and projects the rest.
+# GPU_BUDGET_S seconds (default 180) and projects the rest. GPU_BENCH_ARGS: more options for gpu_bench (e.g. --repeats 9).
 #
 # Python: .venv/bin/python if its torch sees CUDA, else python3 if its torch does (a GPU image with torch,
 # transformers, peft, accelerate, safetensors, pyyaml, tqdm, pytest preinstalled); nothing is installed.
@@ -63,7 +63,7 @@ timeout 180 "$PY" -m pytest -q -p no:cacheprovider -p benchmarks.cuda_plugin -m 
 tests_status=${PIPESTATUS[0]}
 
 echo "== 2/2 the transfer workload on a random Llama-2-7B-shaped model"
-timeout 300 "$PY" -m benchmarks.gpu_bench $SMOKE --budget-s "${GPU_BUDGET_S:-180}" --out "$RESULTS" 2>&1 \
+timeout 300 "$PY" -m benchmarks.gpu_bench $SMOKE --budget-s "${GPU_BUDGET_S:-180}" ${GPU_BENCH_ARGS:-} --out "$RESULTS" 2>&1 \
   | tee "$RESULTS/gpu-bench.txt"
 bench_status=${PIPESTATUS[0]}
 

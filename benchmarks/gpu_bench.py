@@ -2,7 +2,7 @@
 shapes (32 layers, d_model 4096, 32 heads, FFN 11008, vocabulary 32000) in bfloat16.
 
 1. generation at the paper's batch (16 prompts x 64 new tokens): plain ``generate`` | lib hooks + KV cache |
-   lib orthogonalised weights | the paper's loop (whole prefix every token, no KV cache), against the paper's
+   lib orthogonalised weights | lib's previous hooks (before/after) | the paper's loop (whole prefix every token, no KV cache), against the paper's
    ~20 s per batch of 16 (TransformerLens, 4-bit, a ~48 GB GPU).
    A torch.profiler table of plain generation and generation under hooks (host time by operator), and hooks
    against the paper's loop once more at the transfer batch, where the GPU has enough work for recomputation to cost.
@@ -38,6 +38,7 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512, rms_norm_eps=1e-5)
 PAPER_BATCH_SECONDS = 20.0  # the paper: ~20 s per batch of 16 prompts x 64 tokens
 LIB_AT_SCALE, LOOP_AT_SCALE = "lib hooks + KV cache", "paper's loop (lib hooks)"
+PREVIOUS_HOOKS = "lib hooks before 2026-11-27 (every block input; 3 kernels a hook) + KV cache"
 PAPER_MATRIX_SECONDS = 9 * 11 * 60  # the paper: ~11 min per (model, layer) x 9 cells = ~1.7 h
 
 
@@ -107,10 +108,12 @@ def bench_paper_batch(lm, args, device, results: dict) -> None:
 
     methods = {"plain generate, no ablation (the limit)": lambda: hf_greedy(lm, batch, n),
                "lib hooks + KV cache": hooks(lambda: hf_greedy(lm, batch, n)),
-               "lib orthogonalised weights + KV cache (incl. the weight edit)": ortho(lambda: hf_greedy(lm, batch, n))}
+               "lib orthogonalised weights + KV cache (incl. the weight edit)": ortho(lambda: hf_greedy(lm, batch, n)),
+               PREVIOUS_HOOKS: under_previous_hooks(lm, direction, lambda: hf_greedy(lm, batch, n))}
     # Full-length warm-ups: on a GPU every new shape (each cache length) is a first call for the kernel libraries.
     warmups = {"plain": lambda: hf_greedy(lm, batch, n), "hooks": hooks(lambda: hf_greedy(lm, batch, n)),
-               "ortho": ortho(lambda: hf_greedy(lm, batch, n))}
+               "ortho": ortho(lambda: hf_greedy(lm, batch, n)),
+               "previous hooks": under_previous_hooks(lm, direction, lambda: hf_greedy(lm, batch, n))}
     log(f"paper batch: {len(prompts)} prompts x {n} tokens (prompt width {batch['input_ids'].shape[1]})")
     times, outputs = common.interleaved(methods, args.repeats, warmups, device, log)
     plain_name, hooks_name = "plain generate, no ablation (the limit)", "lib hooks + KV cache"
@@ -162,6 +165,33 @@ def under_hooks(lm, direction, fn):
 
     def run():
         with ablated(lm, direction):
+            return fn()
+    return run
+
+
+def under_previous_hooks(lm, direction, fn):
+    """``fn`` under lib's hooks as they were before 2026-11-27, kept here for a side-by-side before/after: a hook on
+    every block input, attention output and MLP output (96 for 32 layers), each ``x - (x B^T) B`` in three kernels
+    (``lib.ablation.project_out``). Now: block inputs only where a run of ablated layers starts, two kernels."""
+    from lib.ablation import check_directions, project_out
+    from lib.hooks import attached, input_hook, output_hook
+
+    basis = check_directions(direction, lm.info.d_model)
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def project(hidden):
+        key = (hidden.device, hidden.dtype)
+        if key not in cast:
+            cast[key] = basis.to(device=hidden.device, dtype=hidden.dtype)
+        return project_out(hidden, cast[key])
+
+    hooks = [hook for layer in range(lm.info.n_layers) for hook in (
+        (lm.info.layers[layer], "pre", input_hook(project)),
+        (lm.info.submodule(layer, "attn"), "post", output_hook(project)),
+        (lm.info.submodule(layer, "mlp"), "post", output_hook(project)))]
+
+    def run():
+        with attached(hooks):
             return fn()
     return run
 
@@ -283,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=None, help="default: lib.runtime.auto_batch_size")
     parser.add_argument("--batch-prompts", type=int, default=16, help="the paper's batch")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loop-repeats", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=180.0, help="transfer: start no condition after this")
     parser.add_argument("--sections", default="paper_batch,profile,loop_at_scale,transfer")

@@ -49,6 +49,37 @@ def test_ablated_residuals_have_no_component_along_direction(tiny, prompts):
     assert not tiny.info.layers[0]._forward_pre_hooks  # hooks removed on exit
 
 
+def test_hooks_skip_block_inputs_that_are_already_orthogonal(tiny, prompts):
+    """Llama blocks add their attention and MLP outputs unchanged: only the first block of each run of ablated
+    layers needs an input hook; the residuals are still orthogonal at every site of the ablated layers."""
+    basis = ablation.check_directions(random_direction(64), 64)
+    all_layers = ablation.ablation_hooks(tiny.info, basis)
+    assert [kind for _, kind, _ in all_layers].count("pre") == 1 and len(all_layers) == 1 + 2 * 4
+    runs = ablation.ablation_hooks(tiny.info, basis, layers=[0, 1, 3])
+    assert [module for module, kind, _ in runs if kind == "pre"] == [tiny.info.layers[0], tiny.info.layers[3]]
+    unit = basis[0]
+    with ablation.ablated(tiny, basis, layers=[1, 2]):
+        acts = capture.collect(tiny, prompts, sites=("resid_pre", "resid_mid", "resid_post"))
+    for site in ("resid_pre", "resid_mid", "resid_post"):
+        along = (acts[site] @ unit).abs()  # [n, layers]
+        assert along[:, 1:3].max() < 1e-4, site
+        assert along[:, 0].max() > 1e-2, site  # layer 0 is not ablated
+
+
+def test_blocks_with_post_norms_keep_every_input_hook(tiny_family):
+    """A block with a norm after its MLP output (Gemma 2, OLMo 2) changes the projected outputs before adding them:
+    there every block input is projected."""
+    from lib import models
+
+    lm = models.load("tiny-llama", "base", device="cpu")
+    assert ablation.adds_outputs_unchanged(lm.info, 0)
+    for block in lm.info.layers:
+        block.post_feedforward_layernorm = torch.nn.Identity()
+    assert not ablation.adds_outputs_unchanged(lm.info, 0)
+    hooks = ablation.ablation_hooks(lm.info, ablation.check_directions(random_direction(64), 64))
+    assert [kind for _, kind, _ in hooks].count("pre") == 4
+
+
 def test_generation_with_hooks_equals_orthogonalised(tiny, prompts):
     direction = random_direction(64, 3)
     with ablation.ablated(tiny, direction):

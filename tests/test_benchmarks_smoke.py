@@ -10,7 +10,7 @@ from lib.artifacts import REPO_ROOT
 if importlib.util.find_spec("benchmarks") is None:  # pytest run from outside the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import gpu_bench, run  # noqa: E402
+from benchmarks import gpu_bench, hook_variants, run  # noqa: E402
 
 
 def rows_by_method(rows):
@@ -38,3 +38,11 @@ def test_gpu_script_smoke_path(tmp_path):
     assert {row["same tokens as lib hooks"] for name, row in batch.items() if "plain" not in name} == {1.0}
     transfer = results["transfer"]
     assert transfer["conditions_run"] == transfer["conditions"] and transfer["projected_total_s"] > 0
+
+
+def test_hook_variants_compute_the_same_projection():
+    """Every hook body that benchmarks/hook_variants.py times ablates the same way (float32: same greedy tokens)."""
+    rows = hook_variants.main(["--smoke", "--repeats", "1", "--new-tokens", "4", "--no-compile"])
+    bodies = {name: row for name, row in rows.items() if "plain" not in name and "noop" not in name}
+    assert len(bodies) == 4 and {row["same tokens as lib"] for row in bodies.values()} == {1.0}
+    assert rows["noop hooks (dispatch only)"]["same tokens as lib"] < 1.0  # the bodies do ablate
