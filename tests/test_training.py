@@ -82,6 +82,16 @@ def test_response_logprobs_match_the_full_logits(tiny):
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_response_loss_equals_lm_loss_and_drives_the_same_attack(tiny):
+    batch = training.tokenize(tiny, EXAMPLES, max_length=64)
+    with torch.no_grad():
+        torch.testing.assert_close(training.response_loss(tiny, batch), training.lm_loss(tiny, batch),
+                                   rtol=1e-5, atol=1e-6)
+    deltas = [training.pgd_attack(tiny, batch, 1, 2.0, 4, torch.Generator().manual_seed(0), loss_fn=fn)
+              for fn in (training.lm_loss, training.response_loss)]
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-3, atol=1e-4)
+
+
 def test_odds_ratio_loss_prefers_the_chosen_response():
     even = training.odds_ratio_loss(torch.tensor([-1.0]), torch.tensor([-1.0]))
     assert float(even) == pytest.approx(float(torch.log(torch.tensor(2.0))))
