@@ -6,6 +6,8 @@
 #   2. benchmarks/gpu_bench.py: the paper's batch (16 x 64 tokens) and the transfer workload (12 conditions x 520
 #      prompts x 64 tokens, bfloat16) on a randomly initialised model with Llama-2-7B's shapes (no weights needed),
 #      with the projected wall time against the paper's ~1.7 h.
+#   3. benchmarks/hook_variants.py: the ablation hook's body alone (lib's against the alternatives), 65 hooks, the
+#      paper's batch, GPU_HOOK_REPEATS (7) interleaved rounds.
 # Under 8 minutes end to end: each step has a timeout, and the workload stops starting conditions after
 # GPU_BUDGET_S seconds (default 180) and projects the rest. GPU_BENCH_ARGS: more options for gpu_bench (e.g. --repeats 9).
 #
@@ -56,16 +58,22 @@ fi
   | tee "$RESULTS/gpu-env.txt"
 
 start=$(date +%s)
-echo "== 1/2 lib's tests on ${BENCH_DEVICE:-cuda} (tiny random Llama)"
+echo "== 1/3 lib's tests on ${BENCH_DEVICE:-cuda} (tiny random Llama)"
 timeout 180 "$PY" -m pytest -q -p no:cacheprovider -p benchmarks.cuda_plugin -m "not slow" \
   tests/test_ablation.py tests/test_capture.py tests/test_generation_judges.py tests/test_autobatch.py \
   benchmarks/cuda_checks.py 2>&1 | tee "$RESULTS/gpu-tests.txt"
 tests_status=${PIPESTATUS[0]}
 
-echo "== 2/2 the transfer workload on a random Llama-2-7B-shaped model"
+echo "== 2/3 the transfer workload on a random Llama-2-7B-shaped model"
 timeout 300 "$PY" -m benchmarks.gpu_bench $SMOKE --budget-s "${GPU_BUDGET_S:-180}" ${GPU_BENCH_ARGS:-} --out "$RESULTS" 2>&1 \
   | tee "$RESULTS/gpu-bench.txt"
 bench_status=${PIPESTATUS[0]}
 
-echo "gpu.sh: tests exit $tests_status, benchmark exit $bench_status, $(( $(date +%s) - start )) s; results in $RESULTS"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "== 3/3 the hook body alone, side by side (benchmarks/hook_variants.py; no torch.compile)"
+timeout 150 "$PY" -m benchmarks.hook_variants $SMOKE --no-compile --repeats "${GPU_HOOK_REPEATS:-7}" 2>&1 \
+  | tee "$RESULTS/gpu-hook-variants.txt"
+variants_status=${PIPESTATUS[0]}
+
+echo "gpu.sh: tests exit $tests_status, benchmark exit $bench_status, hook bodies exit $variants_status," \
+  "$(( $(date +%s) - start )) s; results in $RESULTS"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$variants_status" -eq 0 ]
