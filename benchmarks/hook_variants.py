@@ -13,6 +13,7 @@ import torch
 from benchmarks import common
 from benchmarks.gpu_bench import LLAMA2_7B, SMOKE, random_model, random_prompts
 from benchmarks.run import hf_greedy, paired, random_directions
+from lib.ablation import ablated
 from lib.hooks import attached, input_hook, output_hook
 
 
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         methods[name] = run
+
+    def shipped():
+        with ablated(lm, basis):  # the whole of lib's path, to compare with its body above in the same process
+            return hf_greedy(lm, batch, n)
+    shipped()
+    methods["lib.ablation.ablated (as shipped)"] = shipped
     times, outputs = common.interleaved(methods, args.repeats, {"plain": methods["plain generate"]}, device)
     reference = outputs["mul, sum, addcmul (lib, k = 1)"]
     rows = {name: {"median s": common.median(seconds), "vs plain": paired(times, name, "plain generate"),

@@ -41,8 +41,9 @@ def test_gpu_script_smoke_path(tmp_path):
 
 
 def test_hook_variants_compute_the_same_projection():
-    """Every hook body that benchmarks/hook_variants.py times ablates the same way (float32: same greedy tokens)."""
+    """Every hook body that benchmarks/hook_variants.py times, and lib's own path, ablate the same way (float32: same
+    greedy tokens)."""
     rows = hook_variants.main(["--smoke", "--repeats", "1", "--new-tokens", "4", "--no-compile"])
     bodies = {name: row for name, row in rows.items() if "plain" not in name and "noop" not in name}
-    assert len(bodies) == 4 and {row["same tokens as lib"] for row in bodies.values()} == {1.0}
+    assert len(bodies) == 5 and {row["same tokens as lib"] for row in bodies.values()} == {1.0}
     assert rows["noop hooks (dispatch only)"]["same tokens as lib"] < 1.0  # the bodies do ablate
