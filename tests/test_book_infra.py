@@ -177,7 +177,7 @@ def test_nbval_sanitize_rules_parse_and_apply():
     from nbval.plugin import get_sanitize_patterns
 
     patterns = get_sanitize_patterns((REPO_ROOT / "tests" / "nbval_sanitize.cfg").read_text(encoding="utf-8"))
-    assert len(patterns) == 3
+    assert len(patterns) == 5
 
     def sanitize(text: str) -> str:
         for regex, replace in patterns:
@@ -188,6 +188,15 @@ def test_nbval_sanitize_rules_parse_and_apply():
     assert sanitize("/work/main/artifacts/a.json") == sanitize("/tmp/ci/clone/artifacts/a.json")
     assert sanitize("took 12.3 s") == sanitize("took 9.8 s")
     assert sanitize("100s of prompts, layer 14, 0.4885") == "100s of prompts, layer 14, 0.4885"
+    # Charts: ids and numbers differ between CPU generations; fields, categories and integers are still compared.
+    chart = '<div id="vl-{}"></div> {{"data":{{"name":"data-{}"}},"low":{},"variant":"ssft","width":176}}'
+    assert sanitize(chart.format("f4143ba1f25e244b", "84a81aba1aab0b6297766abccd420045", "0.2514")) == sanitize(
+        chart.format("cd46130ed2b665e7", "0f3d2c2e8a9b4c6d7e8f9a0b1c2d3e4f", "-1.2e-05"))
+    assert sanitize(chart.format("f4143ba1f25e244b", "84a81aba1aab0b6297766abccd420045", "0.2514")) != sanitize(
+        chart.format("f4143ba1f25e244b", "84a81aba1aab0b6297766abccd420045", "0.2514").replace("ssft", "lat"))
+    assert sanitize('{"width":176}') != sanitize('{"width":177}')
+    # Outside chart specs numbers are compared digit for digit: printed lines, tables, Python reprs.
+    assert sanitize("<td>0.2514</td> {'low': 0.2514}") == "<td>0.2514</td> {'low': 0.2514}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
