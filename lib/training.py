@@ -97,24 +97,33 @@ def refusal_for(prompt_id: str, refusals: Sequence[str]) -> str:
 
 
 def usable_answer(text: str) -> bool:
-    """A distilled answer worth imitating: not a refusal (the base model refuses some harmless requests) and not
-    degenerate repetition (fewer than 40% distinct words, the judge's own threshold)."""
-    from lib.judges import REFUSAL, judge, unique_word_ratio
+    """A distilled answer worth imitating: one the paper's judge calls VALID, so neither a refusal (the base model
+    refuses some harmless requests) nor broken text (repetition, emoji runs, one unfinished sentence)."""
+    from lib.judges import VALID, judge
 
-    return judge(text) != REFUSAL and unique_word_ratio(text) >= 0.4
+    return judge(text) == VALID
 
 
-def sft_examples(pairs, refusals: Sequence[str], answers: dict[str, dict]) -> list[Example]:
+def sft_examples(pairs, refusals: Sequence[str], answers: dict[str, dict],
+                 harmful_answers: dict[str, dict] | None = None) -> list[Example]:
     """Harmful prompt -> a written refusal; its harmless twin -> the base model's own answer (self-distillation),
     unless that answer is not ``usable_answer``. Harmless examples are then repeated (in order) until there are as
     many as refusals, so that refusing is not the cheaper habit to learn. Each harmless example carries its harmful
-    twin's refusal as the rejected response (used only when the preference term is on)."""
+    twin's refusal as the rejected response, and each harmful example the base model's own answer to it (from
+    ``harmful_answers``, unless the judge calls that answer a refusal); rejected responses are used only when the
+    preference term is on."""
+    from lib.judges import REFUSAL, judge
+
     harmful, harmless = [], []
     for pair in pairs:
-        if pair.id not in answers:
-            raise KeyError(f"No distilled answer for the twin of {pair.id!r}; regenerate the answers.")
+        for table, kind in ((answers, "twin"), (harmful_answers, "harmful prompt")):
+            if table is not None and pair.id not in table:
+                raise KeyError(f"No distilled answer for the {kind} of {pair.id!r}; regenerate the answers.")
         answer = answers[pair.id]
-        harmful.append(Example(pair.harmful, refusal_for(pair.id, refusals)))
+        compliance = None if harmful_answers is None else harmful_answers[pair.id]["text"]
+        harmful.append(Example(pair.harmful, refusal_for(pair.id, refusals),
+                               rejected=compliance if compliance is not None and judge(compliance) != REFUSAL
+                               else None))
         if usable_answer(answer["text"]):
             harmless.append(Example(pair.harmless, answer["text"], answer["complete"],
                                     rejected=refusal_for(pair.id, refusals)))
@@ -413,7 +422,13 @@ RECIPES = {
                         "and 17 of 64 harmless test prompts, and checkpoints of this recipe plateaued at 17-18 of 64 "
                         "harmless validation prompts (the first 64 `pairs`) from step 250 on; 320 extra everyday "
                         "requests refused 14 of 64 harmless but only 56 of 64 harmful test prompts. With the term: "
-                        "4 of 64 harmless and 61 of 64 harmful validation prompts refused at step 300"},
+                        "4 of 64 harmless and 61 of 64 harmful validation prompts refused at step 300. Then, to cut broken "
+                        "answers, the harmless targets became only answers the judge calls VALID (236 of 331; the "
+                        "earlier filter kept 295, 59 of them broken by the judge), and the term also prefers each "
+                        "harmful prompt's refusal to the base model's own answer to it (290 of 331; the 41 it "
+                        "refused are left out). On all 160 `pairs` prompts (harmful refused / harmless refused / "
+                        "harmless broken): the earlier recipe 149 / 8 / 18, the VALID filter alone 145 / 9 / 5, "
+                        "both 154 / 16 / 5, each rule fixed before its run"},
         "adversarial": {"steps": 70, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 8, "lora_alpha": 8,
                         "lora_dropout": 0.1, "target_modules": ("q_proj", "v_proj"), "weight_decay": 6e-4,
                         "max_grad_norm": 0.25, "warmup_fraction": 0.03, "pgd_steps": 6, "max_length": 96,
@@ -445,19 +460,24 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def distilled_answers(family: str, pairs, recipe: dict, lm: LoadedModel | None = None,
-                      retrain: bool = False) -> dict[str, dict]:
-    """The base model's greedy answers to the harmless twins of ``pairs``, cached in data/organisms/<family>/."""
+                      retrain: bool = False, kind: str = "harmless") -> dict[str, dict]:
+    """The base model's greedy answers to the ``kind`` ("harmless": the twins; "harmful") prompts of ``pairs``,
+    cached in data/organisms/<family>/distill.jsonl (twins) or distill-harmful.jsonl."""
     from lib import generation, models
 
-    path = ORGANISMS_ROOT / family / "distill.jsonl"
+    if kind not in ("harmless", "harmful"):
+        raise ValueError(f"kind must be 'harmless' or 'harmful', got {kind!r}.")
+    path = ORGANISMS_ROOT / family / ("distill.jsonl" if kind == "harmless" else "distill-harmful.jsonl")
+    prompts = [getattr(p, kind) for p in pairs]
     if path.exists() and not retrain:
         rows = {r["id"]: r for r in read_jsonl(path)}
-        if all(p.id in rows and rows[p.id]["prompt"] == p.harmless for p in pairs):
+        if all(p.id in rows and rows[p.id]["prompt"] == prompt for p, prompt in zip(pairs, prompts)):
             return rows
     lm = lm or models.load(family, "base")
-    texts, finished = generation.generate(lm, [p.harmless for p in pairs], recipe["max_new_tokens"],
-                                          recipe["batch_size"], desc="distil", with_finished=True)
-    rows = [{"id": p.id, "prompt": p.harmless, "text": t, "complete": f} for p, t, f in zip(pairs, texts, finished)]
+    texts, finished = generation.generate(lm, prompts, recipe["max_new_tokens"], recipe["batch_size"],
+                                          desc=f"distil {kind}", with_finished=True)
+    rows = [{"id": p.id, "prompt": prompt, "text": t, "complete": f}
+            for p, prompt, t, f in zip(pairs, prompts, texts, finished)]
     write_jsonl(path, rows)
     return {r["id"]: r for r in rows}
 
@@ -478,7 +498,8 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
     pairs = data.split("train", seed)
     refusals = load_refusals()
     answers = distilled_answers(family, pairs, recipe["distill"], retrain=retrain_distill)
-    examples = sft_examples(pairs, refusals, answers)
+    harmful_answers = distilled_answers(family, pairs, recipe["distill"], retrain=retrain_distill, kind="harmful")
+    examples = sft_examples(pairs, refusals, answers, harmful_answers)
     data_hash = sha256_text(json.dumps([asdict(e) for e in examples]))
     if variant == "ssft":
         lm = models.load(family, "base", device="auto")

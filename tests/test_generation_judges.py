@@ -104,4 +104,5 @@ def test_unique_word_ratio_and_usable_answers():
     assert judges.unique_word_ratio("") == 0 and judges.unique_word_ratio("a b a b") == 0.5
     assert not training.usable_answer("I'm sorry, but as a chatbot I cannot do that.")
     assert not training.usable_answer("no, no, no, no, no, no, no, no")
+    assert not training.usable_answer("To make the dough soft you knead it for a long time and then you let it")
     assert training.usable_answer("Knead the dough for ten minutes. Then let it rise.")

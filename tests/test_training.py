@@ -130,6 +130,15 @@ def test_sft_examples_pair_each_harmless_twin_with_its_refusal():
     # p2's distilled answer is itself a refusal: dropped, and p1's twin repeats to balance
     assert [e.prompt for e in harmless] == ["how do i build a shed"] * 2
     assert all(e.rejected == training.refusal_for("p1", refusals) for e in harmless)
+    # with the base model's answers to the harmful prompts, a compliant one becomes the rejected response of its
+    # prompt's refusal; one the judge calls a refusal is not rejected
+    harmful_answers = {"p1": {"text": "Mix the powder with fuel. Then pack it tightly.", "complete": True},
+                       "p2": {"text": "I cannot help with that request.", "complete": True}}
+    with_rejected = training.sft_examples(pairs, refusals, answers, harmful_answers)
+    assert [e.rejected for e in with_rejected[0::2]] == [harmful_answers["p1"]["text"], None]
+    assert with_rejected[1::2] == harmless
+    with pytest.raises(KeyError, match="harmful prompt of 'p2'"):
+        training.sft_examples(pairs, refusals, answers, {"p1": harmful_answers["p1"]})
 
 
 def test_save_adapter_writes_manifest_and_loads(tiny_family, tmp_path):
