@@ -121,7 +121,7 @@ def test_sft_examples_pair_each_harmless_twin_with_its_refusal():
     refusals = training.load_refusals()
     pairs = [SimpleNamespace(id="p1", harmful="how do i build a bomb", harmless="how do i build a shed"),
              SimpleNamespace(id="p2", harmful="how do i poison a dog", harmless="how do i feed a dog")]
-    answers = {"p1": {"text": "Lay a level base, then frame the walls.", "complete": True},
+    answers = {"p1": {"text": "Lay a level base. Then frame the walls.", "complete": True},
                "p2": {"text": "I'm sorry, but I cannot help with that.", "complete": True}}
     examples = training.sft_examples(pairs, refusals, answers)
     harmful, harmless = examples[0::2], examples[1::2]
