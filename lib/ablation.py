@@ -4,6 +4,12 @@ Ablating orthonormal directions R ([k, d]) maps every residual vector a to a - (
 the block input, the attention output and the MLP output, it removes R from resid_pre, resid_mid and resid_post at
 all positions. ``orthogonalized`` bakes the same projection into the weights that write to the residual stream
 (embeddings, attention and MLP output projections), so it costs nothing per token and gives the same logits.
+
+Two modes. ``"zero"`` (the paper's): the coordinates along R become 0. ``"mean"``: they become their mean m over
+harmless reference prompts at that site, a - (a R^T - m) R (``lib.capture.site_statistics``). Zero ablation of a
+direction with a component on a coordinate that is large and nearly constant at every position (SmolLM2's massive
+activation on dim 507) does more than remove the direction: it shifts every position by -m R, a steering push.
+Mean ablation removes the variation along R and keeps that offset, so it measures the direction alone.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lib.hooks import attached, check_layers, input_hook, output_hook
+from lib.hooks import WRITE_SITES, attached, check_layers, input_hook, write_site_hook
 from lib.models import LoadedModel, ModelInfo
+
+MODES = ("zero", "mean")
 
 # The paper's self-attack (each model ablated with its own layer-14 direction; 520 prompts): refusal/valid/broken %.
 PAPER_SELF_ATTACK = {"ssft": (20.38, 76.92, 2.69), "at": (38.08, 59.62, 2.31), "lat": (16.92, 80.96, 2.12)}
@@ -51,6 +59,37 @@ def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return x - (x @ basis.T) @ basis
 
 
+def check_mode_name(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"Unknown ablation mode {mode!r}; choose 'zero' (the paper's) or 'mean'.")
+    return mode
+
+
+def check_mode(mode: str, means: torch.Tensor | None, info: ModelInfo) -> torch.Tensor | None:
+    """Validate an ablation ``mode`` and, for ``"mean"``, the ``[n_layers, 3, d]`` site means it needs."""
+    check_mode_name(mode)
+    if mode == "zero":
+        if means is not None:
+            raise ValueError("Site means are only used by mode='mean'; drop them or set mode='mean'.")
+        return None
+    expected = (info.n_layers, len(WRITE_SITES), info.d_model)
+    if means is None:
+        raise ValueError("mode='mean' needs the target model's site means: pass "
+                         "means=lib.capture.site_statistics(lm, harmless_prompts)['mean'].")
+    means = torch.as_tensor(means).detach().float().cpu()
+    if tuple(means.shape) != expected:
+        raise ValueError(f"Site means must have shape {list(expected)} (layers, {WRITE_SITES}, d_model) for "
+                         f"{info.family}/{info.variant}; got {list(means.shape)}. Were they taken from another model?")
+    if not torch.isfinite(means).all():
+        raise ValueError("The site means contain NaN or infinite values; recompute them.")
+    return means
+
+
+def mean_targets(basis: torch.Tensor, means: torch.Tensor | None) -> torch.Tensor | None:
+    """The coordinates along ``basis`` ([k, d]) that mean ablation keeps at each site: ``[n_layers, 3, k]``."""
+    return None if means is None else means.double() @ basis.double().T
+
+
 def adds_outputs_unchanged(info: ModelInfo, layer: int) -> bool:
     """True when block ``layer`` adds its attention and MLP outputs to the residual stream as they are (pre-norm
     blocks: Llama, Mistral, Qwen, SmolLM, GPT-2), so that projecting those two outputs keeps the next block's input
@@ -60,57 +99,70 @@ def adds_outputs_unchanged(info: ModelInfo, layer: int) -> bool:
     return not any(name.startswith("post_") and name != mid for name, _ in info.layers[layer].named_children())
 
 
-def ablation_hooks(info: ModelInfo, basis: torch.Tensor, layers=None) -> list:
-    """Hooks that project ``basis`` out of every block input, attention output and MLP output of ``layers``.
+def ablation_hooks(info: ModelInfo, basis: torch.Tensor, layers=None, targets: torch.Tensor | None = None) -> list:
+    """Hooks that project ``basis`` out of every block input, attention output and MLP output of ``layers``; with
+    ``targets`` (``[n_layers, 3, k]``, see ``mean_targets``) the coordinates along ``basis`` are set to those
+    values instead of zero (mean ablation).
 
-    A block input that is the previous ablated block's output is already orthogonal to ``basis`` when that block
-    ``adds_outputs_unchanged`` (its input, attention and MLP outputs are all projected), so its hook is left out: 65
+    A block input that is the previous ablated block's output is already ablated when that block
+    ``adds_outputs_unchanged`` (its input, attention and MLP outputs are all projected; under mean ablation its
+    coordinates are the sum of the three targets, which is the next input's target), so its hook is left out: 65
     hooks instead of 96 for a 32-layer Llama. On a GPU at small batches every hook is host time (launches), and
     this is what limits hooked generation, so each hook runs as few operators as it can (``_projection_fn``;
     BENCHMARKS.md, H200, 16 prompts x 64 tokens: 0.93x plain generate, against 0.73x for the 96 hooks of before)."""
-    fn = _projection_fn(basis)
+    shared = _projection_fn(basis) if targets is None else None
     chosen = check_layers(info, layers)
     hooks = []
     for layer in chosen:
-        if not (layer - 1 in chosen and adds_outputs_unchanged(info, layer - 1)):
-            hooks.append((info.layers[layer], "pre", input_hook(fn)))
-        hooks.append((info.submodule(layer, "attn"), "post", output_hook(fn)))
-        hooks.append((info.submodule(layer, "mlp"), "post", output_hook(fn)))
+        for slot, site in enumerate(WRITE_SITES):
+            if site == "resid_pre" and layer - 1 in chosen and adds_outputs_unchanged(info, layer - 1):
+                continue
+            fn = shared or _projection_fn(basis, targets[layer, slot])
+            hooks.append(write_site_hook(info, site, layer, fn))
     return hooks
 
 
-def _projection_fn(basis: torch.Tensor):
-    """``x -> x - (x B^T) B`` with the fewest operators per call (each is host time on a GPU at small batches).
+def _projection_fn(basis: torch.Tensor, target: torch.Tensor | None = None):
+    """``x -> x - (x B^T - t) B`` (``t`` = 0 when ``target`` is None) with the fewest operators per call (each is
+    host time on a GPU at small batches).
 
     The basis is cast once per (device, dtype), not in every call: a host-to-device copy per call stalls the GPU
     queue at each hook (measured: hooks 0.70x plain generate on an H200). One direction is projected with three
     element-wise kernels, since a cuBLAS call costs ~30 us of host time, 3x these; k > 1 directions with ``mm`` +
-    ``addmm``. Nothing else runs per call (no indexing: a ``b[0]`` view is an operator too)."""
-    cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    ``addmm``; a target costs one subtraction more. Nothing else runs per call (no indexing: a ``b[0]`` view is an
+    operator too)."""
+    cast: dict[tuple, tuple] = {}
 
-    def operands(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def operands(hidden: torch.Tensor) -> tuple:
         b = basis.to(device=hidden.device, dtype=hidden.dtype)
-        pair = cast[(hidden.device, hidden.dtype)] = (b[0].contiguous(), b) if len(b) == 1 else (b.T.contiguous(), b)
-        return pair
+        t = None if target is None else target.to(device=hidden.device, dtype=hidden.dtype)
+        triple = cast[(hidden.device, hidden.dtype)] = (b[0].contiguous(), b, t) if len(b) == 1 else (
+            b.T.contiguous(), b, t)
+        return triple
 
     if len(basis) == 1:
         def project_one(hidden: torch.Tensor) -> torch.Tensor:
-            vector = (cast.get((hidden.device, hidden.dtype)) or operands(hidden))[0]
-            return torch.addcmul(hidden, (hidden * vector).sum(-1, keepdim=True), vector, value=-1)
+            vector, _, t = cast.get((hidden.device, hidden.dtype)) or operands(hidden)
+            along = (hidden * vector).sum(-1, keepdim=True)
+            return torch.addcmul(hidden, along if t is None else along - t, vector, value=-1)
         return project_one
 
     def project_many(hidden: torch.Tensor) -> torch.Tensor:
-        b_t, b = cast.get((hidden.device, hidden.dtype)) or operands(hidden)
+        b_t, b, t = cast.get((hidden.device, hidden.dtype)) or operands(hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        return torch.addmm(flat, flat @ b_t, b, alpha=-1).view(hidden.shape)
+        coordinates = flat @ b_t
+        return torch.addmm(flat, coordinates if t is None else coordinates - t, b, alpha=-1).view(hidden.shape)
     return project_many
 
 
 @contextlib.contextmanager
-def ablated(lm: LoadedModel, directions: torch.Tensor, layers=None) -> Iterator[torch.Tensor]:
-    """Within the block, every forward pass (generation included) runs with ``directions`` ablated everywhere."""
+def ablated(lm: LoadedModel, directions: torch.Tensor, layers=None, mode: str = "zero",
+            means: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Within the block, every forward pass (generation included) runs with ``directions`` ablated everywhere
+    (``mode="mean"``: to the ``[n_layers, 3, d]`` site ``means`` of ``lib.capture.site_statistics``)."""
     basis = check_directions(directions, lm.info.d_model)
-    with attached(ablation_hooks(lm.info, basis, layers)):
+    targets = mean_targets(basis, check_mode(mode, means, lm.info))
+    with attached(ablation_hooks(lm.info, basis, layers, targets)):
         yield basis
 
 
@@ -124,37 +176,58 @@ def _output_projection(module: nn.Module, role: str) -> nn.Linear:
 
 
 @contextlib.contextmanager
-def orthogonalized(lm: LoadedModel, directions: torch.Tensor) -> Iterator[torch.Tensor]:
+def orthogonalized(lm: LoadedModel, directions: torch.Tensor, mode: str = "zero",
+                   means: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Project ``directions`` out of every weight that writes to the residual stream; restore them on exit.
 
-    Tied input/output embeddings are untied for the duration, so the unembedding stays as it was (as with hooks).
+    Mean ablation (``mode="mean"``) adds back each site's target coordinates as a bias along the directions: on
+    the embedding rows (the first block's input) and on every attention and MLP output projection (a bias is added
+    where the layer has none). Tied input/output embeddings are untied for the duration, so the unembedding stays
+    as it was (as with hooks).
     """
     model, info = lm.model, lm.info
     basis = check_directions(directions, info.d_model)
+    targets = mean_targets(basis, check_mode(mode, means, info))
     embedding = model.get_input_embeddings()
     output_embedding = model.get_output_embeddings()
     tied = output_embedding is not None and output_embedding.weight is embedding.weight
-    writers = [_output_projection(info.submodule(layer, role), role)
+    writers = [(_output_projection(info.submodule(layer, role), role), layer, WRITE_SITES.index(f"{role}_out"))
                for layer in range(info.n_layers) for role in ("attn", "mlp")]
     saved = [(embedding.weight, embedding.weight.data.clone())]
-    saved += [(w.weight, w.weight.data.clone()) for w in writers]
-    saved += [(w.bias, w.bias.data.clone()) for w in writers if w.bias is not None]
+    saved += [(w.weight, w.weight.data.clone()) for w, _, _ in writers]
+    saved += [(w.bias, w.bias.data.clone()) for w, _, _ in writers if w.bias is not None]
+    biasless = [w for w, _, _ in writers if w.bias is None] if targets is not None else []
     try:
         if tied:
             output_embedding.weight = nn.Parameter(embedding.weight.data.clone(), requires_grad=False)
         with torch.no_grad():
             embedding.weight.data = project_out(embedding.weight.data, basis)  # rows are residual vectors
-            for writer in writers:
+            if targets is not None:
+                embedding.weight.data += _offset(basis, targets[0, 0], embedding.weight)
+            for writer, layer, slot in writers:
                 b = basis.to(writer.weight.device, writer.weight.dtype)
                 writer.weight.data -= b.T @ (b @ writer.weight.data)  # W <- (I - B^T B) W, W is [d, in]
                 if writer.bias is not None:
                     writer.bias.data = project_out(writer.bias.data, basis)
+                if targets is not None:
+                    offset = _offset(basis, targets[layer, slot], writer.weight)
+                    if writer.bias is None:
+                        writer.bias = nn.Parameter(offset, requires_grad=False)
+                    else:
+                        writer.bias.data += offset
         yield basis
     finally:
+        for writer in biasless:
+            writer.bias = None
         for parameter, original in saved:
             parameter.data = original
         if tied:
             output_embedding.weight = embedding.weight
+
+
+def _offset(basis: torch.Tensor, target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The residual vector ``t B`` whose coordinates along ``basis`` are ``target``, as ``like``'s device and dtype."""
+    return (target.double() @ basis.double()).to(device=like.device, dtype=like.dtype)
 
 
 @contextlib.contextmanager
@@ -186,55 +259,80 @@ def orthogonalizable(lm: LoadedModel) -> bool:
 @dataclass(frozen=True)
 class Intervention:
     """One experimental condition for generation or scoring: ``"ablate"`` (project ``directions`` out everywhere,
-    by weight orthogonalisation) or ``"add"`` (activation addition of ``directions`` at ``layer``). ``key()``
-    identifies it for caching by the exact tensor values."""
+    by weight orthogonalisation where the weights allow it, else by hooks; ``mode`` "zero" or "mean", the latter
+    with the target model's site ``means``) or ``"add"`` (activation addition of ``directions`` at ``layer``).
+    ``key()`` identifies it for caching by the exact tensor values."""
 
     kind: str
     directions: torch.Tensor
     layer: int | None = None
     coefficient: float = 1.0
     label: str = ""
+    mode: str = "zero"
+    means: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.kind not in ("ablate", "add"):
             raise ValueError(f"Unknown intervention kind {self.kind!r}; use 'ablate' or 'add'.")
         if self.kind == "add" and self.layer is None:
             raise ValueError("Activation addition needs the layer whose input receives the direction.")
+        if (check_mode_name(self.mode) == "mean") != (self.means is not None) or (self.kind == "add" and self.mode != "zero"):
+            raise ValueError("Site means go with kind='ablate', mode='mean' (and only there): see ablation_means.")
 
     def key(self) -> str:
         values = self.directions.detach().float().cpu().contiguous().numpy().tobytes()
-        digest = hashlib.sha256(values + repr((self.kind, tuple(self.directions.shape), self.layer,
-                                               self.coefficient)).encode()).hexdigest()[:16]
-        return f"{self.kind}-{digest}"
+        settings = (self.kind, tuple(self.directions.shape), self.layer, self.coefficient)
+        if self.mode == "mean":
+            values += self.means.detach().float().cpu().contiguous().numpy().tobytes()
+            settings += ("mean",)
+        digest = hashlib.sha256(values + repr(settings).encode()).hexdigest()[:16]
+        return f"{self.kind}-{digest}" if self.mode == "zero" else f"{self.kind}-mean-{digest}"
 
     def applied(self, lm: LoadedModel):
         if self.kind == "ablate":
-            return orthogonalized(lm, self.directions) if orthogonalizable(lm) else ablated(lm, self.directions)
+            if orthogonalizable(lm):
+                return orthogonalized(lm, self.directions, self.mode, self.means)
+            return ablated(lm, self.directions, None, self.mode, self.means)
         return added(lm, self.directions, self.layer, self.coefficient)
+
+
+def ablation_means(lm: LoadedModel, mode: str = "zero", reference: Sequence[str] | None = None,
+                   batch_size: int = 16) -> torch.Tensor | None:
+    """What an ablation in ``mode`` needs from the model it runs in: None for "zero"; for "mean", the site means of
+    its residual stream over the harmless ``reference`` prompts (``lib.capture.site_statistics``, cached)."""
+    from lib.capture import site_statistics
+
+    if check_mode_name(mode) == "zero":
+        return None
+    if not reference:
+        raise ValueError("mode='mean' needs harmless reference prompts whose mean activations the ablation keeps "
+                         "(e.g. lib.data.reference_prompts(dataset)).")
+    return site_statistics(lm, list(reference), batch_size, desc=f"{lm.info.variant} site means")["mean"]
 
 
 def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
                 layers: Sequence[int] | None = None, batch_size: int = 16, desc: str = "sweep",
-                baseline: bool = True):
+                baseline: bool = True, mode: str = "zero", reference: Sequence[str] | None = None):
     """Arditi et al.'s generation-free layer sweep: for each candidate layer's direction (``candidates`` is
     [n_layers, d]), ablate it everywhere and measure the mean refusal score on ``harmful`` prompts and the mean
     KL divergence of the first-token distribution on ``harmless`` prompts from the unablated model's.
 
     Returns a DataFrame (layer, refusal score, KL), with a first row for the unablated model (layer -1) when
-    ``baseline``."""
+    ``baseline``. ``mode``/``reference``: the ablation mode and, for "mean", its harmless reference prompts."""
     import pandas as pd
 
     from lib.judges import kl_divergence, next_token_log_probs, refusal_score_from
     from lib.runtime import progress
 
     layers = check_layers(lm.info, layers)
+    means = ablation_means(lm, mode, reference, batch_size)
     clean_harmless = next_token_log_probs(lm, harmless, batch_size)
     rows = []
     if baseline:
         rows.append({"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
             lm, harmful, batch_size)).mean()), "KL": 0.0})
     for layer in progress(layers, desc=desc):
-        with orthogonalized(lm, candidates[layer]):
+        with orthogonalized(lm, candidates[layer], mode, means):
             score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
             kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
         rows.append({"layer": layer, "refusal score": float(score), "KL": float(kl)})
@@ -254,7 +352,8 @@ def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_d
 
 def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
                      fallback: int, stride: int = 1, max_kl: float = 0.1, max_depth: float = 0.8,
-                     batch_size: int = 16, desc: str = "sweep"):
+                     batch_size: int = 16, desc: str = "sweep", mode: str = "zero",
+                     reference: Sequence[str] | None = None):
     """``layer_sweep`` of every ``stride``-th layer from layer 1, then of the unvisited layers within ``stride`` of
     the best one, and ``select_layer`` on all of them: a coarse sweep whose choice is still the best of its
     immediate neighbours (with stride 2, at about half the cost of visiting every layer).
@@ -265,12 +364,14 @@ def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequenc
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}.")
     n_layers = lm.info.n_layers
-    sweep = layer_sweep(lm, candidates, harmful, harmless, range(1, n_layers, stride), batch_size, desc)
+    sweep = layer_sweep(lm, candidates, harmful, harmless, range(1, n_layers, stride), batch_size, desc,
+                        mode=mode, reference=reference)
     layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
     visited = set(sweep["layer"])
     near = [n for n in range(layer - stride + 1, layer + stride) if 1 <= n < n_layers and n not in visited]
     if stride > 1 and layer in visited and near:
-        extra = layer_sweep(lm, candidates, harmful, harmless, near, batch_size, f"{desc} (refine)", baseline=False)
+        extra = layer_sweep(lm, candidates, harmful, harmless, near, batch_size, f"{desc} (refine)", baseline=False,
+                            mode=mode, reference=reference)
         sweep = pd.concat([sweep, extra], ignore_index=True).sort_values("layer", kind="stable").reset_index(drop=True)
         layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
         reason += f" (a sweep at stride {stride}, then the layers next to the best)"
@@ -279,9 +380,11 @@ def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequenc
 
 def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
                     max_new_tokens: int = 64, batch_size: int = 32, device: str = "auto", dtype: str = "auto",
-                    baseline: bool = True) -> dict[tuple[str, str], dict[str, list[str]]]:
+                    baseline: bool = True, mode: str = "zero", reference: Sequence[str] | None = None
+                    ) -> dict[tuple[str, str], dict[str, list[str]]]:
     """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant (each
-    target loaded once), plus the unablated target as source ``"none"`` when ``baseline``. Every condition is cached
+    target loaded once), plus the unablated target as source ``"none"`` when ``baseline``. ``mode``: "zero" (the
+    paper's) or "mean" (each target's own means over the harmless ``reference`` prompts). Every condition is cached
     (``lib.judges.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
     from lib.judges import evaluate
     from lib.models import load
@@ -291,8 +394,9 @@ def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequ
         lm = load(family, target, device=device, dtype=dtype)
         if baseline:
             results[("none", target)] = evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")
+        means = ablation_means(lm, mode, reference)
         for source, direction in sources.items():
-            intervention = Intervention("ablate", direction, label=f"{source} direction")
+            intervention = Intervention("ablate", direction, label=f"{source} direction", mode=mode, means=means)
             results[(source, target)] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
                                                  desc=f"{source} -> {target}")
         del lm
@@ -301,11 +405,12 @@ def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequ
 
 def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
                  batch_size: int = 16, device: str = "auto", dtype: str = "auto", n_boot: int = 2000,
-                 seed: int = 0):
+                 seed: int = 0, mode: str = "zero", reference: Sequence[str] | None = None):
     """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
     every named source subspace (``[d]`` or ``[k, d]``) ablated in every target, plus the unablated target
     (source ``"none"``), each with a 95% bootstrap interval over prompts. A DataFrame (source, target, score, low,
-    high, n, per_prompt); ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``)."""
+    high, n, per_prompt); ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``).
+    ``mode``/``reference`` as in ``transfer_matrix``."""
     import pandas as pd
 
     from lib.judges import bootstrap_indices, refusal_score
@@ -317,12 +422,13 @@ def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequenc
     rows = []
     for target in targets:
         lm = load(family, target, device=device, dtype=dtype)
+        site_means = ablation_means(lm, mode, reference, batch_size)
         conditions = {"none": None, **sources}
         for source, subspace in progress(list(conditions.items()), desc=f"scores {target}"):
             if subspace is None:
                 scores = refusal_score(lm, prompts, batch_size)
             else:
-                with Intervention("ablate", subspace).applied(lm):
+                with Intervention("ablate", subspace, mode=mode, means=site_means).applied(lm):
                     scores = refusal_score(lm, prompts, batch_size)
             means = scores.double()[index].mean(1)
             low, high = torch.quantile(means, q).tolist()

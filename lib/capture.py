@@ -12,7 +12,7 @@ import torch
 
 import lib
 from lib.artifacts import artifacts_dir, cache_key, cached_tensors
-from lib.hooks import SITES, attached, check_layers, check_sites, site_hook
+from lib.hooks import SITES, WRITE_SITES, attached, check_layers, check_sites, site_hook, write_site_hook
 from lib.models import LoadedModel, encode, forward
 from lib.runtime import auto_batch_size, progress
 
@@ -100,6 +100,67 @@ def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | Non
             except _StopForward:
                 pass
     return {site: (acts[:, :, 0] if single else acts) for site, acts in out.items()}
+
+
+def site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                    desc: str = "site statistics") -> dict[str, torch.Tensor]:
+    """Position statistics of the residual stream at every ``WRITE_SITES`` site (block input, attention output, MLP
+    output) of every layer: ``{"mean", "mean_square", "first"}``, each ``[n_layers, 3, d]`` float32.
+
+    ``mean`` and ``mean_square`` average over every token of every prompt except the first (padding excluded): the
+    first token is the same start token in every prompt, and in many models its residual stream carries massive
+    activations hundreds of times larger than elsewhere (SmolLM2: ~25,000 on one coordinate), which would swamp the
+    mean. ``first`` is the first token's value, averaged over prompts. Cached as an artifact keyed by the model,
+    the prompts, the template, the dtype and lib's code (``lib.ablation``'s mean ablation reads ``mean``)."""
+    if not prompts:
+        raise ValueError("The prompt list is empty; pass at least one prompt.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    from lib.artifacts import sha256_text
+
+    info = lm.info
+    metadata = {"family": info.family, "variant": info.variant, "model_fingerprint": info.fingerprint,
+                "prompts_sha256": sha256_text("\0".join(prompts)), "n_prompts": len(prompts),
+                "template": info.template.template, "add_special_tokens": info.template.add_special_tokens,
+                "dtype": str(info.dtype)}
+    key = cache_key(kind="site_statistics", **metadata)
+    path = artifacts_dir() / "site-statistics" / info.family / info.variant / f"{key}.safetensors"
+    tensors, _ = cached_tensors(path, key, {**metadata, "lib_version": lib.__version__},
+                                lambda: _site_statistics(lm, prompts, batch_size, desc))
+    return tensors
+
+
+def _site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int, desc: str) -> dict[str, torch.Tensor]:
+    shape = (lm.info.n_layers, len(WRITE_SITES), lm.info.d_model)
+    sums = {name: torch.zeros(shape, dtype=torch.float64) for name in ("mean", "mean_square", "first")}
+    state: dict[str, torch.Tensor] = {}
+
+    def accumulate(layer: int, slot: int):
+        def fn(hidden: torch.Tensor):
+            values = hidden.detach().double().cpu()
+            rest, first = state["rest"].unsqueeze(-1), state["first"].unsqueeze(-1)
+            sums["mean"][layer, slot] += (values * rest).sum((0, 1))
+            sums["mean_square"][layer, slot] += (values.square() * rest).sum((0, 1))
+            sums["first"][layer, slot] += (values * first).sum((0, 1))
+            return None
+        return fn
+
+    hooks = [write_site_hook(lm.info, site, layer, accumulate(layer, slot))
+             for layer in range(lm.info.n_layers) for slot, site in enumerate(WRITE_SITES)]
+    order = order_by_length(lm, prompts)
+    n_rest = 0
+    with torch.inference_mode(), attached(hooks):
+        for start in progress(range(0, len(prompts), batch_size), desc=desc):
+            batch = encode(lm, [prompts[i] for i in order[start:start + batch_size]])
+            mask = batch["attention_mask"].cpu().double()
+            seen = mask.cumsum(1) * mask
+            state["first"], state["rest"] = (seen == 1).double(), (seen > 1).double()
+            n_rest += int(state["rest"].sum())
+            forward(lm, batch, logits_to_keep=1)
+    if n_rest == 0:
+        raise ValueError("Every prompt is a single token long: there are no positions after the first to average.")
+    return {"mean": (sums["mean"] / n_rest).float(), "mean_square": (sums["mean_square"] / n_rest).float(),
+            "first": (sums["first"] / len(prompts)).float()}
 
 
 def pair_activations(lm: LoadedModel, pairs: Sequence, dataset: str = "offline",

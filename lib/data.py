@@ -315,3 +315,19 @@ def sweep_prompts(dataset: str = "offline", n: int = 16, seed: int = 42) -> dict
         return {"harmful": [p.text for p in protocol["test"]][-n:],  # harmful-test rows, last n
                 "harmless": protocol["train_harmless"][start:start + n]}
     raise ValueError(f"Unknown dataset {dataset!r}; choose one of {DATASETS}.")
+
+
+def reference_prompts(dataset: str = "offline", n: int = 64, seed: int = 42) -> list[str]:
+    """Harmless training prompts whose mean activations mean ablation keeps (``lib.ablation``; never test prompts).
+    Offline: the first n harmless twins of the ``train`` split. Paper: n Alpaca training rows after the 100
+    direction pairs."""
+    if dataset == "offline":
+        harmless = [p.harmless for p in split("train", seed)]
+    elif dataset == "paper":
+        protocol = load_paper_protocol(seed=seed)
+        harmless = protocol["train_harmless"][len(protocol["pairs"]):]
+    else:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {DATASETS}.")
+    if not 1 <= n <= len(harmless):
+        raise ValueError(f"n={n} is outside 1..{len(harmless)} for the {dataset!r} reference prompts.")
+    return harmless[:n]

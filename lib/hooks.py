@@ -16,6 +16,9 @@ from torch import nn
 from lib.models import ModelInfo
 
 SITES = ("resid_pre", "resid_mid", "resid_post")
+# Where directional ablation acts (and where its mean-ablation targets are measured): the block input and the two
+# outputs a block adds to the residual stream (TransformerLens: hook_resid_pre, hook_attn_out, hook_mlp_out).
+WRITE_SITES = ("resid_pre", "attn_out", "mlp_out")
 
 # A hook function receives the hidden state [batch, seq, d] and returns a replacement (or None to keep it).
 HiddenFn = Callable[[torch.Tensor], torch.Tensor | None]
@@ -81,6 +84,15 @@ def site_hook(info: ModelInfo, site: str, layer: int, fn: HiddenFn) -> tuple[nn.
     if site == "resid_post":
         return block, "post", output_hook(fn)
     raise ValueError(f"Unknown residual site {site!r}; choose from {SITES}.")
+
+
+def write_site_hook(info: ModelInfo, site: str, layer: int, fn: HiddenFn) -> tuple[nn.Module, str, Callable]:
+    """(module, "pre" or "post", hook) that passes ``site`` of ``layer`` (one of ``WRITE_SITES``) through ``fn``."""
+    if site == "resid_pre":
+        return info.layers[layer], "pre", input_hook(fn)
+    if site in ("attn_out", "mlp_out"):
+        return info.submodule(layer, site.removesuffix("_out")), "post", output_hook(fn)
+    raise ValueError(f"Unknown write site {site!r}; choose from {WRITE_SITES}.")
 
 
 @contextlib.contextmanager

@@ -123,3 +123,110 @@ def test_bad_addition(tiny):
     with pytest.raises(ValueError, match="out of range"):
         with ablation.added(tiny, torch.ones(64), layer=7):
             pass
+
+
+# --- Mean ablation: a - (a R^T - m) R, m the harmless mean coordinates at each site ----------------------------------
+
+# Equal token lengths (the tiny tokenizer is word-level), so that every position after the first can be captured.
+REFERENCE = ["how do i bake bread", "tell me a joke please", "write a poem about cat", "explain why sky is blue"]
+
+
+@pytest.fixture
+def site_means(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
+    return capture.site_statistics(tiny, REFERENCE, batch_size=3)["mean"]
+
+
+def test_site_statistics_average_every_position_but_the_first(tiny, site_means, tmp_path):
+    length = len(models.encode(tiny, REFERENCE[:1])["input_ids"][0])
+    acts = capture.collect(tiny, REFERENCE, sites=("resid_pre", "resid_mid", "resid_post"),
+                           positions=list(range(length)))
+    rest = {site: values[:, :, 1:].mean((0, 2)) for site, values in acts.items()}  # [layers, d]
+    expected = torch.stack([rest["resid_pre"], rest["resid_mid"] - rest["resid_pre"],
+                            rest["resid_post"] - rest["resid_mid"]], dim=1)
+    torch.testing.assert_close(site_means, expected, atol=1e-5, rtol=1e-5)
+    first = capture.site_statistics(tiny, REFERENCE, batch_size=3)["first"]
+    torch.testing.assert_close(first[:, 0], acts["resid_pre"][:, :, 0].mean(0), atol=1e-5, rtol=1e-5)
+    assert len(list(tmp_path.glob("site-statistics/tiny-llama/base/*.safetensors"))) == 1  # cached once
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mean_ablation_hooks_match_weights(tiny, prompts, site_means, k):
+    directions = torch.stack([random_direction(64, s) for s in range(k)])
+    with ablation.ablated(tiny, directions, mode="mean", means=site_means):
+        hooked = logits(tiny, prompts)
+    with ablation.orthogonalized(tiny, directions, mode="mean", means=site_means):
+        baked = logits(tiny, prompts)
+        assert all(tiny.info.submodule(0, role).o_proj.bias is not None for role in ("attn",))
+    with ablation.orthogonalized(tiny, directions):
+        zero = logits(tiny, prompts)
+    assert (hooked - baked).abs().max() < 1e-4
+    assert (hooked - zero).abs().max() > 1e-2  # the means matter
+    assert tiny.info.submodule(0, "attn").o_proj.bias is None  # the added biases are gone again
+    assert torch.equal(logits(tiny, prompts), logits(tiny, prompts))
+
+
+def test_mean_ablation_generation_hooks_equal_weights(tiny, prompts, site_means):
+    direction = random_direction(64, 3)
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means):
+        hooked = generation.generate(tiny, prompts, max_new_tokens=8)
+    with ablation.orthogonalized(tiny, direction, mode="mean", means=site_means):
+        baked = generation.generate(tiny, prompts, max_new_tokens=8)
+    assert hooked == baked
+
+
+def test_mean_ablation_keeps_the_harmless_mean_projection(tiny, prompts, site_means):
+    """Every residual site of every layer, at every position, sits at the clean harmless mean along the direction:
+    the variation along it is gone, the offset is kept (zero ablation would move it to 0)."""
+    direction = random_direction(64, 5)
+    unit = direction / direction.norm()
+    length = len(models.encode(tiny, REFERENCE[:1])["input_ids"][0])
+    sites = ("resid_pre", "resid_mid", "resid_post")
+    clean = capture.collect(tiny, REFERENCE, sites=sites, positions=list(range(length)))
+    clean_mean = {site: (values[:, :, 1:] @ unit).mean((0, 2)) for site, values in clean.items()}  # [layers]
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means):
+        ablated = capture.collect(tiny, prompts + REFERENCE, sites=sites, positions=[0, -1])
+    for site in sites:
+        along = ablated[site] @ unit  # [n, layers, 2]
+        torch.testing.assert_close(along, clean_mean[site][None, :, None].expand_as(along), atol=1e-4, rtol=1e-4)
+        assert clean_mean[site].abs().max() > 1e-2, site  # a real offset, not a trivial zero
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means):
+        mean_after = capture.collect(tiny, REFERENCE, sites=sites, positions=list(range(1, length)))
+    for site in sites:
+        torch.testing.assert_close((mean_after[site] @ unit).mean((0, 2)), clean_mean[site], atol=1e-4, rtol=1e-4)
+
+
+def test_mean_ablation_of_partial_layers_matches_per_site_targets(tiny, prompts, site_means):
+    """With a block input hook only where a run of ablated layers starts, the later inputs still land on their
+    own targets (the three targets of the previous block add up to them)."""
+    direction = random_direction(64, 6)
+    unit = direction / direction.norm()
+    with ablation.ablated(tiny, direction, layers=[1, 2], mode="mean", means=site_means):
+        acts = capture.collect(tiny, prompts, sites=("resid_pre",))["resid_pre"]
+    torch.testing.assert_close(acts[:, 1:3] @ unit, (site_means[1:3, 0] @ unit).expand(len(prompts), 2),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_bad_ablation_modes(tiny, site_means):
+    direction = random_direction(64)
+    with pytest.raises(ValueError, match="Unknown ablation mode 'median'"):
+        with ablation.ablated(tiny, direction, mode="median"):
+            pass
+    with pytest.raises(ValueError, match="needs the target model's site means"):
+        with ablation.orthogonalized(tiny, direction, mode="mean"):
+            pass
+    with pytest.raises(ValueError, match=r"shape \[4, 3, 64\]"):
+        with ablation.ablated(tiny, direction, mode="mean", means=site_means[:2]):
+            pass
+    with pytest.raises(ValueError, match="only used by mode='mean'"):
+        with ablation.ablated(tiny, direction, means=site_means):
+            pass
+    with pytest.raises(ValueError, match="reference prompts"):
+        ablation.ablation_means(tiny, "mean", [])
+    with pytest.raises(ValueError, match="Site means go with"):
+        ablation.Intervention("ablate", direction, mode="mean")
+    assert ablation.ablation_means(tiny, "zero") is None
+    zero, mean = (ablation.Intervention("ablate", direction),
+                  ablation.Intervention("ablate", direction, mode="mean", means=site_means))
+    assert zero.key() != mean.key() and "mean" in mean.key()
+    assert mean.key() != ablation.Intervention("ablate", direction, mode="mean", means=site_means + 1).key()

@@ -412,3 +412,36 @@ def test_bootstrap_mean_difference_is_paired():
     assert shifted["difference"] == pytest.approx(0.5) and shifted["low"] == pytest.approx(0.5)  # no spread: paired
     with pytest.raises(ValueError, match="equally long"):
         judges.bootstrap_mean_difference([1.0], a)
+
+
+def test_mean_mode_reaches_sweeps_matrices_and_transfer(artifact_root, tiny_family, prompts):
+    """``mode="mean"`` flows through every ablation entry point, each target using its own site means."""
+    lm = models.load("tiny-llama", "base", device="cpu")
+    reference = prompts[2:]
+    candidates = directions.layer_directions(gaussian(lm.info.n_layers, 64, 28))
+    zero = ablation.layer_sweep(lm, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2)
+    mean = ablation.layer_sweep(lm, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2, mode="mean",
+                                reference=reference)
+    assert mean.loc[0].tolist() == zero.loc[0].tolist()  # the unablated row
+    assert (mean["refusal score"][1:] - zero["refusal score"][1:]).abs().max() > 1e-3
+    means = ablation.ablation_means(lm, "mean", reference, batch_size=2)
+    with ablation.Intervention("ablate", candidates[1], mode="mean", means=means).applied(lm):
+        direct = float(judges.refusal_score(lm, prompts[:2], 2).mean())
+        direct_all = float(judges.refusal_score(lm, prompts, 2).double().mean())
+    assert mean.loc[1, "refusal score"] == pytest.approx(direct, abs=1e-5)
+    sweep, layer, _ = ablation.sweep_and_select(lm, candidates, prompts[:2], prompts[2:], fallback=1, batch_size=2,
+                                                max_kl=float("inf"), mode="mean", reference=reference)
+    assert sweep.set_index("layer").loc[[1, 2], "refusal score"].tolist() == pytest.approx(
+        mean.set_index("layer").loc[[1, 2], "refusal score"].tolist(), abs=1e-6)
+    subspaces = {"one": candidates[1], "plane": gaussian(2, 64, 29)}
+    scores = {m: ablation.score_matrix("tiny-llama", subspaces, ["base", "lora"], prompts, batch_size=2,
+                                       device="cpu", n_boot=20, mode=m, reference=reference) for m in ("zero", "mean")}
+    assert scores["mean"]["score"][0] == scores["zero"]["score"][0]
+    assert scores["mean"].set_index(["source", "target"]).loc[("one", "base"), "score"] == pytest.approx(direct_all, 1e-5)
+    runs = ablation.transfer_matrix("tiny-llama", {"one": candidates[1]}, ["base", "lora"], prompts[:2], 3, 2, "cpu",
+                                    mode="mean", reference=reference)
+    assert set(runs) == {(s, t) for s in ("none", "one") for t in ("base", "lora")}
+    evaluations = sorted(p.name for p in (artifact_root / "evaluations" / "tiny-llama" / "lora").iterdir())
+    assert any(name.startswith("ablate-mean-") for name in evaluations)
+    with pytest.raises(ValueError, match="reference prompts"):
+        ablation.score_matrix("tiny-llama", subspaces, ["base"], prompts, device="cpu", mode="mean")
