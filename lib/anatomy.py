@@ -1,0 +1,193 @@
+"""Anatomy of an ablation: massive activations, where each direction sits on them, and what zero ablation does.
+
+Some models carry *massive activations* (Sun et al. 2024): a few residual coordinates that are orders of magnitude
+larger than the rest, huge at the first token and large and nearly constant at every other position. A projection
+``x . r`` then carries a constant offset ``sum_c mu_c r_c`` from those coordinates, so zero ablation
+``x - (x . r) r`` also adds ``-(mu . r) r`` at every position of every site: a steering push along ``-r`` whose
+size depends on the direction's few coordinates there, not on how well it captures refusal. The functions here
+measure that offset, compare directions beyond their raw cosine, and run the experiments that separate the push
+from the removal (a coordinate swap, the first token left out, mean ablation, a control direction with the same
+push). The statistics come from ``lib.capture.site_statistics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lib.ablation import _projection_fn, check_directions
+from lib.hooks import WRITE_SITES, attached, write_site_hook
+from lib.models import LoadedModel
+
+RESID_PRE = WRITE_SITES.index("resid_pre")
+
+
+def coordinate_std(stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Standard deviation of every coordinate over the positions after the first, ``[n_layers, 3, d]``."""
+    return (stats["mean_square"].double() - stats["mean"].double().square()).clamp_min(0).sqrt().float()
+
+
+def norms_by_layer(stats: dict[str, torch.Tensor]):
+    """Per layer, the residual stream entering it: the first token's norm, the root-mean-square norm at the other
+    positions, and the share of that mean square on the single largest coordinate. A DataFrame."""
+    import pandas as pd
+
+    pre_square = stats["mean_square"][:, RESID_PRE].double()  # [layers, d]
+    rows = []
+    for layer in range(pre_square.shape[0]):
+        total = float(pre_square[layer].sum())
+        top = int(pre_square[layer].argmax())
+        rows.append({"layer": layer, "first token norm": float(stats["first"][layer, RESID_PRE].norm()),
+                     "other tokens RMS norm": total ** 0.5, "largest coordinate": top,
+                     "its share of the mean square": float(pre_square[layer, top]) / total if total else 0.0})
+    return pd.DataFrame(rows)
+
+
+def massive_coordinates(stats: dict[str, torch.Tensor], layer: int, top: int = 5):
+    """The ``top`` coordinates of the stream entering ``layer`` with the largest mean magnitude at the positions
+    after the first: their value at the first token, their mean and standard deviation elsewhere, and that mean in
+    units of the median coordinate's standard deviation. A DataFrame indexed by coordinate."""
+    import pandas as pd
+
+    mean = stats["mean"][layer, RESID_PRE]
+    std = coordinate_std(stats)[layer, RESID_PRE]
+    first = stats["first"][layer, RESID_PRE]
+    median_std = float(std.median())
+    order = torch.argsort(mean.abs(), descending=True, stable=True)[:top].tolist()
+    return pd.DataFrame([{"coordinate": c, "first token": float(first[c]), "mean (other tokens)": float(mean[c]),
+                          "std (other tokens)": float(std[c]), "mean / median std": float(mean[c]) / median_std}
+                         for c in order]).set_index("coordinate")
+
+
+def direction_offsets(directions: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], layer: int,
+                      coordinates: Sequence[int]):
+    """For each named unit direction: its value on each of ``coordinates``, its harmless mean projection ``m``
+    at the input of ``layer`` (what zero ablation removes at every position there) and the part of ``m`` that those
+    coordinates contribute. A DataFrame indexed by direction."""
+    import pandas as pd
+
+    mean = stats["mean"][layer, RESID_PRE].double()
+    rows = []
+    for name, direction in directions.items():
+        r = _unit(direction)
+        row = {f"r[{c}]": float(r[c]) for c in coordinates}
+        row["mean projection m"] = float(mean @ r)
+        row["m from these coordinates"] = float(sum(mean[c] * r[c] for c in coordinates))
+        rows.append({"direction": name, **row})
+    return pd.DataFrame(rows).set_index("direction")
+
+
+def similarities(directions: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], layer: int,
+                 activations: torch.Tensor, reference: str):
+    """How alike each direction is to ``reference``, three ways: the raw cosine; the cosine after scaling each
+    coordinate by its standard deviation (``r * sigma``: how the two projections weigh the stream's variation);
+    and the correlation across ``activations`` (``[n, d]``, e.g. last-token activations of harmful and harmless
+    prompts at ``layer``) of the projections ``x . r``. Plus the gap between their harmless mean projections.
+    A DataFrame indexed by direction."""
+    import pandas as pd
+
+    sigma = coordinate_std(stats)[layer, RESID_PRE].double()
+    mean = stats["mean"][layer, RESID_PRE].double()
+    acts = activations.double()
+    base = _unit(directions[reference])
+    rows = []
+    for name, direction in directions.items():
+        r = _unit(direction)
+        projections = torch.stack([acts @ base, acts @ r])
+        rows.append({"direction": name, "cosine": float(base @ r),
+                     "cosine, std-scaled": float(torch.nn.functional.cosine_similarity(base * sigma, r * sigma, 0)),
+                     "projection correlation": float(torch.corrcoef(projections)[0, 1]),
+                     "mean projection gap": float(mean @ r - mean @ base)})
+    return pd.DataFrame(rows).set_index("direction")
+
+
+def swap_coordinate(direction: torch.Tensor, donor: torch.Tensor, coordinate: int) -> torch.Tensor:
+    """``direction`` (unit) with its value on ``coordinate`` replaced by the unit ``donor``'s, renormalised."""
+    swapped = _unit(direction).clone()
+    swapped[coordinate] = _unit(donor)[coordinate]
+    return (swapped / swapped.norm()).float()
+
+
+def matched_control(direction: torch.Tensor, mean: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A random unit direction orthogonal to ``direction`` with the same mean projection ``mean . r`` (``mean``: the
+    harmless mean of the stream at the attack layer): zero-ablating it gives the stream the same constant push
+    at that site, while removing nothing that ``direction`` carries."""
+    r, mean = _unit(direction), mean.double()
+    target = float(mean @ r)
+    along = mean - (mean @ r) * r
+    e1 = along / along.norm()
+    if abs(target) > along.norm():
+        raise ValueError("No unit direction orthogonal to the source has its mean projection: the mean is too small.")
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(r.shape[0], generator=generator, dtype=torch.float64)
+    w = w - (w @ r) * r - (w @ e1) * e1
+    w = w / w.norm()
+    a = target / float(along.norm())
+    return (a * e1 + (1 - a * a) ** 0.5 * w).float()
+
+
+@contextlib.contextmanager
+def ablated_except_first(lm: LoadedModel, direction: torch.Tensor) -> Iterator[None]:
+    """Zero ablation of ``direction`` at every layer and site, but not at each prompt's first token (the start token
+    that carries the largest massive activations): tells an effect of the first token from one of the offset at
+    every other position. For single forward passes (scores), not generation."""
+    basis = check_directions(direction, lm.info.d_model)
+    project = _projection_fn(basis)
+    state: dict[str, torch.Tensor] = {}
+
+    def remember_first(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        state["first"] = mask.long().argmax(dim=1)  # left padding: the first real token
+        return None
+
+    def keep_first(hidden: torch.Tensor) -> torch.Tensor:
+        projected = project(hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        first = state["first"].to(hidden.device)
+        projected[rows, first] = hidden[rows, first]
+        return projected
+
+    hooks = [(lm.model, "pre", remember_first)]
+    hooks += [write_site_hook(lm.info, site, layer, keep_first) for layer in range(lm.info.n_layers)
+              for site in WRITE_SITES]
+    with attached(hooks):
+        yield
+
+
+def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], harmless: Sequence[str],
+                     batch_size: int = 16, n_boot: int = 2000, seed: int = 0):
+    """Generation-free effect of each named condition (a context-manager factory ``lm -> context``, or None for the
+    model as it is) on ``lm``: the mean refusal score on ``harmful`` with a 95% bootstrap interval over prompts, and
+    the mean first-token KL on ``harmless`` from the unablated model. A DataFrame indexed by condition."""
+    import pandas as pd
+
+    from lib.judges import bootstrap_indices, kl_divergence, next_token_log_probs, refusal_score_from
+    from lib.runtime import progress
+
+    index = bootstrap_indices(len(harmful), n_boot, seed)
+    clean_harmless = next_token_log_probs(lm, harmless, batch_size)
+    rows = []
+    for name, condition in progress(list(conditions.items()), desc=f"conditions {lm.info.variant}"):
+        with condition(lm) if condition is not None else contextlib.nullcontext():
+            scores = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).double()
+            kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
+        low, high = torch.quantile(scores[index].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        rows.append({"condition": name, "refusal score": float(scores.mean()), "low": low, "high": high,
+                     "harmless KL": float(kl), "n": len(harmful)})
+    return pd.DataFrame(rows).set_index("condition")
+
+
+def mean_push(direction: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean projection ``m`` on a direction at every site (``[n_layers, 3]``): what zero ablation removes at
+    every position there, and what mean ablation keeps."""
+    return (stats["mean"].double() @ _unit(direction)).float()
+
+
+def _unit(direction: torch.Tensor) -> torch.Tensor:
+    direction = torch.as_tensor(direction).detach().double().reshape(-1)
+    norm = direction.norm()
+    if not torch.isfinite(direction).all() or norm == 0:
+        raise ValueError("A direction is zero or not finite; pass a non-zero, finite vector.")
+    return direction / norm

@@ -1,0 +1,93 @@
+"""lib.anatomy: massive-coordinate statistics, direction offsets and similarities, the coordinate swap, the
+damage-matched control, ablation that leaves the first token alone, and generation-free condition scores."""
+
+import pytest
+import torch
+
+from lib import ablation, anatomy, capture, judges
+
+
+def synthetic_stats(n_layers=2, d=8, massive=3):
+    """Site statistics with one massive coordinate: 1000 at the first token, 50 +- 2 elsewhere; others 0 +- 1."""
+    mean = torch.zeros(n_layers, 3, d)
+    mean_square = torch.ones(n_layers, 3, d)
+    first = torch.zeros(n_layers, 3, d)
+    mean[:, 0, massive], mean_square[:, 0, massive], first[:, 0, massive] = 50.0, 50.0 ** 2 + 4.0, 1000.0
+    return {"mean": mean, "mean_square": mean_square, "first": first}
+
+
+def test_massive_coordinates_and_norms():
+    stats = synthetic_stats()
+    table = anatomy.massive_coordinates(stats, layer=1, top=2)
+    assert table.index[0] == 3
+    row = table.loc[3]
+    assert (row["first token"], row["mean (other tokens)"]) == (1000.0, 50.0)
+    assert row["std (other tokens)"] == pytest.approx(2.0) and row["mean / median std"] == pytest.approx(50.0)
+    norms = anatomy.norms_by_layer(stats)
+    assert norms["largest coordinate"].tolist() == [3, 3]
+    assert norms.loc[0, "first token norm"] == pytest.approx(1000.0)
+    assert norms.loc[0, "other tokens RMS norm"] == pytest.approx((2504.0 + 7) ** 0.5)
+
+
+def test_direction_offsets_and_similarities_see_the_massive_coordinate():
+    stats = synthetic_stats()
+    a = torch.tensor([1.0, 0, 0, 0.0, 0, 0, 0, 0])
+    b = torch.tensor([1.0, 0, 0, 0.1, 0, 0, 0, 0])  # cosine 0.995 with a, but 0.1 on the massive coordinate
+    offsets = anatomy.direction_offsets({"a": a, "b": b}, stats, 1, [3])
+    assert offsets.loc["a", "mean projection m"] == 0
+    assert offsets.loc["b", "mean projection m"] == pytest.approx(50 * 0.1 / (1.01 ** 0.5))
+    assert offsets.loc["b", "m from these coordinates"] == pytest.approx(offsets.loc["b", "mean projection m"])
+    acts = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    acts[:, 3] = 50 + 2 * acts[:, 3]
+    table = anatomy.similarities({"a": a, "b": b}, stats, 1, acts, reference="a")
+    assert table.loc["a", "cosine"] == pytest.approx(1.0) and table.loc["b", "cosine"] > 0.99
+    assert table.loc["b", "cosine, std-scaled"] < table.loc["b", "cosine"]
+    assert table.loc["b", "mean projection gap"] == pytest.approx(offsets.loc["b", "mean projection m"])
+
+
+def test_swap_and_matched_control():
+    a, b = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    swapped = anatomy.swap_coordinate(a, b, 2)
+    assert swapped.norm() == pytest.approx(1.0) and swapped[2] > 0.5
+    mean = torch.tensor([10.0, -3.0, 50.0, 1.0])
+    r = torch.tensor([0.2, 0.1, 0.05, 0.3])
+    control = anatomy.matched_control(r, mean, seed=1)
+    unit = r / r.norm()
+    assert control.norm() == pytest.approx(1.0, abs=1e-6)
+    assert float(control @ unit) == pytest.approx(0.0, abs=1e-6)
+    assert float(control @ mean) == pytest.approx(float(unit @ mean), abs=1e-4)
+    assert not torch.allclose(control, anatomy.matched_control(r, mean, seed=2))
+    with pytest.raises(ValueError, match="zero or not finite"):
+        anatomy.swap_coordinate(torch.zeros(3), b, 0)
+
+
+def test_ablation_except_first_token(tiny, prompts):
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    unit = direction / direction.norm()
+    clean = capture.collect(tiny, prompts, sites=("resid_post",), positions=[0, -1])["resid_post"]
+    with anatomy.ablated_except_first(tiny, direction):
+        acts = capture.collect(tiny, prompts, sites=("resid_post",), positions=[0, -1])["resid_post"]
+    torch.testing.assert_close(acts[:, :, 0], clean[:, :, 0], atol=1e-5, rtol=1e-5)  # the first token untouched
+    assert (acts[:, :, 1] @ unit).abs().max() < 1e-4  # everything else ablated
+    assert (clean[:, :, 1] @ unit).abs().max() > 1e-2
+
+
+def test_condition_scores(tiny, prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    means = capture.site_statistics(tiny, prompts[2:], batch_size=2)["mean"]
+    conditions = {"none": None, "zero": lambda lm: ablation.ablated(lm, direction),
+                  "mean": lambda lm: ablation.ablated(lm, direction, mode="mean", means=means)}
+    table = anatomy.condition_scores(tiny, conditions, prompts[:2], prompts[2:], batch_size=2, n_boot=50)
+    assert table.loc["none", "harmless KL"] == pytest.approx(0.0, abs=1e-9)
+    assert table.loc["none", "refusal score"] == pytest.approx(float(judges.refusal_score(tiny, prompts[:2]).mean()),
+                                                               abs=1e-5)
+    assert table.loc["zero", "refusal score"] != table.loc["mean", "refusal score"]
+    assert (table["low"] <= table["refusal score"] + 1e-9).all() and (table["n"] == 2).all()
+    push = anatomy.mean_push(direction, {"mean": means})
+    assert push.shape == (tiny.info.n_layers, 3)
+    torch.testing.assert_close(push.double(), means.double() @ unit_of(direction), atol=1e-5, rtol=1e-5)
+
+
+def unit_of(direction):
+    return (direction / direction.norm()).double()
