@@ -299,7 +299,9 @@ class Intervention:
 def ablation_means(lm: LoadedModel, mode: str = "zero", reference: Sequence[str] | None = None,
                    batch_size: int = 16) -> torch.Tensor | None:
     """What an ablation in ``mode`` needs from the model it runs in: None for "zero"; for "mean", the site means of
-    its residual stream over the harmless ``reference`` prompts (``lib.capture.site_statistics``, cached)."""
+    its residual stream at the last token of the harmless ``reference`` prompts (``lib.capture.site_statistics``,
+    cached): the position where refusal directions are measured, so that mean ablation moves a harmful prompt's
+    coordinate there to where a harmless prompt's sits, as the difference in means defines the direction."""
     from lib.capture import site_statistics
 
     if check_mode_name(mode) == "zero":
@@ -307,7 +309,7 @@ def ablation_means(lm: LoadedModel, mode: str = "zero", reference: Sequence[str]
     if not reference:
         raise ValueError("mode='mean' needs harmless reference prompts whose mean activations the ablation keeps "
                          "(e.g. lib.data.reference_prompts(dataset)).")
-    return site_statistics(lm, list(reference), batch_size, desc=f"{lm.info.variant} site means")["mean"]
+    return site_statistics(lm, list(reference), batch_size, "last", desc=f"{lm.info.variant} site means")["mean"]
 
 
 def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
@@ -376,84 +378,3 @@ def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequenc
         layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
         reason += f" (a sweep at stride {stride}, then the layers next to the best)"
     return sweep, layer, reason
-
-
-def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
-                    max_new_tokens: int = 64, batch_size: int = 32, device: str = "auto", dtype: str = "auto",
-                    baseline: bool = True, mode: str = "zero", reference: Sequence[str] | None = None
-                    ) -> dict[tuple[str, str], dict[str, list[str]]]:
-    """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant (each
-    target loaded once), plus the unablated target as source ``"none"`` when ``baseline``. ``mode``: "zero" (the
-    paper's) or "mean" (each target's own means over the harmless ``reference`` prompts). Every condition is cached
-    (``lib.judges.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
-    from lib.judges import evaluate
-    from lib.models import load
-
-    results = {}
-    for target in targets:
-        lm = load(family, target, device=device, dtype=dtype)
-        if baseline:
-            results[("none", target)] = evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")
-        means = ablation_means(lm, mode, reference)
-        for source, direction in sources.items():
-            intervention = Intervention("ablate", direction, label=f"{source} direction", mode=mode, means=means)
-            results[(source, target)] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
-                                                 desc=f"{source} -> {target}")
-        del lm
-    return results
-
-
-def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
-                 batch_size: int = 16, device: str = "auto", dtype: str = "auto", n_boot: int = 2000,
-                 seed: int = 0, mode: str = "zero", reference: Sequence[str] | None = None):
-    """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
-    every named source subspace (``[d]`` or ``[k, d]``) ablated in every target, plus the unablated target
-    (source ``"none"``), each with a 95% bootstrap interval over prompts. A DataFrame (source, target, score, low,
-    high, n, per_prompt); ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``).
-    ``mode``/``reference`` as in ``transfer_matrix``."""
-    import pandas as pd
-
-    from lib.judges import bootstrap_indices, refusal_score
-    from lib.models import load
-    from lib.runtime import progress
-
-    index = bootstrap_indices(len(prompts), n_boot, seed)
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    rows = []
-    for target in targets:
-        lm = load(family, target, device=device, dtype=dtype)
-        site_means = ablation_means(lm, mode, reference, batch_size)
-        conditions = {"none": None, **sources}
-        for source, subspace in progress(list(conditions.items()), desc=f"scores {target}"):
-            if subspace is None:
-                scores = refusal_score(lm, prompts, batch_size)
-            else:
-                with Intervention("ablate", subspace, mode=mode, means=site_means).applied(lm):
-                    scores = refusal_score(lm, prompts, batch_size)
-            means = scores.double()[index].mean(1)
-            low, high = torch.quantile(means, q).tolist()
-            rows.append({"source": source, "target": target, "score": float(scores.double().mean()), "low": low,
-                         "high": high, "n": len(prompts), "per_prompt": tuple(scores.double().tolist())})
-        del lm
-    return pd.DataFrame(rows)
-
-
-def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: int = 2000, seed: int = 0):
-    """How much each extra dimension adds to a subspace attack: for every source, target and consecutive k -> k', the
-    change in mean refusal score when ``"<source>, k=<k>"`` grows to ``"<source>, k=<k'>"`` (negative: the larger
-    subspace removes more refusal), with a 95% paired bootstrap interval over prompts. ``scores`` as made by
-    ``score_matrix``. A DataFrame (source, target, from, to, change, low, high, n)."""
-    import pandas as pd
-
-    from lib.judges import bootstrap_mean_difference
-
-    by = scores.set_index(["source", "target"])["per_prompt"]
-    rows = []
-    for source in sources:
-        for target in dict.fromkeys(scores["target"]):
-            for a, b in zip(ks, ks[1:]):
-                small, large = by[(f"{source}, k={a}", target)], by[(f"{source}, k={b}", target)]
-                gap = bootstrap_mean_difference(large, small, n_boot, seed)
-                rows.append({"source": source, "target": target, "from": f"k={a}", "to": f"k={b}",
-                             "change": gap["difference"], "low": gap["low"], "high": gap["high"], "n": gap["n"]})
-    return pd.DataFrame(rows)

@@ -45,10 +45,12 @@ def norms_by_layer(stats: dict[str, torch.Tensor]):
     return pd.DataFrame(rows)
 
 
-def massive_coordinates(stats: dict[str, torch.Tensor], layer: int, top: int = 5):
-    """The ``top`` coordinates of the stream entering ``layer`` with the largest mean magnitude at the positions
-    after the first: their value at the first token, their mean and standard deviation elsewhere, and that mean in
-    units of the median coordinate's standard deviation. A DataFrame indexed by coordinate."""
+def massive_coordinates(stats: dict[str, torch.Tensor], layer: int, top: int = 5,
+                        last: dict[str, torch.Tensor] | None = None):
+    """The ``top`` coordinates of the stream entering ``layer`` with the largest mean magnitude over the positions
+    in ``stats`` (``site_statistics(..., positions="rest")``): their value at the first token, their mean and
+    standard deviation there, that mean in units of the median coordinate's standard deviation, and (given the
+    ``last``-token statistics) their mean at the last token. A DataFrame indexed by coordinate."""
     import pandas as pd
 
     mean = stats["mean"][layer, RESID_PRE]
@@ -56,16 +58,22 @@ def massive_coordinates(stats: dict[str, torch.Tensor], layer: int, top: int = 5
     first = stats["first"][layer, RESID_PRE]
     median_std = float(std.median())
     order = torch.argsort(mean.abs(), descending=True, stable=True)[:top].tolist()
-    return pd.DataFrame([{"coordinate": c, "first token": float(first[c]), "mean (other tokens)": float(mean[c]),
-                          "std (other tokens)": float(std[c]), "mean / median std": float(mean[c]) / median_std}
-                         for c in order]).set_index("coordinate")
+    rows = []
+    for c in order:
+        row = {"coordinate": c, "first token": float(first[c]), "mean (other tokens)": float(mean[c]),
+               "std (other tokens)": float(std[c]), "mean / median std": float(mean[c]) / median_std}
+        if last is not None:
+            row["mean (last token)"] = float(last["mean"][layer, RESID_PRE, c])
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("coordinate")
 
 
 def direction_offsets(directions: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], layer: int,
                       coordinates: Sequence[int]):
     """For each named unit direction: its value on each of ``coordinates``, its harmless mean projection ``m``
-    at the input of ``layer`` (what zero ablation removes at every position there) and the part of ``m`` that those
-    coordinates contribute. A DataFrame indexed by direction."""
+    at the input of ``layer`` over the positions of ``stats`` (at the last token: what zero ablation removes there,
+    on top of the variation) and the part of ``m`` that those coordinates contribute. A DataFrame indexed by
+    direction."""
     import pandas as pd
 
     mean = stats["mean"][layer, RESID_PRE].double()
@@ -160,7 +168,8 @@ def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], 
                      batch_size: int = 16, n_boot: int = 2000, seed: int = 0):
     """Generation-free effect of each named condition (a context-manager factory ``lm -> context``, or None for the
     model as it is) on ``lm``: the mean refusal score on ``harmful`` with a 95% bootstrap interval over prompts, and
-    the mean first-token KL on ``harmless`` from the unablated model. A DataFrame indexed by condition."""
+    the mean first-token KL on ``harmless`` from the unablated model. A DataFrame indexed by condition; its
+    ``per_prompt`` column holds each prompt's score, for paired comparisons."""
     import pandas as pd
 
     from lib.judges import bootstrap_indices, kl_divergence, next_token_log_probs, refusal_score_from
@@ -175,7 +184,7 @@ def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], 
             kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
         low, high = torch.quantile(scores[index].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         rows.append({"condition": name, "refusal score": float(scores.mean()), "low": low, "high": high,
-                     "harmless KL": float(kl), "n": len(harmful)})
+                     "harmless KL": float(kl), "n": len(harmful), "per_prompt": tuple(scores.tolist())})
     return pd.DataFrame(rows).set_index("condition")
 
 
@@ -191,3 +200,42 @@ def _unit(direction: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(direction).all() or norm == 0:
         raise ValueError("A direction is zero or not finite; pass a non-zero, finite vector.")
     return direction / norm
+
+
+def offset_summary(scores, target: str, sources: Sequence[str]):
+    """From ``condition_scores`` run with the conditions this chapter names (``"<s>: zero"``, ``"<s>: mean"``,
+    ``"<s>: zero, first token spared"``, ``"<s>: matched control"``, ``"<target> with <s>'s coordinate"``): per
+    source, the drop in mean refusal score from the unablated target under each condition, the control's drop as
+    a share of the source's zero-ablation drop, and (for sources other than the target) the share of the gap
+    between the two directions' zero-ablation drops that swapping the one massive coordinate moves."""
+    import pandas as pd
+
+    score = scores["refusal score"]
+    none, own = score["none"], score[f"{target}: zero"]
+    rows = []
+    for s in sources:
+        zero_drop = none - score[f"{s}: zero"]
+        row = {"source": s, "drop, zero": zero_drop, "drop, mean": none - score[f"{s}: mean"],
+               "drop, first token spared": none - score[f"{s}: zero, first token spared"],
+               "drop, matched control": none - score[f"{s}: matched control"],
+               "control / source (zero)": (none - score[f"{s}: matched control"]) / zero_drop}
+        gap = score[f"{s}: zero"] - own
+        swapped = f"{target} with {s}'s coordinate"
+        row["swap moves (share of gap)"] = (score[swapped] - own) / gap if s != target and swapped in score else None
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("source")
+
+
+def describe(summary, target: str, coordinate: int) -> str:
+    """The summary in sentences, one per source other than ``target`` (numbers as computed, one decimal)."""
+    own = summary.loc[target]
+    lines = [f"{target}'s own direction lowers its mean refusal score by {own['drop, zero']:.1f} under zero ablation "
+             f"and by {own['drop, mean']:.1f} under mean ablation."]
+    for source, row in summary.drop(index=target).iterrows():
+        lines.append(
+            f"{source}'s direction: {row['drop, zero']:.1f} under zero ablation, {row['drop, mean']:.1f} under mean "
+            f"ablation, {row['drop, first token spared']:.1f} with the first token spared; swapping only coordinate "
+            f"{coordinate} between it and {target}'s direction moves {row['swap moves (share of gap)']:.0%} of the "
+            f"zero-ablation gap; a random direction with the same mean projection lowers the score by "
+            f"{row['drop, matched control']:.1f} ({row['control / source (zero)']:.0%} of the source's drop).")
+    return "\n".join(lines)

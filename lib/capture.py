@@ -102,18 +102,24 @@ def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | Non
     return {site: (acts[:, :, 0] if single else acts) for site, acts in out.items()}
 
 
-def site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
-                    desc: str = "site statistics") -> dict[str, torch.Tensor]:
-    """Position statistics of the residual stream at every ``WRITE_SITES`` site (block input, attention output, MLP
-    output) of every layer: ``{"mean", "mean_square", "first"}``, each ``[n_layers, 3, d]`` float32.
+POSITION_SETS = ("last", "rest")
 
-    ``mean`` and ``mean_square`` average over every token of every prompt except the first (padding excluded): the
-    first token is the same start token in every prompt, and in many models its residual stream carries massive
-    activations hundreds of times larger than elsewhere (SmolLM2: ~25,000 on one coordinate), which would swamp the
-    mean. ``first`` is the first token's value, averaged over prompts. Cached as an artifact keyed by the model,
-    the prompts, the template, the dtype and lib's code (``lib.ablation``'s mean ablation reads ``mean``)."""
+
+def site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                    positions: str = "last", desc: str = "site statistics") -> dict[str, torch.Tensor]:
+    """Statistics of the residual stream at every ``WRITE_SITES`` site (block input, attention output, MLP output)
+    of every layer: ``{"mean", "mean_square", "first"}``, each ``[n_layers, 3, d]`` float32.
+
+    ``mean`` and ``mean_square`` average over ``positions``: ``"last"``, each prompt's last token (where refusal
+    directions are measured, and what ``lib.ablation``'s mean ablation keeps), or ``"rest"``, every token but the
+    first (padding excluded). The first token is the same start token in every prompt, and in many models it carries
+    massive activations hundreds of times larger than elsewhere (SmolLM2: ~25,000 on one coordinate); ``first`` is
+    its value, averaged over prompts. Cached as an artifact keyed by the model, the prompts, the positions, the
+    template, the dtype and lib's code."""
     if not prompts:
         raise ValueError("The prompt list is empty; pass at least one prompt.")
+    if positions not in POSITION_SETS:
+        raise ValueError(f"Unknown position set {positions!r}; choose from {POSITION_SETS}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     from lib.artifacts import sha256_text
@@ -121,16 +127,17 @@ def site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int = D
     info = lm.info
     metadata = {"family": info.family, "variant": info.variant, "model_fingerprint": info.fingerprint,
                 "prompts_sha256": sha256_text("\0".join(prompts)), "n_prompts": len(prompts),
-                "template": info.template.template, "add_special_tokens": info.template.add_special_tokens,
-                "dtype": str(info.dtype)}
+                "positions": positions, "template": info.template.template,
+                "add_special_tokens": info.template.add_special_tokens, "dtype": str(info.dtype)}
     key = cache_key(kind="site_statistics", **metadata)
     path = artifacts_dir() / "site-statistics" / info.family / info.variant / f"{key}.safetensors"
     tensors, _ = cached_tensors(path, key, {**metadata, "lib_version": lib.__version__},
-                                lambda: _site_statistics(lm, prompts, batch_size, desc))
+                                lambda: _site_statistics(lm, prompts, batch_size, positions, desc))
     return tensors
 
 
-def _site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int, desc: str) -> dict[str, torch.Tensor]:
+def _site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int, positions: str,
+                     desc: str) -> dict[str, torch.Tensor]:
     shape = (lm.info.n_layers, len(WRITE_SITES), lm.info.d_model)
     sums = {name: torch.zeros(shape, dtype=torch.float64) for name in ("mean", "mean_square", "first")}
     state: dict[str, torch.Tensor] = {}
@@ -154,11 +161,14 @@ def _site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int, d
             batch = encode(lm, [prompts[i] for i in order[start:start + batch_size]])
             mask = batch["attention_mask"].cpu().double()
             seen = mask.cumsum(1) * mask
-            state["first"], state["rest"] = (seen == 1).double(), (seen > 1).double()
+            state["first"] = (seen == 1).double()
+            state["rest"] = (seen > 1).double() if positions == "rest" else torch.zeros_like(mask).index_fill_(
+                1, torch.tensor([mask.shape[1] - 1]), 1.0)  # left padding: the last column is every last token
             n_rest += int(state["rest"].sum())
             forward(lm, batch, logits_to_keep=1)
     if n_rest == 0:
-        raise ValueError("Every prompt is a single token long: there are no positions after the first to average.")
+        raise ValueError("Every prompt is a single token long: there are no positions after the first to average; "
+                         "use positions='last'.")
     return {"mean": (sums["mean"] / n_rest).float(), "mean_square": (sums["mean_square"] / n_rest).float(),
             "first": (sums["first"] / len(prompts)).float()}
 

@@ -246,27 +246,42 @@ def verdict(low: float, high: float, positive: str, negative: str, undecided: st
     return positive if low > 0 else negative if high < 0 else undecided
 
 
-def bootstrap_contrast(group_a: Sequence[Sequence[str]], group_b: Sequence[Sequence[str]], label: str = REFUSAL,
+def condition_values(condition: Sequence, label: str = REFUSAL) -> tuple[list[float], float]:
+    """Per-prompt values of one condition and the scale that makes their mean readable: (judged label ==
+    ``label``, 100) for judge labels (means become rates in %), (the numbers, 1) for per-prompt scores."""
+    if all(isinstance(x, str) for x in condition):
+        return [float(x == label) for x in condition], 100.0
+    return [float(x) for x in condition], 1.0
+
+
+def bootstrap_contrast(group_a: Sequence[Sequence], group_b: Sequence[Sequence], label: str = REFUSAL,
                        n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean rate of ``label`` over the conditions in ``group_a`` minus that over ``group_b`` (percentage points),
-    where every condition judged the same prompts in the same order; the 95% interval resamples prompts jointly
-    across all conditions (a paired bootstrap)."""
+    """Mean over the conditions in ``group_a`` minus that over ``group_b`` of the rate of ``label`` (percentage
+    points; conditions given as judge labels) or of a per-prompt score (conditions given as numbers), where every
+    condition measured the same prompts in the same order; the 95% interval resamples prompts jointly across all
+    conditions (a paired bootstrap)."""
     conditions = [*group_a, *group_b]
     if not group_a or not group_b or len({len(c) for c in conditions}) != 1:
         raise ValueError("Both groups need conditions, all judged on the same prompts (equal lengths).")
-    hits = torch.tensor([[x == label for x in c] for c in conditions], dtype=torch.float64)
-    a, b = hits[: len(group_a)], hits[len(group_a):]
-    index = bootstrap_indices(hits.shape[1], n_boot, seed)
-    diffs = 100 * (a[:, index].mean(dim=(0, 2)) - b[:, index].mean(dim=(0, 2)))
+    converted = [condition_values(c, label) for c in conditions]
+    scales = {scale for _, scale in converted}
+    if len(scales) != 1:
+        raise ValueError("Compare judge labels with judge labels and scores with scores, not a mix.")
+    scale = scales.pop()
+    values = torch.tensor([v for v, _ in converted], dtype=torch.float64)
+    a, b = values[: len(group_a)], values[len(group_a):]
+    index = bootstrap_indices(values.shape[1], n_boot, seed)
+    diffs = scale * (a[:, index].mean(dim=(0, 2)) - b[:, index].mean(dim=(0, 2)))
     low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"difference": 100 * float(a.mean() - b.mean()), "low": low, "high": high, "n": hits.shape[1],
+    return {"difference": scale * float(a.mean() - b.mean()), "low": low, "high": high, "n": values.shape[1],
             "conditions_a": len(group_a), "conditions_b": len(group_b)}
 
 
 def transfer_contrasts(labels: dict, focus: str = "lat", others: Sequence[str] = ("ssft", "at"),
                        n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """The paper's claim 3 as three paired-bootstrap contrasts of refusal rates in a transfer matrix
-    (``labels[(source, target)]`` = judged labels on the same harmful prompts):
+    """The paper's claim 3 as three paired-bootstrap contrasts of refusal in a transfer matrix
+    (``labels[(source, target)]`` = judged labels on the same harmful prompts, compared as refusal rates; or
+    per-prompt refusal scores on them, compared as mean scores):
 
     1. ``focus`` is more robust to foreign directions: its refusal under the others' directions minus the others'
        refusal under directions foreign to them (> 0 supports the claim);

@@ -137,17 +137,26 @@ def site_means(tiny, tmp_path, monkeypatch):
     return capture.site_statistics(tiny, REFERENCE, batch_size=3)["mean"]
 
 
-def test_site_statistics_average_every_position_but_the_first(tiny, site_means, tmp_path):
+def test_site_statistics_average_the_last_token_or_every_token_but_the_first(tiny, site_means, tmp_path):
     length = len(models.encode(tiny, REFERENCE[:1])["input_ids"][0])
     acts = capture.collect(tiny, REFERENCE, sites=("resid_pre", "resid_mid", "resid_post"),
                            positions=list(range(length)))
-    rest = {site: values[:, :, 1:].mean((0, 2)) for site, values in acts.items()}  # [layers, d]
-    expected = torch.stack([rest["resid_pre"], rest["resid_mid"] - rest["resid_pre"],
-                            rest["resid_post"] - rest["resid_mid"]], dim=1)
-    torch.testing.assert_close(site_means, expected, atol=1e-5, rtol=1e-5)
-    first = capture.site_statistics(tiny, REFERENCE, batch_size=3)["first"]
-    torch.testing.assert_close(first[:, 0], acts["resid_pre"][:, :, 0].mean(0), atol=1e-5, rtol=1e-5)
-    assert len(list(tmp_path.glob("site-statistics/tiny-llama/base/*.safetensors"))) == 1  # cached once
+
+    def per_site(average):  # [layers, 3, d]: block input, attention output, MLP output
+        pre, mid, post = (average(acts[site]) for site in ("resid_pre", "resid_mid", "resid_post"))
+        return torch.stack([pre, mid - pre, post - mid], dim=1)
+
+    torch.testing.assert_close(site_means, per_site(lambda v: v[:, :, -1].mean(0)), atol=1e-5, rtol=1e-5)
+    rest = capture.site_statistics(tiny, REFERENCE, batch_size=3, positions="rest")
+    torch.testing.assert_close(rest["mean"], per_site(lambda v: v[:, :, 1:].mean((0, 2))), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rest["first"][:, 0], acts["resid_pre"][:, :, 0].mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rest["mean_square"][:, 0], acts["resid_pre"][:, :, 1:].square().mean((0, 2)),
+                               atol=1e-4, rtol=1e-5)
+    assert len(list(tmp_path.glob("site-statistics/tiny-llama/base/*.safetensors"))) == 2  # one per position set
+    capture.site_statistics(tiny, REFERENCE, batch_size=3, positions="rest")
+    assert len(list(tmp_path.glob("site-statistics/tiny-llama/base/*.safetensors"))) == 2  # reused, not recomputed
+    with pytest.raises(ValueError, match="Unknown position set 'first'"):
+        capture.site_statistics(tiny, REFERENCE, positions="first")
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -176,14 +185,14 @@ def test_mean_ablation_generation_hooks_equal_weights(tiny, prompts, site_means)
 
 
 def test_mean_ablation_keeps_the_harmless_mean_projection(tiny, prompts, site_means):
-    """Every residual site of every layer, at every position, sits at the clean harmless mean along the direction:
-    the variation along it is gone, the offset is kept (zero ablation would move it to 0)."""
+    """Every residual site of every layer, at every position, sits at the clean harmless mean along the direction
+    (at the last token, where the means are taken): the variation along it is gone, the offset is kept (zero
+    ablation would move it to 0), and the harmless mean projection is what it was."""
     direction = random_direction(64, 5)
     unit = direction / direction.norm()
-    length = len(models.encode(tiny, REFERENCE[:1])["input_ids"][0])
     sites = ("resid_pre", "resid_mid", "resid_post")
-    clean = capture.collect(tiny, REFERENCE, sites=sites, positions=list(range(length)))
-    clean_mean = {site: (values[:, :, 1:] @ unit).mean((0, 2)) for site, values in clean.items()}  # [layers]
+    clean = capture.collect(tiny, REFERENCE, sites=sites)  # last token
+    clean_mean = {site: (values @ unit).mean(0) for site, values in clean.items()}  # [layers]
     with ablation.ablated(tiny, direction, mode="mean", means=site_means):
         ablated = capture.collect(tiny, prompts + REFERENCE, sites=sites, positions=[0, -1])
     for site in sites:
@@ -191,9 +200,9 @@ def test_mean_ablation_keeps_the_harmless_mean_projection(tiny, prompts, site_me
         torch.testing.assert_close(along, clean_mean[site][None, :, None].expand_as(along), atol=1e-4, rtol=1e-4)
         assert clean_mean[site].abs().max() > 1e-2, site  # a real offset, not a trivial zero
     with ablation.ablated(tiny, direction, mode="mean", means=site_means):
-        mean_after = capture.collect(tiny, REFERENCE, sites=sites, positions=list(range(1, length)))
+        after = capture.collect(tiny, REFERENCE, sites=sites)
     for site in sites:
-        torch.testing.assert_close((mean_after[site] @ unit).mean((0, 2)), clean_mean[site], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close((after[site] @ unit).mean(0), clean_mean[site], atol=1e-4, rtol=1e-4)
 
 
 def test_mean_ablation_of_partial_layers_matches_per_site_targets(tiny, prompts, site_means):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import ablation, artifacts, directions, judges, models, spectra, viz
+from lib import ablation, artifacts, directions, judges, models, spectra, transfer, viz
 
 
 @pytest.fixture
@@ -300,13 +300,13 @@ def test_transfer_matrix_caches_every_condition(artifact_root, tiny_family, prom
 
     monkeypatch.setattr(generation, "generate", counting)
     sources = {"a": gaussian(1, 64, 22)[0], "b": gaussian(1, 64, 23)[0]}
-    first = ablation.transfer_matrix("tiny-llama", sources, ["base", "lora"], prompts[:2], 3, 2, "cpu")
+    first = transfer.transfer_matrix("tiny-llama", sources, ["base", "lora"], prompts[:2], 3, 2, "cpu")
     assert set(first) == {(s, t) for s in ("none", "a", "b") for t in ("base", "lora")}
     assert all(len(r["labels"]) == 2 for r in first.values())
     assert len(calls) == 6
-    again = ablation.transfer_matrix("tiny-llama", sources, ["base", "lora"], prompts[:2], 3, 2, "cpu")
+    again = transfer.transfer_matrix("tiny-llama", sources, ["base", "lora"], prompts[:2], 3, 2, "cpu")
     assert again == first and len(calls) == 6  # every condition came from its cached artifact
-    ablation.transfer_matrix("tiny-llama", sources, ["base"], prompts[:2], 4, 2, "cpu")
+    transfer.transfer_matrix("tiny-llama", sources, ["base"], prompts[:2], 4, 2, "cpu")
     assert len(calls) == 9  # a changed setting recomputes
 
 
@@ -373,7 +373,7 @@ def test_profiles_validate_against_the_chapters(tmp_path):
         assert plan
     llama = dict(runner.plan_runs(runner.load_profile(REPO_ROOT / "params" / "llama2-7b.yaml"), notebooks, REPO_ROOT))
     assert not any(nb.stem == "01_organisms" for nb in llama)  # skipped: it trains the offline family
-    transfer = next(params for nb, params in llama.items() if nb.stem == "05_transfer")
+    transfer = next(params for nb, params in llama.items() if nb.stem == "06_transfer")
     assert transfer["family"] == "llama2-7b" and transfer["dataset"] == "paper" and transfer["layer_rule"] == "paper"
     bad = tmp_path / "bad.yaml"
     bad.write_text("skip: [book/nope]\n", encoding="utf-8")
@@ -386,7 +386,7 @@ def test_profiles_validate_against_the_chapters(tmp_path):
 
 def test_score_matrix_on_the_paper_template(tiny_family, prompts):
     subspaces = {"one": gaussian(1, 64, 25)[0], "plane": gaussian(2, 64, 26)}
-    frame = ablation.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
+    frame = transfer.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
     assert frame["source"].tolist() == ["none", "one", "plane"] and (frame["n"] == len(prompts)).all()
     assert (frame["low"] <= frame["score"] + 1e-9).all() and (frame["score"] <= frame["high"] + 1e-9).all()
     lm = models.load("tiny-llama", "base", device="cpu")
@@ -397,8 +397,8 @@ def test_score_matrix_on_the_paper_template(tiny_family, prompts):
 def test_subspace_gains_pair_the_same_prompts(tiny_family, prompts):
     plane = gaussian(2, 64, 27)
     subspaces = {"s, k=1": plane[:1], "s, k=2": plane}
-    frame = ablation.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
-    gains = ablation.subspace_gains(frame, ["s"], [1, 2], n_boot=200, seed=0)
+    frame = transfer.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
+    gains = transfer.subspace_gains(frame, ["s"], [1, 2], n_boot=200, seed=0)
     row = gains.iloc[0]
     scores = frame.set_index("source")["score"]
     assert (row["from"], row["to"], row["n"]) == ("k=1", "k=2", len(prompts))
@@ -434,14 +434,79 @@ def test_mean_mode_reaches_sweeps_matrices_and_transfer(artifact_root, tiny_fami
     assert sweep.set_index("layer").loc[[1, 2], "refusal score"].tolist() == pytest.approx(
         mean.set_index("layer").loc[[1, 2], "refusal score"].tolist(), abs=1e-6)
     subspaces = {"one": candidates[1], "plane": gaussian(2, 64, 29)}
-    scores = {m: ablation.score_matrix("tiny-llama", subspaces, ["base", "lora"], prompts, batch_size=2,
+    scores = {m: transfer.score_matrix("tiny-llama", subspaces, ["base", "lora"], prompts, batch_size=2,
                                        device="cpu", n_boot=20, mode=m, reference=reference) for m in ("zero", "mean")}
     assert scores["mean"]["score"][0] == scores["zero"]["score"][0]
     assert scores["mean"].set_index(["source", "target"]).loc[("one", "base"), "score"] == pytest.approx(direct_all, 1e-5)
-    runs = ablation.transfer_matrix("tiny-llama", {"one": candidates[1]}, ["base", "lora"], prompts[:2], 3, 2, "cpu",
+    runs = transfer.transfer_matrix("tiny-llama", {"one": candidates[1]}, ["base", "lora"], prompts[:2], 3, 2, "cpu",
                                     mode="mean", reference=reference)
     assert set(runs) == {(s, t) for s in ("none", "one") for t in ("base", "lora")}
     evaluations = sorted(p.name for p in (artifact_root / "evaluations" / "tiny-llama" / "lora").iterdir())
     assert any(name.startswith("ablate-mean-") for name in evaluations)
     with pytest.raises(ValueError, match="reference prompts"):
-        ablation.score_matrix("tiny-llama", subspaces, ["base"], prompts, device="cpu", mode="mean")
+        transfer.score_matrix("tiny-llama", subspaces, ["base"], prompts, device="cpu", mode="mean")
+
+
+@pytest.fixture
+def tiny_three(tiny_family):
+    """The tiny Llama as a family of three variants (the claim-3 contrasts need a focus and two others)."""
+    adapter = {"path": str(tiny_family / "adapter")}
+    models.register_families({"tiny-three": {
+        "base": {"local": str(tiny_family / "base")}, "template": "\n[INST]{prompt}[/INST]\n",
+        "add_special_tokens": True, "refusal_tokens": ["sorry", "i"],
+        "variants": {"ssft": {"adapters": []}, "at": {"adapters": [adapter]}, "lat": {"adapters": [adapter, adapter]}}}})
+    return "tiny-three"
+
+
+def test_mode_matrix_scores_both_modes_and_a_matched_control(artifact_root, tiny_three, prompts):
+    sources = {s: gaussian(1, 64, 40 + i)[0] for i, s in enumerate(("ssft", "at", "lat"))}
+    frame = transfer.mode_matrix(tiny_three, sources, {s: 2 for s in sources}, ["ssft", "at", "lat"], prompts[:2],
+                                 prompts[2:], reference=prompts, batch_size=2, device="cpu", n_boot=50)
+    assert len(frame) == 3 * (1 + 3 * 3) and set(frame["condition"]) == {"none", "zero", "mean", "control"}
+    none = frame[frame["source"] == "none"]
+    assert (none["KL"].abs() < 1e-9).all() and (frame["n"] == 2).all()
+    cells = frame.set_index(["source", "target", "condition"])["score"]
+    assert abs(cells[("at", "ssft", "zero")] - cells[("at", "ssft", "mean")]) > 1e-3
+    assert abs(cells[("at", "ssft", "zero")] - cells[("at", "ssft", "control")]) > 1e-3
+    lm = models.load(tiny_three, "ssft", device="cpu")
+    with ablation.Intervention("ablate", sources["at"]).applied(lm):
+        direct = judges.refusal_score(lm, prompts[:2], 2).double().mean()
+    assert cells[("at", "ssft", "zero")] == pytest.approx(float(direct), abs=1e-5)
+    result = transfer.mode_contrasts(frame, "lat", ("ssft", "at"), n_boot=50)
+    assert set(result["claim3"]["mode"]) == {"zero", "mean"} and len(result["claim3"]) == 6
+    assert len(result["claim1"]) == 6 and len(result["controls"]) == 9
+    table, sentence = transfer.surviving(result["claim3"], result["claim1"])
+    assert len(table) == 4 and sentence
+
+
+def synthetic_mode_frame(lat_self_drop: dict, control_shift: float):
+    """A mode_matrix frame for lat/ssft/at on 40 prompts: unablated scores ~5; every foreign direction lowers the
+    score by 2, ssft's and at's own directions by 4, lat's by ``lat_self_drop[mode]``; each control lies
+    ``control_shift`` above its zero-ablation cell."""
+    noise = torch.linspace(-0.5, 0.5, 40).tolist()
+    rows = []
+    for t in ("lat", "ssft", "at"):
+        rows.append({"source": "none", "target": t, "condition": "none", "per_prompt": tuple(5 + x for x in noise)})
+        for s in ("lat", "ssft", "at"):
+            drops = {mode: (lat_self_drop[mode] if s == "lat" else 4.0) if s == t else 2.0 for mode in ("zero", "mean")}
+            for condition, drop in (*drops.items(), ("control", drops["zero"] - control_shift)):
+                rows.append({"source": s, "target": t, "condition": condition,
+                             "per_prompt": tuple(5 - drop + x for x in noise)})
+    return pd.DataFrame(rows)
+
+
+def test_mode_contrasts_name_the_verdicts_that_flip():
+    steady = transfer.mode_contrasts(synthetic_mode_frame({"zero": 8.0, "mean": 8.0}, 3.0), n_boot=200)
+    table, sentence = transfer.surviving(steady["claim3"], steady["claim1"])
+    assert table["same under both"].all() and sentence == "Every verdict is the same under zero and mean ablation."
+    assert table.loc["LAT vulnerable to its own direction", "zero ablation"] == "supported"
+    assert (steady["claim1"]["verdict"] == "refusal drops").all()
+    assert (steady["controls"]["verdict"] == "direction beats its control").all()
+    flipping = transfer.mode_contrasts(synthetic_mode_frame({"zero": 8.0, "mean": -1.0}, 0.0), n_boot=200)
+    table, sentence = transfer.surviving(flipping["claim3"], flipping["claim1"])
+    vulnerable = table.loc["LAT vulnerable to its own direction"]
+    assert (vulnerable["zero ablation"], vulnerable["mean ablation"]) == ("supported", "contradicted")
+    assert not table.loc["Claim 1: every model's own direction lowers its refusal", "same under both"]
+    assert sentence.startswith(f"{(~table['same under both']).sum()} of 4 verdicts change")
+    assert "LAT vulnerable to its own direction (supported under zero ablation, contradicted" in sentence
+    assert (flipping["controls"]["verdict"] == "no difference: the push alone").all()

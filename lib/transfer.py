@@ -1,0 +1,195 @@
+"""The transfer stage: every source's refusal direction ablated in every target model.
+
+Measured two ways. ``transfer_matrix`` generates and judges (the paper's measure, zero ablation by default).
+``mode_matrix`` scores without generation (the refusal score on harmful prompts, the first-token KL on harmless
+ones) under both ablation modes of ``lib.ablation`` and a damage-matched control per source (``lib.anatomy``), and
+``mode_contrasts`` turns it into the claim-1 and claim-3 verdicts under each mode, with the rule that says which
+verdicts survive both. ``score_matrix`` and ``subspace_gains`` serve the subspace attacks of "Beyond the paper".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lib.ablation import Intervention, ablation_means
+
+def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
+                    max_new_tokens: int = 64, batch_size: int = 32, device: str = "auto", dtype: str = "auto",
+                    baseline: bool = True, mode: str = "zero", reference: Sequence[str] | None = None
+                    ) -> dict[tuple[str, str], dict[str, list[str]]]:
+    """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant (each
+    target loaded once), plus the unablated target as source ``"none"`` when ``baseline``. ``mode``: "zero" (the
+    paper's) or "mean" (each target's own means over the harmless ``reference`` prompts). Every condition is cached
+    (``lib.judges.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
+    from lib.judges import evaluate
+    from lib.models import load
+
+    results = {}
+    for target in targets:
+        lm = load(family, target, device=device, dtype=dtype)
+        if baseline:
+            results[("none", target)] = evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")
+        means = ablation_means(lm, mode, reference)
+        for source, direction in sources.items():
+            intervention = Intervention("ablate", direction, label=f"{source} direction", mode=mode, means=means)
+            results[(source, target)] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
+                                                 desc=f"{source} -> {target}")
+        del lm
+    return results
+
+
+def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
+                 batch_size: int = 16, device: str = "auto", dtype: str = "auto", n_boot: int = 2000,
+                 seed: int = 0, mode: str = "zero", reference: Sequence[str] | None = None):
+    """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
+    every named source subspace (``[d]`` or ``[k, d]``) ablated in every target, plus the unablated target
+    (source ``"none"``), each with a 95% bootstrap interval over prompts. A DataFrame (source, target, score, low,
+    high, n, per_prompt); ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``).
+    ``mode``/``reference`` as in ``transfer_matrix``."""
+    import pandas as pd
+
+    from lib.judges import bootstrap_indices, refusal_score
+    from lib.models import load
+    from lib.runtime import progress
+
+    index = bootstrap_indices(len(prompts), n_boot, seed)
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    rows = []
+    for target in targets:
+        lm = load(family, target, device=device, dtype=dtype)
+        site_means = ablation_means(lm, mode, reference, batch_size)
+        conditions = {"none": None, **sources}
+        for source, subspace in progress(list(conditions.items()), desc=f"scores {target}"):
+            if subspace is None:
+                scores = refusal_score(lm, prompts, batch_size)
+            else:
+                with Intervention("ablate", subspace, mode=mode, means=site_means).applied(lm):
+                    scores = refusal_score(lm, prompts, batch_size)
+            means = scores.double()[index].mean(1)
+            low, high = torch.quantile(means, q).tolist()
+            rows.append({"source": source, "target": target, "score": float(scores.double().mean()), "low": low,
+                         "high": high, "n": len(prompts), "per_prompt": tuple(scores.double().tolist())})
+        del lm
+    return pd.DataFrame(rows)
+
+
+def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: int = 2000, seed: int = 0):
+    """How much each extra dimension adds to a subspace attack: for every source, target and consecutive k -> k', the
+    change in mean refusal score when ``"<source>, k=<k>"`` grows to ``"<source>, k=<k'>"`` (negative: the larger
+    subspace removes more refusal), with a 95% paired bootstrap interval over prompts. ``scores`` as made by
+    ``score_matrix``. A DataFrame (source, target, from, to, change, low, high, n)."""
+    import pandas as pd
+
+    from lib.judges import bootstrap_mean_difference
+
+    by = scores.set_index(["source", "target"])["per_prompt"]
+    rows = []
+    for source in sources:
+        for target in dict.fromkeys(scores["target"]):
+            for a, b in zip(ks, ks[1:]):
+                small, large = by[(f"{source}, k={a}", target)], by[(f"{source}, k={b}", target)]
+                gap = bootstrap_mean_difference(large, small, n_boot, seed)
+                rows.append({"source": source, "target": target, "from": f"k={a}", "to": f"k={b}",
+                             "change": gap["difference"], "low": gap["low"], "high": gap["high"], "n": gap["n"]})
+    return pd.DataFrame(rows)
+
+
+MODE_CONDITIONS = ("zero", "mean", "control")
+
+
+def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str, int], targets: Sequence[str],
+                harmful: Sequence[str], harmless: Sequence[str], reference: Sequence[str], batch_size: int = 16,
+                device: str = "auto", dtype: str = "auto", n_boot: int = 2000, seed: int = 0):
+    """The transfer matrix scored without generation, under both ablation modes, with a damage-matched control.
+
+    For every target (loaded once) and source direction: ``zero`` (the paper's ablation), ``mean`` (coordinates set
+    to the target's harmless means at the last token of ``reference``) and ``control`` (zero ablation of a random
+    unit direction orthogonal to the source's with the same harmless mean projection in the target at the source's
+    layer ``layers[source]``: the same push, none of the direction), plus the unablated target (source "none").
+    Each: the mean refusal score on ``harmful`` with a 95% bootstrap interval, the mean first-token KL on
+    ``harmless`` (damage), and the per-prompt scores. A DataFrame (source, target, condition, score, low, high,
+    KL, n, per_prompt)."""
+    import pandas as pd
+
+    from lib.anatomy import condition_scores, matched_control
+    from lib.capture import site_statistics
+    from lib.models import load
+
+    frames = []
+    for target in targets:
+        lm = load(family, target, device=device, dtype=dtype)
+        means = ablation_means(lm, "mean", reference, batch_size)
+        last = site_statistics(lm, list(reference), batch_size, "last")["mean"]
+        conditions = {("none", "none"): None}
+        for source, direction in sources.items():
+            control = matched_control(direction, last[layers[source], 0], seed)
+            for condition, intervention in (("zero", Intervention("ablate", direction)),
+                                            ("mean", Intervention("ablate", direction, mode="mean", means=means)),
+                                            ("control", Intervention("ablate", control))):
+                conditions[(source, condition)] = intervention.applied
+        scores = condition_scores(lm, conditions, harmful, harmless, batch_size, n_boot, seed)
+        frame = scores.reset_index().rename(columns={"refusal score": "score", "harmless KL": "KL"})
+        frame[["source", "condition"]] = pd.DataFrame(frame.pop("condition").tolist(), index=frame.index)
+        frames.append(frame.assign(target=target))
+        del lm
+    columns = ["source", "target", "condition", "score", "low", "high", "KL", "n", "per_prompt"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "at"), n_boot: int = 2000,
+                   seed: int = 0) -> dict:
+    """Claims 1 and 3 from a ``mode_matrix``, under zero and under mean ablation, on the same prompts:
+
+    - ``claim3``: the three contrasts of ``lib.judges.transfer_contrasts`` on mean refusal scores, per mode;
+    - ``claim1``: per model, the drop in mean refusal score when its own direction is ablated (unablated minus
+      ablated; paired bootstrap), per mode, with the verdict "refusal drops" / "refusal rises" / "not resolved";
+    - ``controls``: per cell, the source's zero-ablation score minus its matched control's (paired bootstrap):
+      "direction beats its control" when the interval lies below 0; otherwise the control (the push alone) moves
+      refusal as much, and the cell measures the push, not the direction.
+
+    Returns ``{"claim3": DataFrame, "claim1": DataFrame, "controls": DataFrame}``."""
+    import pandas as pd
+
+    from lib.judges import bootstrap_mean_difference, transfer_contrasts, verdict
+
+    scores = frame.set_index(["source", "target", "condition"])["per_prompt"]
+    targets = list(dict.fromkeys(frame["target"]))
+    claim3, claim1, controls = [], [], []
+    for mode in ("zero", "mean"):
+        values = {(s, t): scores[(s, t, mode)] for s, t, c in scores.index if c == mode}
+        claim3 += [{"mode": mode, **row} for row in transfer_contrasts(values, focus, others, n_boot, seed)]
+        for model in [m for m in (focus, *others) if m in targets]:
+            drop = bootstrap_mean_difference(scores[("none", model, "none")], scores[(model, model, mode)], n_boot,
+                                             seed)
+            claim1.append({"mode": mode, "model": model, **drop,
+                           "verdict": verdict(drop["low"], drop["high"], "refusal drops", "refusal rises",
+                                              "not resolved")})
+    for s, t, c in scores.index:
+        if c == "zero":
+            gap = bootstrap_mean_difference(scores[(s, t, "zero")], scores[(s, t, "control")], n_boot, seed)
+            controls.append({"source": s, "target": t, **gap,
+                             "verdict": verdict(gap["low"], gap["high"], "control stronger",
+                                                "direction beats its control", "no difference: the push alone")})
+    return {"claim3": pd.DataFrame(claim3), "claim1": pd.DataFrame(claim1), "controls": pd.DataFrame(controls)}
+
+
+def surviving(claim3, claim1) -> tuple:
+    """Which verdicts survive both ablation modes: per claim-3 contrast and for claim 1 (every model's refusal
+    drops), the verdict under zero and under mean ablation and whether they agree. Returns (DataFrame, one
+    sentence that names every verdict that flips, or says none does)."""
+    import pandas as pd
+
+    verdicts = {claim: dict(zip(group["mode"], group["verdict"])) for claim, group in claim3.groupby("claim", sort=False)}
+    verdicts["Claim 1: every model's own direction lowers its refusal"] = {
+        mode: "supported" if (group["verdict"] == "refusal drops").all() else "not supported"
+        for mode, group in claim1.groupby("mode", sort=False)}
+    table = pd.DataFrame([{"claim": claim, "zero ablation": v["zero"], "mean ablation": v["mean"]}
+                          for claim, v in verdicts.items()]).set_index("claim")
+    table["same under both"] = table["zero ablation"] == table["mean ablation"]
+    flips = [f"{claim} ({row['zero ablation']} under zero ablation, {row['mean ablation']} under mean ablation)"
+             for claim, row in table.iterrows() if not row["same under both"]]
+    sentence = ("Every verdict is the same under zero and mean ablation." if not flips else
+                f"{len(flips)} of {len(table)} verdicts change between zero and mean ablation: " + "; ".join(flips) + ".")
+    return table, sentence
