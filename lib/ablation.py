@@ -6,10 +6,11 @@ all positions. ``orthogonalized`` bakes the same projection into the weights tha
 (embeddings, attention and MLP output projections), so it costs nothing per token and gives the same logits.
 
 Two modes. ``"zero"`` (the paper's): the coordinates along R become 0. ``"mean"``: they become their mean m over
-harmless reference prompts at that site, a - (a R^T - m) R (``lib.capture.site_statistics``). Zero ablation of a
-direction with a component on a coordinate that is large and nearly constant at every position (SmolLM2's massive
-activation on dim 507) does more than remove the direction: it shifts every position by -m R, a steering push.
-Mean ablation removes the variation along R and keeps that offset, so it measures the direction alone.
+harmless reference prompts at that site (at the last prompt token, where directions are measured), a - (a R^T - m) R
+(``lib.capture.site_statistics``). Zero ablation equals mean ablation plus a push -m R at every position: where a
+direction has a component on a coordinate that is large and nearly constant at every position (SmolLM2's massive
+activation on dim 507), that push is large, and zero ablation steers as well as removes. Mean ablation removes the
+variation along R and keeps the offset, so it measures the direction alone.
 """
 
 from __future__ import annotations

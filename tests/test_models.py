@@ -128,3 +128,14 @@ def test_decoder_layers_found_by_size_for_unknown_layout():
 
     odd = Odd()
     assert models.find_decoder_layers(odd) is odd.blocks
+
+
+def test_dequantising_the_offline_model_writes_nothing_to_stderr(monkeypatch, tmp_path, capfd):
+    """The first load on a cold cache dequantises the GGUF; nothing of it may reach stderr, or the first chapter
+    to load the model would store it as an output (and nbval would fail on a fresh machine)."""
+    monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
+    gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
+    folder = models.dequantised_gguf_folder(gguf)
+    assert (folder / "manifest.json").exists()
+    captured = capfd.readouterr()
+    assert captured.err == "", captured.err[:500]
