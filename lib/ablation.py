@@ -277,7 +277,8 @@ class Intervention:
             raise ValueError(f"Unknown intervention kind {self.kind!r}; use 'ablate' or 'add'.")
         if self.kind == "add" and self.layer is None:
             raise ValueError("Activation addition needs the layer whose input receives the direction.")
-        if (check_mode_name(self.mode) == "mean") != (self.means is not None) or (self.kind == "add" and self.mode != "zero"):
+        mean = check_mode_name(self.mode) == "mean"
+        if mean != (self.means is not None) or (self.kind == "add" and mean):
             raise ValueError("Site means go with kind='ablate', mode='mean' (and only there): see ablation_means.")
 
     def key(self) -> str:

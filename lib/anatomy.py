@@ -236,6 +236,6 @@ def describe(summary, target: str, coordinate: int) -> str:
             f"{source}'s direction: {row['drop, zero']:.1f} under zero ablation, {row['drop, mean']:.1f} under mean "
             f"ablation, {row['drop, first token spared']:.1f} with the first token spared; swapping only coordinate "
             f"{coordinate} between it and {target}'s direction moves {row['swap moves (share of gap)']:.0%} of the "
-            f"zero-ablation gap; a random direction with the same mean projection lowers the score by "
-            f"{row['drop, matched control']:.1f} ({row['control / source (zero)']:.0%} of the source's drop).")
+            f"zero-ablation gap; a random direction with the same mean projection changes the score by "
+            f"{-row['drop, matched control']:+.1f}, against {-row['drop, zero']:+.1f} for the source.")
     return "\n".join(lines)

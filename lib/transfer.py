@@ -181,7 +181,8 @@ def surviving(claim3, claim1) -> tuple:
     sentence that names every verdict that flips, or says none does)."""
     import pandas as pd
 
-    verdicts = {claim: dict(zip(group["mode"], group["verdict"])) for claim, group in claim3.groupby("claim", sort=False)}
+    verdicts = {claim: dict(zip(group["mode"], group["verdict"]))
+                for claim, group in claim3.groupby("claim", sort=False)}
     verdicts["Claim 1: every model's own direction lowers its refusal"] = {
         mode: "supported" if (group["verdict"] == "refusal drops").all() else "not supported"
         for mode, group in claim1.groupby("mode", sort=False)}
@@ -190,6 +191,6 @@ def surviving(claim3, claim1) -> tuple:
     table["same under both"] = table["zero ablation"] == table["mean ablation"]
     flips = [f"{claim} ({row['zero ablation']} under zero ablation, {row['mean ablation']} under mean ablation)"
              for claim, row in table.iterrows() if not row["same under both"]]
-    sentence = ("Every verdict is the same under zero and mean ablation." if not flips else
-                f"{len(flips)} of {len(table)} verdicts change between zero and mean ablation: " + "; ".join(flips) + ".")
-    return table, sentence
+    if not flips:
+        return table, "Every verdict is the same under zero and mean ablation."
+    return table, f"{len(flips)} of {len(table)} verdicts change between zero and mean ablation: {'; '.join(flips)}."

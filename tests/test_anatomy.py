@@ -91,3 +91,19 @@ def test_condition_scores(tiny, prompts, tmp_path, monkeypatch):
 
 def unit_of(direction):
     return (direction / direction.norm()).double()
+
+
+def test_offset_summary_and_its_sentences():
+    import pandas as pd
+
+    score = {"none": 5.0, "ssft: zero": -1.0, "ssft: mean": -7.0, "ssft: zero, first token spared": -1.5,
+             "ssft: matched control": 5.5, "at: zero": -7.0, "at: mean": -6.0, "at: zero, first token spared": -7.0,
+             "at: matched control": 4.0, "ssft with at's coordinate": -6.4, "at with ssft's coordinate": -1.0}
+    scores = pd.DataFrame({"refusal score": score})
+    summary = anatomy.offset_summary(scores, "ssft", ["ssft", "at"])
+    assert summary.loc["at", "drop, zero"] == 12.0 and summary.loc["ssft", "drop, mean"] == 12.0
+    assert summary.loc["at", "swap moves (share of gap)"] == pytest.approx(0.9)  # (-6.4 + 1) / (-7 + 1)
+    assert summary.loc["at", "control / source (zero)"] == pytest.approx(1 / 12)
+    text = anatomy.describe(summary, "ssft", 507).splitlines()
+    assert text[0] == "ssft's own direction lowers its mean refusal score by 6.0 under zero ablation and by 12.0 under mean ablation."
+    assert "moves 90% of the zero-ablation gap" in text[1] and "changes the score by -1.0, against -12.0" in text[1]
