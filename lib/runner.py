@@ -254,8 +254,18 @@ def _kernel_environment(repo_root: Path) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Path = REPO_ROOT) -> float:
-    """Execute one chapter in its folder and replace it with the cleaned, executed notebook; return wall seconds.
+def slowest_cells(nb: nbformat.NotebookNode, top: int = 3) -> list[tuple[int, float, str]]:
+    """The ``top`` code cells that took longest in papermill's timings: (cell index, seconds, first source line)."""
+    timed = [(index, float(cell.metadata.get("papermill", {}).get("duration") or 0.0),
+              cell.source.strip().splitlines()[0] if cell.source.strip() else "")
+             for index, cell in enumerate(nb.cells) if cell.cell_type == "code"]
+    return sorted(timed, key=lambda row: -row[1])[:top]
+
+
+def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Path = REPO_ROOT
+                    ) -> tuple[float, list[tuple[int, float, str]]]:
+    """Execute one chapter in its folder and replace it with the cleaned, executed notebook; return wall seconds and
+    its slowest cells (``slowest_cells``: where a chapter's time goes, before the timings are stripped).
 
     On failure the notebook is left untouched, the temporary file is removed and :class:`ChapterError` is raised.
     """
@@ -278,6 +288,7 @@ def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Pat
                 request_save_on_cell_execute=False, cwd=str(notebook.parent),
             )
         executed = nbformat.read(tmp, as_version=4)
+        slowest = slowest_cells(executed)
         hide_injected_parameters(strip_volatile_metadata(executed))
         nbformat.write(executed, tmp)
         os.chmod(tmp, stat.S_IMODE(notebook.stat().st_mode))  # mkstemp makes 0600 files; keep the notebook's mode
@@ -288,7 +299,7 @@ def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Pat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return time.perf_counter() - start
+    return time.perf_counter() - start, slowest
 
 
 def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run: bool = False,
@@ -305,8 +316,10 @@ def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run
             print(f"[{index}/{len(plan)}] {key}: {shown}", flush=True)
             continue
         print(f"[{index}/{len(plan)}] {key}: running ({shown})", flush=True)
-        seconds = execute_chapter(nb, params, repo_root)
-        print(f"[{index}/{len(plan)}] {key}: done in {seconds:.1f} s", flush=True)
+        seconds, slowest = execute_chapter(nb, params, repo_root)
+        cells = "; ".join(f"cell {i}: {t:.0f} s ({line[:60]})" for i, t, line in slowest if t >= 1)
+        print(f"[{index}/{len(plan)}] {key}: done in {seconds:.1f} s" + (f"; slowest {cells}" if cells else ""),
+              flush=True)
     if not dry_run:
         print(f"{len(plan)} chapter(s) in {time.perf_counter() - total:.1f} s", flush=True)
     return plan

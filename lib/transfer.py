@@ -4,7 +4,8 @@ Measured two ways. ``transfer_matrix`` generates and judges (the paper's measure
 ``mode_matrix`` scores without generation (the refusal score on harmful prompts, the first-token KL on harmless
 ones) under both ablation modes of ``lib.ablation`` and a damage-matched control per source (``lib.anatomy``), and
 ``mode_contrasts`` turns it into the claim-1 and claim-3 verdicts under each mode, with the rule that says which
-verdicts survive both. ``score_matrix`` and ``subspace_gains`` serve the subspace attacks of "Beyond the paper".
+verdicts survive both. ``score_matrix``, ``subspace_gains`` and ``gain_modes`` serve the subspace attacks of "Beyond
+the paper".
 """
 
 from __future__ import annotations
@@ -94,6 +95,41 @@ def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: in
                 rows.append({"source": source, "target": target, "from": f"k={a}", "to": f"k={b}",
                              "change": gap["difference"], "low": gap["low"], "high": gap["high"], "n": gap["n"]})
     return pd.DataFrame(rows)
+
+
+GAIN_WORDS = ("removes less refusal", "removes more refusal", "no difference")
+
+
+def gain_modes(gains_by_mode: dict) -> tuple:
+    """Which subspace-growth verdicts survive both ablation modes. ``gains_by_mode`` maps a mode ("zero", "mean") to
+    a ``subspace_gains`` frame of the same sources, targets and steps. Per (source, step, target): the verdict under
+    each mode (the larger subspace "removes more refusal" when the interval lies below 0, "removes less refusal"
+    above, else "no difference") and whether they agree. Returns (DataFrame, one sentence counting the verdicts
+    that change and naming, per source and step, how many targets each verdict had under each mode)."""
+    from lib.judges import verdict
+
+    if set(gains_by_mode) != {"zero", "mean"}:
+        raise ValueError(f"gain_modes needs subspace gains under 'zero' and 'mean', got {sorted(gains_by_mode)}.")
+    keys = ["source", "from", "to", "target"]
+    table = None
+    for mode, gains in gains_by_mode.items():
+        words = [verdict(lo, hi, *GAIN_WORDS) for lo, hi in zip(gains["low"], gains["high"])]
+        column = gains[keys].assign(**{f"{mode} ablation": words})
+        table = column if table is None else table.merge(column, on=keys, how="outer", validate="one_to_one")
+    if table[["zero ablation", "mean ablation"]].isna().any().any():
+        raise ValueError("The zero- and mean-ablation gains cover different sources, steps or targets.")
+    table["same under both"] = table["zero ablation"] == table["mean ablation"]
+    steps = []
+    for (source, a, b), group in table.groupby(["source", "from", "to"], sort=False):
+        if group["same under both"].all():
+            continue
+        counts = {mode: ", ".join(f"{word} in {n}" for word in GAIN_WORDS
+                                  if (n := int((group[f"{mode} ablation"] == word).sum()))) for mode in ("zero", "mean")}
+        steps.append(f"{source} {a} to {b} ({counts['zero']} of {len(group)} targets under zero ablation; "
+                     f"{counts['mean']} under mean ablation)")
+    changed = int((~table["same under both"]).sum())
+    head = f"{changed} of {len(table)} subspace-growth verdicts change between zero and mean ablation"
+    return table.set_index(keys), f"{head}: {'; '.join(steps)}." if steps else f"{head}."
 
 
 MODE_CONDITIONS = ("zero", "mean", "control")

@@ -406,6 +406,28 @@ def test_subspace_gains_pair_the_same_prompts(tiny_family, prompts):
     assert row["low"] <= row["change"] <= row["high"]
 
 
+def test_gain_modes_names_the_steps_whose_verdict_flips():
+    import pandas as pd
+
+    def gains(intervals):
+        return pd.DataFrame([{"source": "lat", "target": t, "from": "k=2", "to": "k=3", "change": (lo + hi) / 2,
+                              "low": lo, "high": hi, "n": 8} for t, (lo, hi) in zip(("a", "b"), intervals)])
+
+    table, statement = transfer.gain_modes({"zero": gains([(5.0, 9.0), (-1.0, 1.0)]),
+                                            "mean": gains([(-3.0, -1.0), (-1.0, 1.0)])})
+    assert table.loc[("lat", "k=2", "k=3", "a")].tolist() == ["removes less refusal", "removes more refusal", False]
+    assert table.loc[("lat", "k=2", "k=3", "b"), "same under both"]
+    assert statement == ("1 of 2 subspace-growth verdicts change between zero and mean ablation: lat k=2 to k=3 "
+                         "(removes less refusal in 1, no difference in 1 of 2 targets under zero ablation; "
+                         "removes more refusal in 1, no difference in 1 under mean ablation).")
+    same, sentence = transfer.gain_modes({"zero": gains([(1.0, 2.0)] * 2), "mean": gains([(1.0, 3.0)] * 2)})
+    assert sentence == "0 of 2 subspace-growth verdicts change between zero and mean ablation."
+    with pytest.raises(ValueError, match="'zero' and 'mean'"):
+        transfer.gain_modes({"zero": gains([(1.0, 2.0)] * 2)})
+    with pytest.raises(ValueError, match="different sources"):
+        transfer.gain_modes({"zero": gains([(1.0, 2.0)] * 2), "mean": gains([(1.0, 2.0)])})
+
+
 def test_bootstrap_mean_difference_is_paired():
     a = [1.0, 2.0, 3.0, 4.0]
     shifted = judges.bootstrap_mean_difference([x + 0.5 for x in a], a, n_boot=100)

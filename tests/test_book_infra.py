@@ -143,17 +143,18 @@ def test_runner_executes_in_place(tmp_path, capsys):
         _parameters_cell(),
         new_code_cell("import os\nfrom pathlib import Path\n"
                       "print(x * 2, label, os.environ['REFUSAL_BOOK_PROGRESS'], Path.cwd().name)"),
+        new_code_cell("import time\ntime.sleep(1.2)"),
     ])
     notebook.chmod(0o644)
     runner.run_profile(_profile(tmp_path, "defaults:\n  x: 21\nchapters:\n  book/ch:\n    label: b\n"),
                        repo_root=tmp_path)
     assert notebook.stat().st_mode & 0o777 == 0o644
-    assert re.search(r"book/ch: done in \d+\.\d s", capsys.readouterr().out)
+    assert re.search(r"book/ch: done in \d+\.\d s; slowest cell 4: \d+ s \(import time\)\n", capsys.readouterr().out)
     nb = nbformat.read(notebook, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "hide-cell" in injected[0].metadata["tags"]
     assert "x = 21" in injected[0].source and injected[0].id == "injected-parameters"
-    assert nb.cells[-1].outputs[0]["text"] == "42 b 0 book\n"
+    assert nb.cells[-2].outputs[0]["text"] == "42 b 0 book\n"
     assert "papermill" not in nb.metadata
     assert not any("papermill" in c.metadata or "execution" in c.metadata for c in nb.cells)
     assert sorted(p.name for p in notebook.parent.iterdir()) == ["ch.ipynb", "intro.md"]
