@@ -267,6 +267,44 @@ def bench_capture(lm, args, peer, device, results: dict) -> None:
                           "all_positions_bytes": real_tokens * n_layers * d * 4, "rows": rows, "times": times}
 
 
+# --- scoring -----------------------------------------------------------------------------------------------------
+
+SCORE_REFERENCE = "whole prompts, left-padded, in prompt order"
+SCORE_LIB = "lib.judges.next_token_log_probs (shared prefix, batched by length)"
+
+
+def bench_scoring(lm, args, device, results: dict) -> None:
+    """The generation-free refusal score's forward passes (every layer sweep, score matrix and anatomy condition):
+    lib's shared-prefix passes against whole-prompt passes, same prompts, same batch size."""
+    from lib.judges import next_token_log_probs
+    from lib.models import encode, forward, split_common_prefix
+
+    prompts = test_prompts(args.score_prompts)
+    prefix, _ = split_common_prefix(lm, prompts)
+    log(f"scoring: {len(prompts)} prompts in batches of {args.score_batch}, shared prefix {len(prefix)} tokens")
+
+    def whole(texts):
+        def run():
+            rows = []
+            with torch.inference_mode():
+                for i in range(0, len(texts), args.score_batch):
+                    logits = forward(lm, encode(lm, texts[i:i + args.score_batch]), logits_to_keep=1).logits[:, -1]
+                    rows.append(torch.log_softmax(logits.double(), dim=-1).cpu())
+            return torch.cat(rows)
+        return run
+
+    def methods(texts):
+        return {SCORE_REFERENCE: whole(texts), SCORE_LIB: lambda: next_token_log_probs(lm, texts, args.score_batch)}
+
+    times, outputs = common.interleaved(methods(prompts), args.repeats, methods(prompts[:2]), device, log)
+    rows = [{"method": name, "runs": len(seconds), "median s": common.median(seconds),
+             "prompts/s": len(prompts) / common.median(seconds), "vs whole prompts": paired(times, name, SCORE_REFERENCE),
+             "max |diff| of log-probs": float((outputs[name] - outputs[SCORE_REFERENCE]).abs().max())}
+            for name, seconds in times.items()]
+    results["scoring"] = {"prompts": len(prompts), "batch_size": args.score_batch, "prefix_tokens": len(prefix),
+                          "rows": rows, "times": times}
+
+
 # --- transfer-matrix workload ------------------------------------------------------------------------------------
 
 def default_targets(family: str) -> list[str]:
@@ -346,6 +384,7 @@ TARGETS = [  # (what, numerator row, denominator row, section, target ratio)
      "paper's loop: full prefix every token, no KV cache (lib hooks)", "generation", 10.0),
     ("hooks vs TransformerLens hooks", "lib hooks + KV cache", "TransformerLens hooks + KV cache", "generation", 1.5),
     ("capture vs bare forward", "lib.capture.collect", "bare forward pass (no capture)", "capture", 0.9),
+    ("refusal score: shared prefix vs whole prompts", SCORE_LIB, SCORE_REFERENCE, "scoring", 1.5),
 ]
 
 
@@ -385,6 +424,12 @@ def report(results: dict) -> str:
                   f"(all positions would be {common.fmt_bytes(c['all_positions_bytes'])})", "",
                   common.markdown_table(c["rows"], ["method", "runs", "median s", "tokens/s", "vs bare forward",
                                                     "peak memory", "kept", "max |diff| vs lib"]), ""]
+    if "scoring" in results:
+        c = results["scoring"]
+        lines += [f"## Refusal-score forward passes: {c['prompts']} prompts, batch {c['batch_size']}, a shared prefix "
+                  f"of {c['prefix_tokens']} tokens", "",
+                  common.markdown_table(c["rows"], ["method", "runs", "median s", "prompts/s", "vs whole prompts",
+                                                    "max |diff| of log-probs"]), ""]
     if "transfer" in results:
         t = results["transfer"]
         status = ("complete" if t["complete"]
@@ -416,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads; 0: the cores that the 1-minute load average leaves idle (at least 1, at "
                              "most torch's default). On a shared machine, more threads than idle cores make torch's "
                              "OpenMP threads wait on each other: 2-7x slower and very noisy timings here")
-    parser.add_argument("--sections", default="generation,capture,transfer")
+    parser.add_argument("--sections", default="generation,capture,scoring,transfer")
     parser.add_argument("--peer", choices=("transformer_lens", "none"), default="transformer_lens")
     parser.add_argument("--prompts", type=int, default=8,
                         help="generation: prompts (the paper's batch is 16; 8 keeps the recompute loop short)")
@@ -426,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recompute-repeats", type=int, default=1, help="the paper's loop is slow; 0 skips it")
     parser.add_argument("--capture-prompts", type=int, default=32)
     parser.add_argument("--capture-repeats", type=int, default=3)
+    parser.add_argument("--score-prompts", type=int, default=64)
+    parser.add_argument("--score-batch", type=int, default=16)
     parser.add_argument("--transfer-conditions", type=int, default=16)
     parser.add_argument("--transfer-prompts", type=int, default=64)
     parser.add_argument("--transfer-tokens", type=int, default=64)
@@ -459,7 +506,7 @@ def _main(args, argv) -> dict:
                "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                "args": vars(args)}
     lm = peer = None
-    if {"generation", "capture"} & set(sections):
+    if {"generation", "capture", "scoring"} & set(sections):
         log(f"loading {args.family}/{args.variant} on {device}")
         lm = load(args.family, args.variant, device=args.device, dtype=args.dtype)
         if args.peer != "none":
@@ -475,6 +522,8 @@ def _main(args, argv) -> dict:
         bench_generation(lm, args, peer, device, results)
     if "capture" in sections:
         bench_capture(lm, args, peer, device, results)
+    if "scoring" in sections:
+        bench_scoring(lm, args, device, results)
     del lm, peer
     if "transfer" in sections:
         bench_transfer(args, device, results)

@@ -148,13 +148,15 @@ def ablated_except_first(lm: LoadedModel, direction: torch.Tensor) -> Iterator[N
     def remember_first(module, args, kwargs):
         mask = kwargs["attention_mask"]
         state["first"] = mask.long().argmax(dim=1)  # left padding: the first real token
+        state["width"] = mask.shape[1]
         return None
 
     def keep_first(hidden: torch.Tensor) -> torch.Tensor:
         projected = project(hidden)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        first = state["first"].to(hidden.device)
-        projected[rows, first] = hidden[rows, first]
+        # a pass that continues a cached prefix sees only the last positions of the attention mask
+        first = state["first"].to(hidden.device) - (state["width"] - hidden.shape[1])
+        rows = torch.nonzero(first >= 0).flatten()
+        projected[rows, first[rows]] = hidden[rows, first[rows]]
         return projected
 
     hooks = [(lm.model, "pre", remember_first)]

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from lib.models import LoadedModel, encode, forward
+from lib.models import LoadedModel, encode, forward, forward_after_prefix, prefix_cache, split_common_prefix
 
 REFUSAL = "refusal"
 VALID = "valid"
@@ -104,16 +104,28 @@ def refusal_token_ids(lm: LoadedModel) -> list[int]:
 
 def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Log-probabilities [n, vocab] (float64, CPU) of the first answer token after each formatted prompt, in prompt
-    order; any hooks or weight edits active around the call apply."""
-    if not prompts:
-        raise ValueError("The prompt list is empty; pass at least one prompt.")
-    rows = []
+    order; any hooks or weight edits active around the call apply.
+
+    The token ids every prompt starts with (a chat template's system turn: 27 of SmolLM2's ~42 tokens) are run once,
+    under the same hooks, and their KV cache is shared by every batch (``lib.models.split_common_prefix``); the
+    rest is batched by length. The logits equal whole-prompt passes up to float rounding (tested); about 2x faster
+    on 2 CPU cores at 16 prompts per batch (``make bench``)."""
+    prefix, suffixes = split_common_prefix(lm, list(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: (len(suffixes[i]), i))  # less padding per batch
+    parts = []
     with torch.inference_mode():
+        cache = prefix_cache(lm, prefix) if prefix else None
         for start in range(0, len(prompts), batch_size):
-            batch = encode(lm, list(prompts[start:start + batch_size]))
-            logits = forward(lm, batch, logits_to_keep=1).logits[:, -1].double()
-            rows.append(torch.log_softmax(logits, dim=-1).cpu())
-    return torch.cat(rows)
+            batch = order[start:start + batch_size]
+            if cache is None:
+                output = forward(lm, encode(lm, [prompts[i] for i in batch]), logits_to_keep=1)
+            else:
+                output = forward_after_prefix(lm, cache, len(prefix), [suffixes[i] for i in batch], logits_to_keep=1)
+            parts.append((batch, torch.log_softmax(output.logits[:, -1].double(), dim=-1).cpu()))
+    rows = torch.empty(len(prompts), parts[0][1].shape[1], dtype=torch.float64)
+    for batch, log_probs in parts:
+        rows[batch] = log_probs
+    return rows
 
 
 def refusal_score_from(lm: LoadedModel, log_probs: torch.Tensor) -> torch.Tensor:

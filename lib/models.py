@@ -436,6 +436,47 @@ def forward(lm: LoadedModel, batch, **kwargs):
     return lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
 
 
+def split_common_prefix(lm: LoadedModel, prompts: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Tokenise the formatted ``prompts`` and split off the token ids they all start with (the template's system
+    turn, for most chat families): ``(prefix, suffixes)``, each suffix at least one token long. Splitting ids, not
+    text, so ``prefix + suffix`` is exactly the tokenisation of the whole prompt."""
+    if not prompts:
+        raise ValueError("The prompt list is empty; pass at least one prompt.")
+    texts = [lm.info.template.format(lm.tokenizer, p) for p in prompts]
+    ids = lm.tokenizer(texts, add_special_tokens=lm.info.template.add_special_tokens)["input_ids"]
+    shortest = min(len(row) for row in ids)
+    length = 0
+    while length < shortest - 1 and all(row[length] == ids[0][length] for row in ids):
+        length += 1
+    return list(ids[0][:length]), [list(row[length:]) for row in ids]
+
+
+def prefix_cache(lm: LoadedModel, prefix: list[int]):
+    """The KV cache of one pass over the shared ``prefix`` (under whatever hooks or weight edits are active)."""
+    device = input_device(lm.model)
+    ids = torch.tensor([prefix], device=device)
+    return lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(
+        len(prefix), device=device)[None], use_cache=True, logits_to_keep=1).cache
+
+
+def forward_after_prefix(lm: LoadedModel, cache, prefix_length: int, suffixes: list[list[int]], **kwargs):
+    """One forward pass over left-padded ``suffixes`` that continue the cached prefix (``prefix_cache``), each row
+    with the positions and attention it would have in the whole prompt. The cache is copied, not extended."""
+    import copy
+
+    device = input_device(lm.model)
+    width = max(len(row) for row in suffixes)
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in suffixes], device=device)
+    suffix_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in suffixes], device=device)
+    rows = copy.deepcopy(cache)
+    rows.batch_repeat_interleave(len(suffixes))
+    mask = torch.cat([torch.ones(len(suffixes), prefix_length, dtype=suffix_mask.dtype, device=device), suffix_mask],
+                     dim=1)
+    return lm.model(input_ids=ids, attention_mask=mask, position_ids=prefix_length + position_ids(suffix_mask),
+                    cache=rows, use_cache=True, **kwargs)
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must go (the embedding's device, also under accelerate's multi-GPU dispatch)."""
     return model.get_input_embeddings().weight.device

@@ -20,13 +20,15 @@ def rows_by_method(rows):
 def test_make_bench_path_on_the_tiny_family(tiny_family, tmp_path):
     results = run.main(["--family", "tiny-llama", "--peer", "none", "--prompts", "3", "--new-tokens", "4",
                         "--repeats", "1", "--capture-prompts", "3", "--capture-repeats", "1",
-                        "--transfer-conditions", "2", "--transfer-prompts", "3", "--transfer-tokens", "3",
+                        "--score-prompts", "3", "--score-batch", "2", "--transfer-conditions", "2", "--transfer-prompts", "3", "--transfer-tokens", "3",
                         "--transfer-batch", "2", "--out", str(tmp_path)])
     generation = rows_by_method(results["generation"]["rows"])
     assert {row["same tokens as lib hooks"] for name, row in generation.items() if "plain" not in name} == {1.0}
     assert results["generation"]["ablation_changes_tokens"]
     capture = rows_by_method(results["capture"]["rows"])
     assert capture["HF output_hidden_states=True"]["max |diff| vs lib"] < 1e-5
+    scoring = rows_by_method(results["scoring"]["rows"])
+    assert max(row["max |diff| of log-probs"] for row in scoring.values()) < 1e-5
     assert results["transfer"]["complete"] and results["transfer"]["targets"] == ["lora"]
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["family"] == "tiny-llama"
     assert "## Targets" in next(tmp_path.glob("bench-*.md")).read_text()

@@ -78,6 +78,34 @@ def test_refusal_score_is_log_odds_of_refusal_tokens(tiny, prompts):
     assert scores[0] == pytest.approx(float(torch.log(p / (1 - p))), abs=1e-4)
 
 
+def _whole_prompt_log_probs(lm, prompts):
+    from lib import models
+
+    with torch.inference_mode():
+        logits = models.forward(lm, models.encode(lm, prompts), logits_to_keep=1).logits[:, -1].double()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_shared_prefix_scores_equal_whole_prompt_passes(tiny, prompts):
+    """The template's common prefix runs once; every row's logits match a whole, left-padded pass, also with an
+    ablation hook active (it acts on the prefix pass too) and for the first-token-sparing ablation."""
+    from lib import ablation, anatomy, models
+
+    prefix, suffixes = models.split_common_prefix(tiny, prompts)
+    whole = tiny.tokenizer([tiny.info.template.format(tiny.tokenizer, p) for p in prompts])["input_ids"]
+    assert len(prefix) >= 2 and all(prefix + row == ids and row for row, ids in zip(suffixes, whole))
+    assert judges.next_token_log_probs(tiny, prompts, 3) == pytest.approx(_whole_prompt_log_probs(tiny, prompts),
+                                                                          abs=1e-5)
+    direction = torch.randn(tiny.info.d_model, generator=torch.Generator().manual_seed(3))
+    for context in (lambda: ablation.ablated(tiny, direction), lambda: anatomy.ablated_except_first(tiny, direction)):
+        with context():
+            shared = judges.next_token_log_probs(tiny, prompts, 3)
+            assert shared == pytest.approx(_whole_prompt_log_probs(tiny, prompts), abs=1e-5)
+        assert (shared - _whole_prompt_log_probs(tiny, prompts)).abs().max() > 1e-3  # the hook did act
+    one = judges.next_token_log_probs(tiny, prompts[:1])  # a single prompt: nothing shared but its last token
+    assert one == pytest.approx(_whole_prompt_log_probs(tiny, prompts[:1]), abs=1e-5)
+
+
 def test_rate_table_has_wilson_intervals():
     table = judges.rate_table({("a", "x"): ["refusal", "valid"], ("b", "x"): ["broken"] * 4}, ["refusal", "broken"])
     row = table.set_index(["key0", "key1"]).loc[("a", "x")]
