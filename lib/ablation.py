@@ -109,21 +109,21 @@ def ablation_hooks(info: ModelInfo, basis: torch.Tensor, layers=None, targets: t
     ``adds_outputs_unchanged`` (its input, attention and MLP outputs are all projected; under mean ablation its
     coordinates are the sum of the three targets, which is the next input's target), so its hook is left out: 65
     hooks instead of 96 for a 32-layer Llama. On a GPU at small batches every hook is host time (launches), and
-    this is what limits hooked generation, so each hook runs as few operators as it can (``_projection_fn``;
+    this is what limits hooked generation, so each hook runs as few operators as it can (``projection_fn``;
     BENCHMARKS.md, H200, 16 prompts x 64 tokens: 0.93x plain generate, against 0.73x for the 96 hooks of before)."""
-    shared = _projection_fn(basis) if targets is None else None
+    shared = projection_fn(basis) if targets is None else None
     chosen = check_layers(info, layers)
     hooks = []
     for layer in chosen:
         for slot, site in enumerate(WRITE_SITES):
             if site == "resid_pre" and layer - 1 in chosen and adds_outputs_unchanged(info, layer - 1):
                 continue
-            fn = shared or _projection_fn(basis, targets[layer, slot])
+            fn = shared or projection_fn(basis, targets[layer, slot])
             hooks.append(write_site_hook(info, site, layer, fn))
     return hooks
 
 
-def _projection_fn(basis: torch.Tensor, target: torch.Tensor | None = None):
+def projection_fn(basis: torch.Tensor, target: torch.Tensor | None = None):
     """``x -> x - (x B^T - t) B`` (``t`` = 0 when ``target`` is None) with the fewest operators per call (each is
     host time on a GPU at small batches).
 

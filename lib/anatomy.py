@@ -17,7 +17,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lib.ablation import _projection_fn, check_directions
+from lib.ablation import check_directions, projection_fn
+from lib.directions import unit
 from lib.hooks import WRITE_SITES, attached, write_site_hook
 from lib.models import LoadedModel
 
@@ -142,7 +143,7 @@ def ablated_except_first(lm: LoadedModel, direction: torch.Tensor) -> Iterator[N
     that carries the largest massive activations): tells an effect of the first token from one of the offset at
     every other position. For single forward passes (scores), not generation."""
     basis = check_directions(direction, lm.info.d_model)
-    project = _projection_fn(basis)
+    project = projection_fn(basis)
     state: dict[str, torch.Tensor] = {}
 
     def remember_first(module, args, kwargs):
@@ -197,11 +198,8 @@ def mean_push(direction: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.
 
 
 def _unit(direction: torch.Tensor) -> torch.Tensor:
-    direction = torch.as_tensor(direction).detach().double().reshape(-1)
-    norm = direction.norm()
-    if not torch.isfinite(direction).all() or norm == 0:
-        raise ValueError("A direction is zero or not finite; pass a non-zero, finite vector.")
-    return direction / norm
+    """``direction`` as a flat float64 unit vector (``lib.directions.unit``)."""
+    return unit(torch.as_tensor(direction).detach().double().reshape(-1))
 
 
 def offset_summary(scores, target: str, sources: Sequence[str]):

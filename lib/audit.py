@@ -345,3 +345,78 @@ def judge_dependence(both, acceptance_by_judge: dict) -> str:
     accept = (f"the organisms' acceptance differs between {names} for {', '.join(changed)}" if changed
               else f"every organism's acceptance is the same under {names}")
     return f"{refusal[0].upper()}{refusal[1:]}; {accept}."
+
+
+# --- longer generations: does the 64-token budget hide delayed refusals? ------------------------------------------
+
+def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, lengths: Sequence[int] = (64, 128),
+                 batch_size: int = 64, device: str = "auto", dtype: str = "auto") -> list[dict]:
+    """Each refusing model (SSFT, AT, LAT) as it is and with its own direction zero-ablated, on the first ``n``
+    harmful test prompts: one greedy generation of ``max(lengths)`` new tokens, decoded at every budget in
+    ``lengths`` (``lib.generation.generate_prefixes``), so the budgets are compared on the same answers. Cached
+    like ``lib.judges.evaluate``. One dict per condition: model, condition, prompts, ``{length: completions}``."""
+    import contextlib
+
+    from lib import ablation, data, directions, models
+    from lib.artifacts import artifacts_dir, cache_key, cached_json, sha256_text
+    from lib.generation import generate_prefixes
+
+    harmful = data.test_prompts("offline", n, seed)["harmful"]
+    stored, meta = directions.load_directions(family)
+    out = []
+    for variant in [v for v in ("ssft", "at", "lat") if v in stored]:
+        lm = models.load(family, variant, device=device, dtype=dtype)
+        directions.check_matches(meta, lm.info)
+        unit = stored[variant]["unit"][meta["chosen_layers"][variant]]
+        for condition, intervention in ((NONE, None), (ZERO, ablation.Intervention("ablate", unit))):
+            name = "none" if intervention is None else intervention.key()
+            key = cache_key(model=lm.info.fingerprint, prompts=sha256_text("\0".join(harmful)), intervention=name,
+                            lengths=sorted(lengths), template=lm.info.template.template, dtype=str(lm.info.dtype))
+            path = artifacts_dir() / "evaluations" / family / variant / f"lengths-{name}-{key}.json"
+
+            def compute() -> dict:
+                with intervention.applied(lm) if intervention else contextlib.nullcontext():
+                    texts, _ = generate_prefixes(lm, harmful, lengths, batch_size, desc=f"{variant} {condition}")
+                return {str(length): texts[length] for length in lengths}
+
+            result = cached_json(path, key, compute)
+            out.append({"model": variant, "condition": condition, "prompts": harmful,
+                        "completions": {int(length): texts for length, texts in result.items()}})
+        del lm
+    return out
+
+
+def length_table(runs: Sequence[dict], n_boot: int = 2000, seed: int = 0):
+    """Per condition of ``length_check``: the refusal rate (the paper's judge; the content judge's is the same) and
+    the content judge's compliance rate at the shortest and the longest budget, and the change in refusal from
+    the shortest to the longest, in points, with a 95% paired bootstrap interval over prompts."""
+    import pandas as pd
+
+    from lib.judges import bootstrap_rate_difference, content_judge_all, judge_all
+
+    rows = []
+    for run in runs:
+        short, long = min(run["completions"]), max(run["completions"])
+        refusals = {length: judge_all(run["completions"][length]) for length in (short, long)}
+        content = {length: content_judge_all(run["completions"][length], run["prompts"]) for length in (short, long)}
+        change = bootstrap_rate_difference(refusals[long], refusals[short], REFUSAL, n_boot=n_boot, seed=seed)
+        row = {"model": run["model"], "condition": run["condition"], "n": len(run["prompts"])}
+        for length in (short, long):
+            row[f"refusal % ({length})"] = 100 * refusals[length].count(REFUSAL) / len(run["prompts"])
+        row.update({"change": change["difference"], "low": change["low"], "high": change["high"]})
+        for length in (short, long):
+            row[f"compliance % ({length})"] = 100 * content[length].count(COMPLIANCE) / len(run["prompts"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def length_statement(table) -> str:
+    """One sentence on ``length_table``: the range of the refusal changes and the conditions whose 95% interval
+    excludes 0."""
+    budgets = [c[len("refusal % ("):-1] for c in table.columns if c.startswith("refusal % (")]
+    moved = table[(table["low"] > 0) | (table["high"] < 0)]
+    where = ("no interval excludes 0" if moved.empty else
+             "the interval excludes 0 for " + ", ".join(f"{r['model']} ({r['condition']}: {r['change']:+.1f})"
+                                                        for _, r in moved.iterrows()))
+    return (f"From {budgets[0]} to {budgets[-1]} new tokens, the refusal rate of the {len(table)} conditions "
+            f"changes by {table['change'].min():+.1f} to {table['change'].max():+.1f} points; {where}.")

@@ -13,7 +13,7 @@ import torch
 import lib
 from lib.artifacts import artifacts_dir, cache_key, cached_tensors
 from lib.hooks import SITES, WRITE_SITES, attached, check_layers, check_sites, site_hook, write_site_hook
-from lib.models import LoadedModel, encode, forward
+from lib.models import LoadedModel, check_prompts, encode, forward
 from lib.runtime import auto_batch_size, progress
 
 DEFAULT_BATCH_SIZE = 16
@@ -58,8 +58,7 @@ def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | Non
     ``[n, len(layers), len(positions), d]`` for a list of positions; float32 on the CPU, rows in prompt order.
     ``batch_size=None`` picks one that fits the free memory (``lib.runtime.auto_batch_size``).
     """
-    if not prompts:
-        raise ValueError("The prompt list is empty; pass at least one prompt.")
+    check_prompts(prompts)
     if batch_size is None:
         batch_size = auto_batch_size(lm, max(prompt_lengths(lm, prompts)), 0)
     if batch_size < 1:

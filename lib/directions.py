@@ -23,7 +23,7 @@ def unit(vectors: torch.Tensor) -> torch.Tensor:
     """Normalise along the last axis; a zero or non-finite vector is an error, never a silent NaN."""
     norms = vectors.norm(dim=-1, keepdim=True)
     if not torch.isfinite(vectors).all() or bool((norms == 0).any()):
-        raise ValueError("Cannot normalise a zero or non-finite direction.")
+        raise ValueError("A direction is zero or not finite; pass a non-zero, finite vector.")
     return vectors / norms
 
 

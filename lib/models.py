@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -55,6 +56,11 @@ class PromptTemplate:
     template: str = "chat"
     add_special_tokens: bool = False
     system: str | None = None
+
+    def __post_init__(self):
+        if self.template != "chat" and "{prompt}" not in self.template:
+            raise ValueError(f"The template {self.template!r} has no '{{prompt}}' field, so every prompt would become "
+                             "the same text; put {prompt} where the user's message goes, or use 'chat'.")
 
     def format(self, tokenizer, prompt: str) -> str:
         if self.template == "chat":
@@ -415,11 +421,27 @@ def _merge_adapter(model: nn.Module, adapter: str, download: bool) -> nn.Module:
     return peft_model.merge_and_unload()
 
 
-def encode(lm: LoadedModel, prompts: list[str], device: torch.device | None = None):
-    """Format ``prompts`` with the family's template and tokenise them as one left-padded batch."""
+def check_prompts(prompts) -> None:
+    """Raise a clear error unless ``prompts`` is a non-empty sequence of strings (a bare string would otherwise be
+    read character by character)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
     if not prompts:
         raise ValueError("The prompt list is empty; pass at least one prompt.")
-    texts = [lm.info.template.format(lm.tokenizer, p) for p in prompts]
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{index}] is {type(prompt).__name__} {prompt!r}, not a string; pass text only.")
+
+
+def formatted(lm: LoadedModel, prompts: Sequence[str]) -> list[str]:
+    """``prompts`` (checked) in the family's template: the text the tokenizer sees."""
+    check_prompts(prompts)
+    return [lm.info.template.format(lm.tokenizer, p) for p in prompts]
+
+
+def encode(lm: LoadedModel, prompts: list[str], device: torch.device | None = None):
+    """Format ``prompts`` with the family's template and tokenise them as one left-padded batch."""
+    texts = formatted(lm, prompts)
     batch = lm.tokenizer(texts, return_tensors="pt", padding=True,
                          add_special_tokens=lm.info.template.add_special_tokens)
     return batch.to(device or input_device(lm.model))
@@ -440,10 +462,7 @@ def split_common_prefix(lm: LoadedModel, prompts: list[str]) -> tuple[list[int],
     """Tokenise the formatted ``prompts`` and split off the token ids they all start with (the template's system
     turn, for most chat families): ``(prefix, suffixes)``, each suffix at least one token long. Splitting ids, not
     text, so ``prefix + suffix`` is exactly the tokenisation of the whole prompt."""
-    if not prompts:
-        raise ValueError("The prompt list is empty; pass at least one prompt.")
-    texts = [lm.info.template.format(lm.tokenizer, p) for p in prompts]
-    ids = lm.tokenizer(texts, add_special_tokens=lm.info.template.add_special_tokens)["input_ids"]
+    ids = lm.tokenizer(formatted(lm, prompts), add_special_tokens=lm.info.template.add_special_tokens)["input_ids"]
     shortest = min(len(row) for row in ids)
     length = 0
     while length < shortest - 1 and all(row[length] == ids[0][length] for row in ids):

@@ -144,3 +144,21 @@ def test_rates_under_both_judges_the_same_completions_twice():
     row = audit.rates_under_both(pool).iloc[0]
     assert row["n"] == 2 and row["refusal %"] == 50 and row["broken %"] == 50 and row["degenerate %"] == 50
     assert row["valid %"] == 0 and row["compliance %"] == 0 and row["compliance high"] > 0 and row["same refusals"]
+
+
+def test_length_table_compares_the_budgets_on_the_same_answers():
+    refusal, answer = "I cannot help with that.", "Sourdough bread needs a starter, flour and time to rise well."
+    runs = [{"model": "m", "condition": audit.NONE, "prompts": [BREAD] * 4,
+             "completions": {64: [answer] * 4, 128: [answer, answer, refusal, refusal]}},
+            {"model": "m", "condition": audit.ZERO, "prompts": [BREAD] * 4,
+             "completions": {64: [answer] * 4, 128: [answer] * 4}}]
+    table = audit.length_table(runs, n_boot=200)
+    first = table.iloc[0]
+    assert first["refusal % (64)"] == 0 and first["refusal % (128)"] == 50 and first["change"] == 50
+    assert first["compliance % (64)"] == 100 and first["compliance % (128)"] == 50
+    assert table.iloc[1]["change"] == 0 and table.iloc[1]["low"] == table.iloc[1]["high"] == 0
+    statement = audit.length_statement(table)
+    assert statement.startswith("From 64 to 128 new tokens, the refusal rate of the 2 conditions changes by +0.0 "
+                                "to +50.0 points; ")
+    no_change = audit.length_statement(table.iloc[[1]])
+    assert no_change.endswith("no interval excludes 0.")

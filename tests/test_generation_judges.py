@@ -18,6 +18,15 @@ def test_generation_bad_input(tiny):
         generation.generate(tiny, [])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generation.generate(tiny, ["write a poem"], max_new_tokens=0)
+    with pytest.raises(TypeError, match="wrap it"):
+        generation.generate(tiny, "write a poem")  # not iterated character by character
+
+
+def test_prefixes_are_the_same_answer_cut_at_each_budget(tiny, prompts):
+    texts, finished = generation.generate_prefixes(tiny, prompts, (3, 6), batch_size=2)
+    assert texts[6] == generation.generate(tiny, prompts, max_new_tokens=6, batch_size=2)
+    assert texts[3] == generation.generate(tiny, prompts, max_new_tokens=3, batch_size=2)
+    assert all(long.startswith(short) for short, long in zip(texts[3], texts[6])) and len(finished) == 4
 
 
 @pytest.mark.parametrize("phrase", judges.REFUSAL_PHRASES)
@@ -134,3 +143,17 @@ def test_unique_word_ratio_and_usable_answers():
     assert not training.usable_answer("no, no, no, no, no, no, no, no")
     assert not training.usable_answer("To make the dough soft you knead it for a long time and then you let it")
     assert training.usable_answer("Knead the dough for ten minutes. Then let it rise.")
+
+
+def test_prompt_inputs_that_are_not_lists_of_text_are_refused(tiny):
+    from lib import capture, models
+
+    with pytest.raises(TypeError, match="wrap it"):
+        capture.collect(tiny, "How do I bake bread?", [1])
+    with pytest.raises(TypeError, match=r"prompts\[1\] is int 123"):
+        judges.refusal_score(tiny, ["fine", 123])
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        judges.refusal_score(tiny, ["fine"], batch_size=0)
+    with pytest.raises(ValueError, match="no '\\{prompt\\}' field"):
+        models.PromptTemplate("[INST] hello [/INST]")
+    assert models.PromptTemplate("[INST]{prompt}[/INST]").format(None, "hi") == "[INST]hi[/INST]"
