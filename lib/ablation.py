@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lib.hooks import WRITE_SITES, attached, check_layers, input_hook, write_site_hook
+from lib.linalg import project_out
 from lib.models import LoadedModel, ModelInfo
 
 MODES = ("zero", "mean")
@@ -52,12 +53,6 @@ def check_directions(directions: torch.Tensor, d_model: int) -> torch.Tensor:
     if bool((r.diagonal().abs() < 1e-6 * directions.norm(dim=1).max()).any()):
         raise ValueError(f"The {directions.shape[0]} directions are linearly dependent; pass independent ones.")
     return q.T.float().contiguous()
-
-
-def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """x - (x B^T) B for an orthonormal basis B [k, d] (cast to x's dtype and device)."""
-    basis = basis.to(device=x.device, dtype=x.dtype)
-    return x - (x @ basis.T) @ basis
 
 
 def check_mode_name(mode: str) -> str:

@@ -18,8 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from lib.ablation import check_directions, projection_fn
-from lib.directions import unit
 from lib.hooks import WRITE_SITES, attached, write_site_hook
+from lib.linalg import unit
 from lib.models import LoadedModel
 
 RESID_PRE = WRITE_SITES.index("resid_pre")
@@ -167,27 +167,29 @@ def ablated_except_first(lm: LoadedModel, direction: torch.Tensor) -> Iterator[N
         yield
 
 
-def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], harmless: Sequence[str],
+def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], harmless: Sequence[str] | None,
                      batch_size: int = 16, n_boot: int = 2000, seed: int = 0):
     """Generation-free effect of each named condition (a context-manager factory ``lm -> context``, or None for the
     model as it is) on ``lm``: the mean refusal score on ``harmful`` with a 95% bootstrap interval over prompts, and
-    the mean first-token KL on ``harmless`` from the unablated model. A DataFrame indexed by condition; its
-    ``per_prompt`` column holds each prompt's score, for paired comparisons."""
+    (unless ``harmless`` is None) the mean first-token KL on ``harmless`` from the unablated model. A DataFrame
+    indexed by condition; its ``per_prompt`` column holds each prompt's score, for paired comparisons."""
     import pandas as pd
 
-    from lib.judges import bootstrap_indices, kl_divergence, next_token_log_probs, refusal_score_from
+    from lib.judges import kl_divergence, next_token_log_probs, refusal_score_from
     from lib.runtime import progress
+    from lib.stats import bootstrap_indices, bootstrap_mean_interval
 
     index = bootstrap_indices(len(harmful), n_boot, seed)
-    clean_harmless = next_token_log_probs(lm, harmless, batch_size)
+    clean_harmless = None if harmless is None else next_token_log_probs(lm, harmless, batch_size)
     rows = []
     for name, condition in progress(list(conditions.items()), desc=f"conditions {lm.info.variant}"):
         with condition(lm) if condition is not None else contextlib.nullcontext():
             scores = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).double()
-            kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
-        low, high = torch.quantile(scores[index].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+            damage = {} if harmless is None else {"harmless KL": float(kl_divergence(
+                clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean())}
+        low, high = bootstrap_mean_interval(scores, index)
         rows.append({"condition": name, "refusal score": float(scores.mean()), "low": low, "high": high,
-                     "harmless KL": float(kl), "n": len(harmful), "per_prompt": tuple(scores.tolist())})
+                     **damage, "n": len(harmful), "per_prompt": tuple(scores.tolist())})
     return pd.DataFrame(rows).set_index("condition")
 
 

@@ -12,7 +12,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,30 @@ class ArtifactError(RuntimeError):
     """An artifact on disk is missing, corrupted or stale."""
 
 
+class StaleArtifactError(ArtifactError):
+    """An artifact is intact but was computed from other inputs (its cache key differs)."""
+
+
 def artifacts_dir() -> Path:
     """Where chapters write their outputs: ``$REFUSAL_BOOK_ARTIFACTS`` or ``<repo>/artifacts``."""
     return Path(os.environ.get(ARTIFACTS_ENV, REPO_ROOT / "artifacts"))
+
+
+ARTIFACT_KINDS = {  # every folder under artifacts/, what writes it (README, "Artifacts")
+    "activations": "residual activations of the direction pairs, per variant (lib.capture.pair_activations)",
+    "site-statistics": "per-site means and spreads over reference prompts (lib.capture.site_statistics)",
+    "directions": "refusal directions and chosen layers, one file per family (lib.directions.save_directions)",
+    "evaluations": "generated, judged completions per condition (lib.judges.evaluate, cached_generation)",
+    "attacks": "completions under the organisms' PGD attack (lib.training.cached_attack)",
+    "verdicts": "each chapter's verdict on a claim, read by the conclusions (write_verdict)",
+}
+
+
+def artifact_path(kind: str, family: str, *parts: str) -> Path:
+    """``artifacts/<kind>/<family>/<parts...>``: the one place artifact paths are built (``ARTIFACT_KINDS``)."""
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"Unknown artifact kind {kind!r}; kinds are {sorted(ARTIFACT_KINDS)}.")
+    return artifacts_dir().joinpath(kind, family, *parts)
 
 
 def cache_dir() -> Path:
@@ -85,6 +107,30 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def read_json(path: str | Path, fix: str, error: type[Exception] = None) -> Any:
+    """The JSON document at ``path``; unreadable or malformed JSON raises ``error`` (default ``ArtifactError``)
+    naming the file and ``fix`` (what the reader should do about it)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise (error or ArtifactError)(f"{path} is not valid JSON ({problem}). {fix}") from problem
+
+
+def read_jsonl(path: str | Path, fix: str, error: type[Exception] = None) -> list[Any]:
+    """One JSON value per non-blank line of ``path``; a malformed line raises ``error`` (default ``ArtifactError``)
+    naming the file, the line and ``fix``."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as problem:
+            raise (error or ArtifactError)(f"{path}, line {number}: not valid JSON ({problem.msg}). {fix}") \
+                from problem
+    return rows
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -110,7 +156,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not sidecar.exists():
         raise ArtifactError(f"{path} has no metadata sidecar {sidecar.name}: it was never completed. "
                             "Re-run the chapter that writes it.")
-    return json.loads(sidecar.read_text(encoding="utf-8"))
+    return read_json(sidecar, "Delete it and its tensor file and re-run the chapter that writes them.")
 
 
 def load_tensors(path: str | Path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -124,7 +170,7 @@ def load_tensors(path: str | Path, key: str | None = None) -> tuple[dict[str, to
         raise ArtifactError(f"{path} does not match the checksum in {sidecar_path(path).name} (corrupted or "
                             "half-written). Delete both files and re-run the chapter that writes them.")
     if key is not None and meta.get("key") != key:
-        raise ArtifactError(f"{path} was computed with different inputs (key {meta.get('key')} != {key}). "
+        raise StaleArtifactError(f"{path} was computed with different inputs (key {meta.get('key')} != {key}). "
                             "Re-run the chapter that writes it.")
     return load_file(str(path)), meta
 
@@ -140,9 +186,16 @@ def is_fresh(path: str | Path, key: str) -> bool:
 
 def cached_tensors(path: str | Path, key: str, metadata: dict[str, Any],
                    compute: Callable[[], dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return the artifact at ``path`` if it was computed under ``key``; otherwise compute and save it."""
-    if is_fresh(path, key):
-        return load_tensors(path, key)
+    """Return the artifact at ``path`` if it was computed under ``key``; otherwise compute and save it. A stale
+    artifact (other inputs) is recomputed quietly; a corrupted or half-written one with a warning that says so."""
+    path = Path(path)
+    if path.exists() or sidecar_path(path).exists():
+        try:
+            return load_tensors(path, key)
+        except StaleArtifactError:
+            pass
+        except ArtifactError:
+            warnings.warn(f"The cached {path} is damaged or half-written; recomputing it.", stacklevel=2)
     save_tensors(path, compute(), {**metadata, "key": key})
     return load_tensors(path, key)
 
@@ -153,7 +206,8 @@ def cached_json(path: str | Path, key: str, compute: Callable[[], Any]) -> Any:
     if path.exists():
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            warnings.warn(f"{path} is not valid JSON ({error}); recomputing it.", stacklevel=2)
             stored = None
         if isinstance(stored, dict) and stored.get("key") == key:
             return stored["result"]
@@ -168,11 +222,28 @@ def verdicts_dir() -> Path:
 
 def write_verdict(family: str, claim: str, verdict: dict[str, Any]) -> Path:
     """Store a chapter's computed verdict on one of the paper's claims, for the conclusions chapter."""
-    path = verdicts_dir() / family / f"{claim}.json"
+    path = artifact_path("verdicts", family, f"{claim}.json")
     write_json(path, {"family": family, "claim": claim, **verdict})
     return path
 
 
-def read_verdicts() -> list[dict[str, Any]]:
-    """Every stored verdict, ordered by family and claim."""
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(verdicts_dir().glob("*/*.json"))]
+def read_verdicts(families: str | Sequence[str] = "all") -> list[dict[str, Any]]:
+    """The stored verdicts of ``families`` ("all", one family name, or a list of names), ordered by family and
+    claim. A name with no stored verdicts is an error that lists the families that have some."""
+    stored = sorted(p.name for p in verdicts_dir().glob("*") if p.is_dir() and any(p.glob("*.json")))
+    if families == "all":
+        wanted = stored
+    else:
+        wanted = [families] if isinstance(families, str) else list(families)
+        if not wanted or not all(isinstance(name, str) for name in wanted):
+            raise ValueError(f"families must be 'all', a family name or a list of names, got {families!r}.")
+        missing = [name for name in wanted if name not in stored]
+        if missing:
+            raise ValueError(f"No verdicts are stored for {missing} in {verdicts_dir()} (families with verdicts: "
+                             f"{stored or 'none'}). Check the name, or run that family's chapters first "
+                             "(python -m lib.runner --profile params/<profile>.yaml).")
+    if not wanted:
+        raise ArtifactError(f"No verdicts stored yet in {verdicts_dir()}: run the spectra and transfer chapters "
+                            "first (make book).")
+    return [read_json(p, "Delete it and re-run the chapter that writes this verdict.")
+            for family in wanted for p in sorted((verdicts_dir() / family).glob("*.json"))]

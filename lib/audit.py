@@ -13,6 +13,7 @@ Stored rows hold the prompt's id, never its text (``data/`` stores no third-part
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -132,12 +133,19 @@ def overlap_ids(items: Sequence[dict], n: int = 60, seed: int = SAMPLE_SEED) -> 
 
 def prompt_text(prompt_id: str, kind: str, seed: int = 42) -> str:
     """The text of a stored row's prompt (``kind`` "harmful" or "harmless"), read through ``lib.data``."""
+    texts = test_texts(seed)
+    if (kind, prompt_id) not in texts:
+        raise KeyError(f"No test pair has id {prompt_id!r} (or {kind!r} is not 'harmful' or 'harmless'); the gold "
+                       "file was written for other data.")
+    return texts[(kind, prompt_id)]
+
+
+@functools.lru_cache(maxsize=4)
+def test_texts(seed: int = 42) -> dict[tuple[str, str], str]:
+    """``{(kind, pair id): prompt text}`` for every pair of the ``test`` split, harmful and harmless."""
     from lib import data
 
-    for pair in data.split("test", seed):
-        if pair.id == prompt_id:
-            return getattr(pair, kind)
-    raise KeyError(f"No test pair has id {prompt_id!r}; the gold file was written for other data.")
+    return {(kind, pair.id): getattr(pair, kind) for pair in data.split("test", seed) for kind in ("harmful", "harmless")}
 
 
 def half_of(item_id: str) -> str:
@@ -189,7 +197,7 @@ def precision_recall(predicted: Sequence[str], gold: Sequence[str], means: dict[
     """Per judge label: precision (of the completions given the label, the share whose gold label is the one it
     claims, ``means[label]``) and recall (of the completions with that gold label, the share the judge found),
     in %, each with a 95% Wilson interval and its n."""
-    from lib.judges import wilson_interval
+    from lib.stats import wilson_interval
 
     if len(predicted) != len(gold):
         raise ValueError(f"{len(predicted)} judge labels but {len(gold)} gold labels.")
@@ -293,36 +301,17 @@ def judge_summary(table) -> str:
 
 def rates_under_both(pool: Sequence[dict], seed: int = 42):
     """Every generated condition of ``candidate_pool`` (condition, direction or attack source, model, prompt kind)
-    judged by the paper's judge and by the content judge: rates in %, with 95% Wilson intervals for the two
-    attack-success measures (valid, compliance), one row per condition."""
-    import pandas as pd
+    judged by the paper's judge and by the content judge (``lib.judges.rates_under_both``), one row per condition."""
+    from lib.judges import rates_under_both as judged_twice
 
-    from lib import data
-    from lib.judges import OFF_TASK, content_judge, judge, wilson_interval
-
-    text_of = {(kind, pair.id): getattr(pair, kind) for pair in data.split("test", seed)
-               for kind in ("harmful", "harmless")}
-    groups: dict[tuple, list[tuple[str, str]]] = {}
+    keys = ("condition", "source", "model", "prompt_kind")
+    groups: dict[tuple, tuple[list[str], list[str]]] = {}
     for row in pool:
-        labels = (judge(row["completion"]),
-                  content_judge(row["completion"], text_of[(row["prompt_kind"], row["prompt_id"])]))
-        key = (row["condition"], row["source"], row["model"], row["prompt_kind"])
-        groups.setdefault(key, []).append(labels)
-    out = []
-    for (condition, source, model, prompts), labels in groups.items():
-        n = len(labels)
-        row = {"condition": condition, "source": source, "model": model, "prompts": prompts, "n": n}
-        for name, judged in (("refusal", [k for k, _ in labels]), ("valid", [k for k, _ in labels]),
-                             ("compliance", [c for _, c in labels]), (OFF_TASK, [c for _, c in labels]),
-                             ("broken", [k for k, _ in labels]), (DEGENERATE, [c for _, c in labels])):
-            hits = sum(label == name for label in judged)
-            row[f"{name} %"] = 100 * hits / n
-            if name in (VALID, COMPLIANCE):
-                low, high = wilson_interval(hits, n)
-                row.update({f"{name} low": 100 * low, f"{name} high": 100 * high})
-        row["same refusals"] = all((k == REFUSAL) == (c == REFUSAL) for k, c in labels)
-        out.append(row)
-    return pd.DataFrame(out)
+        texts, prompts = groups.setdefault(tuple(row[k] for k in keys), ([], []))
+        texts.append(row["completion"])
+        prompts.append(prompt_text(row["prompt_id"], row["prompt_kind"], seed))
+    names = dict(zip((f"key{i}" for i in range(len(keys))), ("condition", "source", "model", "prompts")))
+    return judged_twice(groups).rename(columns=names)
 
 
 def judge_dependence(both, acceptance_by_judge: dict) -> str:
@@ -355,11 +344,7 @@ def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, leng
     harmful test prompts: one greedy generation of ``max(lengths)`` new tokens, decoded at every budget in
     ``lengths`` (``lib.generation.generate_prefixes``), so the budgets are compared on the same answers. Cached
     like ``lib.judges.evaluate``. One dict per condition: model, condition, prompts, ``{length: completions}``."""
-    import contextlib
-
-    from lib import ablation, data, directions, models
-    from lib.artifacts import artifacts_dir, cache_key, cached_json, sha256_text
-    from lib.generation import generate_prefixes
+    from lib import ablation, data, directions, judges, models
 
     harmful = data.test_prompts("offline", n, seed)["harmful"]
     stored, meta = directions.load_directions(family)
@@ -369,21 +354,19 @@ def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, leng
         directions.check_matches(meta, lm.info)
         unit = stored[variant]["unit"][meta["chosen_layers"][variant]]
         for condition, intervention in ((NONE, None), (ZERO, ablation.Intervention("ablate", unit))):
-            name = "none" if intervention is None else intervention.key()
-            key = cache_key(model=lm.info.fingerprint, prompts=sha256_text("\0".join(harmful)), intervention=name,
-                            lengths=sorted(lengths), template=lm.info.template.template, dtype=str(lm.info.dtype))
-            path = artifacts_dir() / "evaluations" / family / variant / f"lengths-{name}-{key}.json"
-
-            def compute() -> dict:
-                with intervention.applied(lm) if intervention else contextlib.nullcontext():
-                    texts, _ = generate_prefixes(lm, harmful, lengths, batch_size, desc=f"{variant} {condition}")
-                return {str(length): texts[length] for length in lengths}
-
-            result = cached_json(path, key, compute)
+            compute = functools.partial(_texts_by_length, lm, harmful, lengths, batch_size, f"{variant} {condition}")
+            result = judges.cached_generation(lm, harmful, intervention, compute, "lengths-", lengths=sorted(lengths))
             out.append({"model": variant, "condition": condition, "prompts": harmful,
                         "completions": {int(length): texts for length, texts in result.items()}})
         del lm
     return out
+
+
+def _texts_by_length(lm, prompts: Sequence[str], lengths: Sequence[int], batch_size: int, desc: str) -> dict:
+    from lib.generation import generate_prefixes
+
+    texts, _ = generate_prefixes(lm, prompts, lengths, batch_size, desc=desc)
+    return {str(length): texts[length] for length in lengths}
 
 
 def length_table(runs: Sequence[dict], n_boot: int = 2000, seed: int = 0):

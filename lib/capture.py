@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 import lib
-from lib.artifacts import artifacts_dir, cache_key, cached_tensors
+from lib.artifacts import artifact_path, cache_key, cached_tensors
 from lib.hooks import SITES, WRITE_SITES, attached, check_layers, check_sites, site_hook, write_site_hook
 from lib.models import LoadedModel, check_prompts, encode, forward
 from lib.runtime import auto_batch_size, progress
@@ -129,7 +129,7 @@ def site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int = D
                 "positions": positions, "template": info.template.template,
                 "add_special_tokens": info.template.add_special_tokens, "dtype": str(info.dtype)}
     key = cache_key(kind="site_statistics", **metadata)
-    path = artifacts_dir() / "site-statistics" / info.family / info.variant / f"{key}.safetensors"
+    path = artifact_path("site-statistics", info.family, info.variant, f"{key}.safetensors")
     tensors, _ = cached_tensors(path, key, {**metadata, "lib_version": lib.__version__},
                                 lambda: _site_statistics(lm, prompts, batch_size, positions, desc))
     return tensors
@@ -200,7 +200,7 @@ def pair_activations(lm: LoadedModel, pairs: Sequence, dataset: str = "offline",
             tensors.update({f"{kind}/{site}": value for site, value in acts.items()})
         return tensors
 
-    path = artifacts_dir() / "activations" / info.family / info.variant / f"{dataset}-pairs.safetensors"
+    path = artifact_path("activations", info.family, info.variant, f"{dataset}-pairs.safetensors")
     return cached_tensors(path, key, {**metadata, "lib_version": lib.__version__}, compute)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lib.linalg import pca_basis, unit
+
 
 def _check_pair(harmful: torch.Tensor, harmless: torch.Tensor) -> None:
     if harmful.ndim < 2 or harmful.shape[1:] != harmless.shape[1:]:
@@ -17,14 +19,6 @@ def mean_difference(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tens
     """mean(harmful) - mean(harmless) over the first axis, unnormalised (its norm is a published diagnostic)."""
     _check_pair(harmful, harmless)
     return harmful.double().mean(0).float() - harmless.double().mean(0).float()
-
-
-def unit(vectors: torch.Tensor) -> torch.Tensor:
-    """Normalise along the last axis; a zero or non-finite vector is an error, never a silent NaN."""
-    norms = vectors.norm(dim=-1, keepdim=True)
-    if not torch.isfinite(vectors).all() or bool((norms == 0).any()):
-        raise ValueError("A direction is zero or not finite; pass a non-zero, finite vector.")
-    return vectors / norms
 
 
 def refusal_directions(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
@@ -99,7 +93,6 @@ def settled_at(frame, tolerance: float = 0.01) -> int | None:
 def top_pc_removed_direction(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     """The paper's variant: fit a 1-component PCA on the pooled activations ([n, d] each, one layer), remove that
     component from every activation, then take the unit difference in means."""
-    from lib.spectra import pca_basis
 
     pooled = torch.cat([harmful, harmless]).double()
     mean, axes = pca_basis(pooled, k=1)
@@ -142,18 +135,18 @@ def probe_accuracy(harmful: torch.Tensor, harmless: torch.Tensor, kind: str = "l
 def save_directions(family: str, per_variant: dict[str, dict[str, torch.Tensor]], metadata: dict):
     """Write every variant's directions (``{"unit": [layers, d], "mean_difference": [layers, d]}``) and the
     selection metadata (chosen layers, sweep) as one artifact: ``artifacts/directions/<family>.safetensors``."""
-    from lib.artifacts import artifacts_dir, save_tensors
+    from lib.artifacts import artifact_path, save_tensors
 
     tensors = {f"{variant}/{name}": t for variant, parts in per_variant.items() for name, t in parts.items()}
-    return save_tensors(artifacts_dir() / "directions" / f"{family}.safetensors", tensors, metadata)
+    return save_tensors(artifact_path("directions", f"{family}.safetensors"), tensors, metadata)
 
 
 def load_directions(family: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """The artifact written by the refusal-directions chapter: (``{variant: {"unit", "mean_difference"}}``,
     metadata with the chosen layer per variant)."""
-    from lib.artifacts import artifacts_dir, load_tensors
+    from lib.artifacts import artifact_path, load_tensors
 
-    tensors, meta = load_tensors(artifacts_dir() / "directions" / f"{family}.safetensors")
+    tensors, meta = load_tensors(artifact_path("directions", f"{family}.safetensors"))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         variant, part = name.split("/")
@@ -170,6 +163,19 @@ def check_matches(metadata: dict, info) -> None:
     if stored != info.fingerprint:
         raise ArtifactError(f"The stored directions for {info.family}/{info.variant} were computed from other "
                             f"weights (fingerprint {stored} != {info.fingerprint}); re-run book/04_directions.")
+
+
+def check_current(metadata: dict, family: str, variants, device: str = "auto", dtype: str = "auto") -> None:
+    """``check_matches`` for ``variants`` without loading them (``lib.models.fingerprint``): a chapter calls it
+    before it computes anything, so that directions left from weights since retrained never reach a verdict."""
+    from lib.artifacts import ArtifactError
+    from lib.models import fingerprint
+
+    for variant in variants:
+        stored, current = metadata.get("fingerprints", {}).get(variant), fingerprint(family, variant, device, dtype)
+        if stored != current:
+            raise ArtifactError(f"The stored directions for {family}/{variant} were computed from other weights "
+                                f"(fingerprint {stored} != {current}); re-run book/04_directions.")
 
 
 def layer_directions(mean_differences: torch.Tensor) -> torch.Tensor:

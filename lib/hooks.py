@@ -8,6 +8,7 @@ tensor or a tuple whose first element is the hidden state; both are handled here
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -24,8 +25,22 @@ WRITE_SITES = ("resid_pre", "attn_out", "mlp_out")
 HiddenFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
+def _is_index(value) -> bool:
+    """True for a whole number usable as an index (int, numpy or 0-d integer tensor); False for 1.7, "1", True."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def check_layers(info: ModelInfo, layers: Sequence[int] | None) -> list[int]:
     """Validate layer indices (default: all layers) against the model's depth."""
+    if layers is not None and not all(_is_index(layer) for layer in layers):
+        raise ValueError(f"Layers must be whole numbers, got {list(layers)!r}; pass e.g. [1, 2] (a layer index, "
+                         "not a fraction of the depth).")
     chosen = list(range(info.n_layers)) if layers is None else [int(layer) for layer in layers]
     if not chosen:
         raise ValueError("The list of layers is empty; pass at least one layer index (or None for all).")
@@ -36,6 +51,8 @@ def check_layers(info: ModelInfo, layers: Sequence[int] | None) -> list[int]:
 
 
 def check_sites(sites: Sequence[str]) -> list[str]:
+    if isinstance(sites, str):
+        raise ValueError(f"sites must be a list of site names, not one string; wrap it: [{sites!r}].")
     unknown = [site for site in sites if site not in SITES]
     if unknown or not sites:
         raise ValueError(f"Unknown residual site(s) {unknown or list(sites)}; choose from {SITES}.")

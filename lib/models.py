@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -21,12 +22,13 @@ import torch
 import yaml
 from torch import nn
 
-from lib.artifacts import REPO_ROOT, ArtifactError, cache_dir, sha256_file, sha256_text, write_json
+from lib.artifacts import REPO_ROOT, ArtifactError, cache_dir, read_json, sha256_file, sha256_text, write_json
 from lib.runtime import resolve_device, resolve_dtype
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
 _FAMILIES: dict[str, dict[str, Any]] = {}
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # files a manifest must vouch for
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
                "model.decoder.layers")
 DEFAULT_MODULES = {"attn": "self_attn", "mlp": "mlp", "mid": "post_attention_layernorm"}
@@ -175,8 +177,16 @@ def _verify_manifest(folder: Path, what: str, fix: str) -> dict[str, Any]:
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
         raise CorruptModelError(f"{what} at {folder} has no manifest.json (incomplete). {fix}")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    for name, expected in manifest["files"].items():
+    manifest = read_json(manifest_path, fix, CorruptModelError)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    weights = {p.name for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
+    if not isinstance(files, dict) or not weights & set(files):
+        raise CorruptModelError(f"{what}: {manifest_path} lists no weight file, so nothing vouches for the weights "
+                                f"in {folder}. {fix}")
+    if weights - set(files):
+        raise CorruptModelError(f"{what}: {sorted(weights - set(files))} in {folder} are not in {manifest_path}. "
+                                f"{fix}")
+    for name, expected in files.items():
         path = folder / name
         if not path.exists() or sha256_file(path) != expected:
             raise CorruptModelError(f"{what}: {path} is missing or does not match its SHA-256 in "
@@ -234,6 +244,35 @@ def _silent_gguf_bar():
         gguf_utils.tqdm = bar
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co) accepts a connection within
+    ``timeout`` seconds and downloads are not switched off (``HF_HUB_OFFLINE``)."""
+    import socket
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_download(repo_id: str, filename: str, what: str) -> None:
+    """With ``download=True``: fail at once, not after the hub client's retries, when ``repo_id`` is not cached
+    and the hub cannot be reached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, filename), str) and not hub_reachable():
+        raise ModelUnavailableError(
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached from this "
+            f"machine (no connection to {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')} within 3 s, or "
+            "HF_HUB_OFFLINE is set). Fetch it on a machine with network (`hf download "
+            f"{repo_id}`) and copy the Hugging Face cache here.")
+
+
 def _hub_error(repo_id: str, what: str) -> ModelUnavailableError:
     return ModelUnavailableError(
         f"{what} {repo_id!r} is not in the local Hugging Face cache and downloads are off. Fetch it with "
@@ -241,26 +280,49 @@ def _hub_error(repo_id: str, what: str) -> ModelUnavailableError:
         "`hf auth login` first), or call lib.models.load(..., download=True).")
 
 
-def _base_source(base: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
-    """(path or hub id, extra from_pretrained kwargs, identity string for fingerprints)."""
+def _base_source(base: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(path or hub id, extra from_pretrained kwargs) of a family's base model."""
     if "gguf" in base:
-        folder = dequantised_gguf_folder(base["gguf"])
-        return str(folder), {}, f"gguf:{base['gguf']['sha256']}"
+        return str(dequantised_gguf_folder(base["gguf"])), {}
     if "hub" in base:
         revision = base.get("revision")
-        return base["hub"], ({"revision": revision} if revision else {}), f"hub:{base['hub']}@{revision}"
+        return base["hub"], ({"revision": revision} if revision else {})
     if "local" in base:
-        path = Path(base["local"])
-        path = path if path.is_absolute() else REPO_ROOT / path
-        if not (path / "config.json").exists():
-            raise ModelUnavailableError(f"No Hugging Face model folder at {path} (config.json missing).")
-        files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".json"})
-        return str(path), {}, "local:" + sha256_text("".join(sha256_file(p) for p in files))
+        return str(_local_folder(base)), {}
     raise ValueError(f"A family's base needs one of 'gguf', 'hub', 'local'; got {sorted(base)}.")
 
 
-def _adapter_source(adapter: dict[str, Any], family: str, variant: str) -> tuple[str, str]:
-    """(path or hub id, identity string) for one adapter, verifying local checksums."""
+def _local_folder(base: dict[str, Any]) -> Path:
+    path = Path(base["local"])
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if not (path / "config.json").exists():
+        raise ModelUnavailableError(f"No Hugging Face model folder at {path} (config.json missing).")
+    return path
+
+
+def _base_identity(base: dict[str, Any]) -> str:
+    """What a base model is, for fingerprints: the GGUF's checksum, the hub snapshot in the local cache, or the
+    checksum of every file of a local folder (weights in any format, configs, tokenizer)."""
+    if "gguf" in base:
+        return f"gguf:{base['gguf']['sha256']}"
+    if "hub" in base:
+        return _hub_identity(base, "config.json")
+    files = sorted(p for p in _local_folder(base).iterdir() if p.is_file())
+    return "local:" + sha256_text("".join(f"{p.name}\0{sha256_file(p)}\0" for p in files))
+
+
+def hub_snapshot(repo_id: str, filename: str, revision: str | None = None) -> str:
+    """The commit hash of the snapshot of ``repo_id`` in the local Hugging Face cache that ``revision`` (None: the
+    default branch) resolves to: what ``from_pretrained`` actually reads, so that an updated cache changes a
+    model's fingerprint. ``revision`` itself (or "unresolved") when the cache does not hold ``filename``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return Path(path).parent.name if isinstance(path, str) else (revision or "unresolved")
+
+
+def _adapter_source(adapter: dict[str, Any], family: str, variant: str) -> tuple[str, str | None]:
+    """(path or hub id, identity string: None for a hub id) for one adapter, verifying local checksums."""
     if "path" in adapter:
         folder = REPO_ROOT / adapter["path"]
         if not (folder / "adapter_config.json").exists():
@@ -272,7 +334,7 @@ def _adapter_source(adapter: dict[str, Any], family: str, variant: str) -> tuple
                                     "Restore it with `git checkout` or retrain it.")
         return str(folder), "path:" + sha256_text(json.dumps(manifest["files"], sort_keys=True))
     if "hub" in adapter:
-        return adapter["hub"], f"hub:{adapter['hub']}@{adapter.get('revision')}"
+        return adapter["hub"], None  # identified by the snapshot loaded (_hub_identity)
     raise ValueError(f"An adapter needs 'path' or 'hub'; got {sorted(adapter)}.")
 
 
@@ -358,8 +420,11 @@ def load(family: str = "smollm2-135m", variant: str = "base", device: str = "aut
 
     device: "auto" (CUDA when present, placed across GPUs by accelerate; else CPU), "cpu" or "cuda[:i]".
     dtype: "auto" (bfloat16 on CUDA, float32 on CPU) or a dtype name. quantization: None or "nf4" (the paper's 4-bit
-    loading; CUDA only, needs bitsandbytes). download: allow fetching hub ids (off by default: offline-first).
+    loading; CUDA only, needs bitsandbytes); when None, the family entry's ``quantization`` key (if any) decides.
+    download: allow fetching hub ids (off by default: offline-first).
     """
+    if quantization is None:
+        quantization = family_spec(family).get("quantization")
     with quiet_transformers():
         return _load(family, variant, device, dtype, quantization, download)
 
@@ -373,7 +438,13 @@ def _load(family: str, variant: str, device: str, dtype: str, quantization: str 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     adapters = [_adapter_source(a, family, variant) for a in vspec.get("adapters", [])]
-    source, kwargs, identity = _base_source(spec["base"])
+    if download:
+        for hub in ([spec["base"]] if "hub" in spec["base"] else []):
+            _check_download(hub["hub"], "config.json", "Base model")
+        for adapter in vspec.get("adapters", []):
+            if "hub" in adapter:
+                _check_download(adapter["hub"], "adapter_config.json", "Adapter")
+    source, kwargs = _base_source(spec["base"])
     kwargs.update(dtype=torch_dtype, trust_remote_code=False, local_files_only=not download)
     if quantization == "nf4":
         if target.type != "cuda":
@@ -403,10 +474,32 @@ def _load(family: str, variant: str, device: str, dtype: str, quantization: str 
     model.requires_grad_(False)
     template = PromptTemplate(spec.get("template", "chat"), bool(spec.get("add_special_tokens", False)),
                               spec.get("system"))
-    fingerprint = sha256_text(json.dumps([identity, [a[1] for a in adapters], str(torch_dtype), quantization]))[:16]
     info = describe(model, family, variant, template, spec.get("modules"), spec.get("refusal_tokens"),
-                    spec.get("adversary_layer"), fingerprint)
+                    spec.get("adversary_layer"), _fingerprint(spec, vspec, adapters, torch_dtype, quantization))
     return LoadedModel(model, prepare_tokenizer(tokenizer), info)
+
+
+def fingerprint(family: str, variant: str = "base", device: str = "auto", dtype: str = "auto",
+                quantization: str | None = None) -> str:
+    """The fingerprint ``load`` would give this variant (``ModelInfo.fingerprint``), without loading any weights:
+    adapters are checked against their manifests, hub ids resolved in the local cache. For checking, before a
+    chapter computes anything, that stored artifacts were made from the weights on disk now."""
+    spec, vspec = family_spec(family), variant_spec(family, variant)
+    quantization = quantization if quantization is not None else spec.get("quantization")
+    adapters = [_adapter_source(a, family, variant) for a in vspec.get("adapters", [])]
+    return _fingerprint(spec, vspec, adapters, resolve_dtype(dtype, resolve_device(device)), quantization)
+
+
+def _fingerprint(spec: dict, vspec: dict, adapters: list[tuple[str, str | None]], torch_dtype: torch.dtype,
+                 quantization: str | None) -> str:
+    identities = [identity or _hub_identity(source, "adapter_config.json")
+                  for (_, identity), source in zip(adapters, vspec.get("adapters", []))]
+    return sha256_text(json.dumps([_base_identity(spec["base"]), identities, str(torch_dtype), quantization]))[:16]
+
+
+def _hub_identity(source: dict[str, Any], filename: str) -> str:
+    """A hub base's or adapter's identity for fingerprints, taken once it is loaded: its id and the snapshot read."""
+    return f"hub:{source['hub']}@{hub_snapshot(source['hub'], filename, source.get('revision'))}"
 
 
 def _merge_adapter(model: nn.Module, adapter: str, download: bool) -> nn.Module:
@@ -439,11 +532,26 @@ def formatted(lm: LoadedModel, prompts: Sequence[str]) -> list[str]:
     return [lm.info.template.format(lm.tokenizer, p) for p in prompts]
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """The longest input the model was built for (``max_position_embeddings``), when its config says."""
+    return getattr(lm.model.config, "max_position_embeddings", None)
+
+
+def warn_if_too_long(lm: LoadedModel, lengths: Sequence[int]) -> None:
+    """Warn when a formatted prompt leaves no room in the model's context (its results would be meaningless)."""
+    limit = context_length(lm)
+    long = [i for i, n in enumerate(lengths) if limit is not None and n >= limit]
+    if long:
+        warnings.warn(f"{len(long)} prompt(s) (first: index {long[0]}, {lengths[long[0]]} tokens with the template) "
+                      f"fill {lm.info.family}'s context of {limit} tokens; shorten them.", stacklevel=3)
+
+
 def encode(lm: LoadedModel, prompts: list[str], device: torch.device | None = None):
     """Format ``prompts`` with the family's template and tokenise them as one left-padded batch."""
     texts = formatted(lm, prompts)
     batch = lm.tokenizer(texts, return_tensors="pt", padding=True,
                          add_special_tokens=lm.info.template.add_special_tokens)
+    warn_if_too_long(lm, batch["attention_mask"].sum(1).tolist())
     return batch.to(device or input_device(lm.model))
 
 
@@ -463,6 +571,7 @@ def split_common_prefix(lm: LoadedModel, prompts: list[str]) -> tuple[list[int],
     turn, for most chat families): ``(prefix, suffixes)``, each suffix at least one token long. Splitting ids, not
     text, so ``prefix + suffix`` is exactly the tokenisation of the whole prompt."""
     ids = lm.tokenizer(formatted(lm, prompts), add_special_tokens=lm.info.template.add_special_tokens)["input_ids"]
+    warn_if_too_long(lm, [len(row) for row in ids])
     shortest = min(len(row) for row in ids)
     length = 0
     while length < shortest - 1 and all(row[length] == ids[0][length] for row in ids):
@@ -484,10 +593,8 @@ def forward_after_prefix(lm: LoadedModel, cache, prefix_length: int, suffixes: l
     import copy
 
     device = input_device(lm.model)
-    width = max(len(row) for row in suffixes)
-    pad = lm.tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(row)) + row for row in suffixes], device=device)
-    suffix_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in suffixes], device=device)
+    padded = lm.tokenizer.pad({"input_ids": suffixes}, padding=True, return_tensors="pt").to(device)  # left
+    ids, suffix_mask = padded["input_ids"], padded["attention_mask"]
     rows = copy.deepcopy(cache)
     rows.batch_repeat_interleave(len(suffixes))
     mask = torch.cat([torch.ones(len(suffixes), prefix_length, dtype=suffix_mask.dtype, device=device), suffix_mask],

@@ -21,6 +21,7 @@ chapter leaves its notebook untouched.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import os
 import stat
@@ -117,7 +118,13 @@ def declared_parameters(notebook: str | Path) -> dict[str, dict]:
 def load_profile(path: str | Path) -> dict:
     """Read a profile and check its shape (``description``, ``defaults``, ``chapters``)."""
     path = Path(path)
-    profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        raise ProfileError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', None) or error}); "
+                           "fix the file (params/default.yaml shows the expected layout).") from error
     if not isinstance(profile, dict):
         raise ProfileError(f"{path}: a profile must be a mapping with keys {sorted(PROFILE_KEYS)}")
     unknown = sorted(set(profile) - PROFILE_KEYS)
@@ -165,11 +172,47 @@ def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> li
         params = {name: value for name, value in defaults.items() if name in declared[key]}
         params.update(chapters.get(key, {}))
         plan.append((nb, params))
+    check_effective_parameters(plan, declared, repo_root)
     return plan
 
 
-def select_chapters(plan: list[tuple[Path, dict]], only: list[str] | None, repo_root: str | Path) -> list:
-    """Keep the chapters named in ``only`` (chapter key, file name or stem), in table-of-contents order."""
+def effective_parameters(params: dict, declared: dict[str, dict]) -> dict:
+    """What a chapter will run with: its parameters cell's defaults (papermill's source text, evaluated as a
+    literal) overridden by ``params``."""
+    values = {}
+    for name, spec in declared.items():
+        try:
+            values[name] = ast.literal_eval(spec["default"])
+        except (ValueError, SyntaxError):
+            continue  # a default computed by code: left to the chapter's own check
+    return {**values, **params}
+
+
+def check_effective_parameters(plan: list[tuple[Path, dict]], declared: dict[str, dict], repo_root) -> None:
+    """Before anything runs: every chapter's effective parameters pass ``lib.parameters.check`` (allowed values,
+    variants the family has), and the chapters that read prompts all read the same dataset."""
+    from lib.parameters import ParameterError, check
+
+    datasets = {}
+    for nb, params in plan:
+        key = chapter_key(nb, repo_root)
+        values = effective_parameters(params, declared[key])
+        try:
+            check(values, nb.stem, tuple(declared[key]))
+        except ParameterError as error:
+            raise ProfileError(f"{key} would run with a bad parameter: {error} Set it in the profile under "
+                               f"chapters: {key}.") from error
+        if "dataset" in values:
+            datasets[key] = values["dataset"]
+    if len(set(datasets.values())) > 1:
+        raise ProfileError(f"The chapters would read different datasets ({datasets}); set the same 'dataset' for "
+                           "every chapter (e.g. under defaults).")
+
+
+def select_chapters(plan: list[tuple[Path, dict]], only: list[str] | None, repo_root: str | Path,
+                    skipped: list[str] = ()) -> list:
+    """Keep the chapters named in ``only`` (chapter key, file name or stem), in table-of-contents order; a name the
+    profile skips (``skipped``, chapter keys) is an error that says so."""
     if not only:
         return plan
     names = {}
@@ -177,6 +220,11 @@ def select_chapters(plan: list[tuple[Path, dict]], only: list[str] | None, repo_
         for name in (chapter_key(nb, repo_root), nb.name, nb.stem):
             names.setdefault(name, nb)
     unknown = [name for name in only if name not in names]
+    skipped_here = [name for name in unknown if any(key == name or key.endswith("/" + Path(name).stem)
+                                                    for key in skipped)]
+    if skipped_here:
+        raise ProfileError(f"--only {skipped_here}: the profile skips {'it' if len(skipped_here) == 1 else 'them'} "
+                           f"(skip: {list(skipped)}); run it with a profile that does not, e.g. params/default.yaml")
     if unknown:
         raise ProfileError(f"--only {unknown}: no such chapter; chapters are "
                            f"{[chapter_key(nb, repo_root) for nb, _ in plan]}")
@@ -306,8 +354,9 @@ def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run
                 repo_root: str | Path = REPO_ROOT) -> list[tuple[Path, dict]]:
     """Validate the profile, then execute the selected chapters in order (or only print the plan)."""
     repo_root = Path(repo_root).resolve()
-    plan = plan_runs(load_profile(profile_path), read_toc_notebooks(repo_root), repo_root)
-    plan = select_chapters(plan, only, repo_root)
+    profile = load_profile(profile_path)
+    plan = plan_runs(profile, read_toc_notebooks(repo_root), repo_root)
+    plan = select_chapters(plan, only, repo_root, profile.get("skip", []))
     total = time.perf_counter()
     for index, (nb, params) in enumerate(plan, start=1):
         key = chapter_key(nb, repo_root)

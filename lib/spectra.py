@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from lib.directions import refusal_directions
+from lib.linalg import pca_basis, pca_project, project_out
+from lib.stats import basic_interval, bootstrap_indices
+
 
 def energy_fractions(matrix: torch.Tensor, centred: bool = False) -> torch.Tensor:
     """s_k^2 / sum s^2 for the rows of ``matrix`` [n, d] (centred on the row mean first when ``centred``)."""
@@ -24,24 +28,6 @@ def energy_fractions(matrix: torch.Tensor, centred: bool = False) -> torch.Tenso
     return (energy / total).float()
 
 
-def pca_basis(matrix: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [d], top-k principal axes [k, d]) of the rows of ``matrix``; each axis' sign is fixed so that its
-    largest-magnitude coordinate is positive (reruns and platforms then agree)."""
-    if matrix.ndim != 2 or matrix.shape[0] < 2:
-        raise ValueError(f"PCA needs an [n >= 2, d] matrix, got shape {tuple(matrix.shape)}.")
-    x = matrix.double()
-    mean = x.mean(0)
-    _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    axes = vh[:k]
-    signs = torch.sign(axes.gather(1, axes.abs().argmax(1, keepdim=True)))
-    return mean.float(), (axes * signs).float()
-
-
-def pca_project(matrix: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
-    """Coordinates of ``matrix`` rows on the PCA ``axes`` (from ``pca_basis``)."""
-    return (matrix.double() - mean.double()) @ axes.double().T
-
-
 def pca_frame(harmful: torch.Tensor, harmless: torch.Tensor, slots: list[int], labels: list[int], variant: str):
     """PCA coordinates of harmless, harmful and ablated-harmful activations at chosen layers (a DataFrame with
     columns variant, layer, kind, pc1, pc2).
@@ -53,8 +39,6 @@ def pca_frame(harmful: torch.Tensor, harmless: torch.Tensor, slots: list[int], l
     """
     import pandas as pd
 
-    from lib.ablation import project_out
-    from lib.directions import refusal_directions
 
     frames = []
     for slot, label in zip(slots, labels):
@@ -159,7 +143,6 @@ def bootstrap_fractions(matrix: torch.Tensor, n_boot: int = 1000, seed: int = 0,
 
     A resample's Gram matrix is a re-indexing of the full one (x[r] x[r]^T = G[r][:, r]), so each resample costs
     one batched eigendecomposition of an [n, n] matrix rather than an SVD of an [n, d] one."""
-    from lib.judges import bootstrap_indices
 
     if matrix.ndim != 2 or min(matrix.shape) == 0:
         raise ValueError(f"Expected a non-empty [n, d] matrix, got shape {tuple(matrix.shape)}.")
@@ -179,16 +162,6 @@ def bootstrap_shares(matrix: torch.Tensor, ks=(1, 2, 10), n_boot: int = 1000, se
     (every k from the same resamples, ``bootstrap_fractions``)."""
     columns = [min(k, matrix.shape[0]) - 1 for k in ks]
     return bootstrap_fractions(matrix, n_boot, seed, centred).cumsum(-1)[:, columns]
-
-
-def basic_interval(estimate: float, boots: torch.Tensor) -> tuple[float, float]:
-    """95% basic (reverse-percentile) bootstrap interval: (2 estimate - q97.5, 2 estimate - q2.5).
-
-    Spectral shares need it: a resample repeats pairs, which concentrates the spectrum, so resampled shares sit
-    above the estimate (for example an uncentred top-10 share of 0.527 whose resamples span 0.553-0.611). The
-    percentile interval would carry that bias; the basic interval reflects it back around the estimate."""
-    low_q, high_q = torch.quantile(boots.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return 2 * estimate - high_q, 2 * estimate - low_q
 
 
 def share_intervals(differences: dict[str, torch.Tensor], ks=(1, 2, 10), n_boot: int = 1000, seed: int = 0,

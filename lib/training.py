@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lib.artifacts import REPO_ROOT, sha256_file, sha256_text, write_json
+from lib.artifacts import REPO_ROOT, read_json, sha256_file, sha256_text, write_json
 from lib.hooks import attached, site_hook
 from lib.models import LoadedModel, forward, position_ids
 from lib.runtime import progress, set_seed
@@ -88,7 +88,7 @@ class TrainConfig:
 def load_refusals(path: Path = REFUSALS_FILE) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; it is tracked in git — restore it with `git checkout`.")
-    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row["text"] for row in read_jsonl(path)]
 
 
 def refusal_for(prompt_id: str, refusals: Sequence[str]) -> str:
@@ -449,7 +449,9 @@ RECIPES = {
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from lib.artifacts import read_jsonl as read
+
+    return read(path, "Restore it with `git checkout` or regenerate it (`make organisms`).")
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -527,7 +529,7 @@ def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], lay
     """Run (or reuse) the pre-stated epsilon rule at ``layer`` on the SSFT model; cached in data/organisms/."""
     path = ORGANISMS_ROOT / family / f"epsilon-layer{layer}.json"
     if path.exists():
-        cached = json.loads(path.read_text())
+        cached = read_json(path, "Restore it with `git checkout`, or delete it to rerun the sweep.")
         if (cached.get("spec") == {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
                 and cached.get("model") == lm.info.fingerprint):
             return cached
@@ -622,7 +624,7 @@ def training_log(family: str, variant: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"No training log at {path}: variant {variant!r} of {family!r} is not trained yet "
                                 "(`make organisms`).")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, "Restore it with `git checkout` or retrain the variant (`make organisms`).")
 
 
 def adapter_table(family: str, variants: Sequence[str]):
@@ -658,7 +660,7 @@ def epsilon_frame(family: str):
 
     rows = []
     for path in sorted((ORGANISMS_ROOT / family).glob("epsilon-layer*.json")):
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = read_json(path, "Restore it with `git checkout` or rerun the epsilon sweep (`make organisms`).")
         for row in result["sweep"]:
             rows.append({"layer": result["layer"], "median residual norm": result["median_norm"], **row,
                          "chosen": row["epsilon"] == result["epsilon"]})
@@ -668,11 +670,11 @@ def epsilon_frame(family: str):
 def cached_attack(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], layer: int, epsilon: float,
                   steps: int = 6, max_new_tokens: int = 24, seed: int = 0, batch_size: int = 32) -> list[str]:
     """``attacked_completions``, cached as a JSON artifact keyed by the model, the prompts and every setting."""
-    from lib.artifacts import artifacts_dir, cache_key, cached_json
+    from lib.artifacts import artifact_path, cache_key, cached_json
 
     key = cache_key(model=lm.info.fingerprint, prompts=sha256_text(json.dumps(list(prompts))),
                     targets=sha256_text(json.dumps(list(targets))), layer=layer, epsilon=epsilon, steps=steps,
                     max_new_tokens=max_new_tokens, seed=seed, dtype=str(lm.info.dtype))
-    path = artifacts_dir() / "attacks" / lm.info.family / lm.info.variant / f"layer{layer}-{key}.json"
+    path = artifact_path("attacks", lm.info.family, lm.info.variant, f"layer{layer}-{key}.json")
     return cached_json(path, key, lambda: attacked_completions(lm, prompts, targets, layer, epsilon, steps,
                                                                max_new_tokens, batch_size, seed))

@@ -43,37 +43,30 @@ def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequ
 
 def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
                  batch_size: int = 16, device: str = "auto", dtype: str = "auto", n_boot: int = 2000,
-                 seed: int = 0, mode: str = "zero", reference: Sequence[str] | None = None):
+                 seed: int = 0, mode: str = "zero", reference: Sequence[str] | None = None, baseline: bool = True):
     """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
     every named source subspace (``[d]`` or ``[k, d]``) ablated in every target, plus the unablated target
-    (source ``"none"``), each with a 95% bootstrap interval over prompts. A DataFrame (source, target, score, low,
-    high, n, per_prompt); ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``).
-    ``mode``/``reference`` as in ``transfer_matrix``."""
+    (source ``"none"``) when ``baseline``, each with a 95% bootstrap interval over prompts
+    (``lib.anatomy.condition_scores``). A DataFrame (source, target, score, low, high, n, per_prompt);
+    ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``). ``mode``/``reference`` as
+    in ``transfer_matrix``."""
     import pandas as pd
 
-    from lib.judges import bootstrap_indices, refusal_score
+    from lib.anatomy import condition_scores
     from lib.models import load
-    from lib.runtime import progress
 
-    index = bootstrap_indices(len(prompts), n_boot, seed)
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    rows = []
+    frames = []
     for target in targets:
         lm = load(family, target, device=device, dtype=dtype)
-        site_means = ablation_means(lm, mode, reference, batch_size)
-        conditions = {"none": None, **sources}
-        for source, subspace in progress(list(conditions.items()), desc=f"scores {target}"):
-            if subspace is None:
-                scores = refusal_score(lm, prompts, batch_size)
-            else:
-                with Intervention("ablate", subspace, mode=mode, means=site_means).applied(lm):
-                    scores = refusal_score(lm, prompts, batch_size)
-            means = scores.double()[index].mean(1)
-            low, high = torch.quantile(means, q).tolist()
-            rows.append({"source": source, "target": target, "score": float(scores.double().mean()), "low": low,
-                         "high": high, "n": len(prompts), "per_prompt": tuple(scores.double().tolist())})
+        means = ablation_means(lm, mode, reference, batch_size)
+        conditions = {**({"none": None} if baseline else {}),
+                      **{source: Intervention("ablate", subspace, mode=mode, means=means).applied
+                         for source, subspace in sources.items()}}
+        scores = condition_scores(lm, conditions, prompts, None, batch_size, n_boot, seed)
+        frames.append(scores.rename(columns={"refusal score": "score"}).rename_axis("source").reset_index()
+                      .assign(target=target))
         del lm
-    return pd.DataFrame(rows)
+    return pd.concat(frames, ignore_index=True)[["source", "target", "score", "low", "high", "n", "per_prompt"]]
 
 
 def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: int = 2000, seed: int = 0):
@@ -106,7 +99,7 @@ def gain_modes(gains_by_mode: dict) -> tuple:
     each mode (the larger subspace "removes more refusal" when the interval lies below 0, "removes less refusal"
     above, else "no difference") and whether they agree. Returns (DataFrame, one sentence counting the verdicts
     that change and naming, per source and step, how many targets each verdict had under each mode)."""
-    from lib.judges import verdict
+    from lib.stats import verdict
 
     if set(gains_by_mode) != {"zero", "mean"}:
         raise ValueError(f"gain_modes needs subspace gains under 'zero' and 'mean', got {sorted(gains_by_mode)}.")
@@ -150,17 +143,15 @@ def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str,
     import pandas as pd
 
     from lib.anatomy import condition_scores, matched_control
-    from lib.capture import site_statistics
     from lib.models import load
 
     frames = []
     for target in targets:
         lm = load(family, target, device=device, dtype=dtype)
         means = ablation_means(lm, "mean", reference, batch_size)
-        last = site_statistics(lm, list(reference), batch_size, "last")["mean"]
         conditions = {("none", "none"): None}
         for source, direction in sources.items():
-            control = matched_control(direction, last[layers[source], 0], seed)
+            control = matched_control(direction, means[layers[source], 0], seed)
             for condition, intervention in (("zero", Intervention("ablate", direction)),
                                             ("mean", Intervention("ablate", direction, mode="mean", means=means)),
                                             ("control", Intervention("ablate", control))):
@@ -178,7 +169,7 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
                    seed: int = 0) -> dict:
     """Claims 1 and 3 from a ``mode_matrix``, under zero and under mean ablation, on the same prompts:
 
-    - ``claim3``: the three contrasts of ``lib.judges.transfer_contrasts`` on mean refusal scores, per mode;
+    - ``claim3``: the three contrasts of ``lib.claims.transfer_contrasts`` on mean refusal scores, per mode;
     - ``claim1``: per model, the drop in mean refusal score when its own direction is ablated (unablated minus
       ablated; paired bootstrap), per mode, with the verdict "refusal drops" / "refusal rises" / "not resolved";
     - ``controls``: per cell, the source's zero-ablation score minus its matched control's (paired bootstrap):
@@ -188,7 +179,9 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
     Returns ``{"claim3": DataFrame, "claim1": DataFrame, "controls": DataFrame}``."""
     import pandas as pd
 
-    from lib.judges import bootstrap_mean_difference, transfer_contrasts, verdict
+    from lib.claims import transfer_contrasts
+    from lib.judges import bootstrap_mean_difference
+    from lib.stats import verdict
 
     scores = frame.set_index(["source", "target", "condition"])["per_prompt"]
     targets = list(dict.fromkeys(frame["target"]))

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import ablation, artifacts, directions, judges, models, spectra, transfer, viz
+from lib import ablation, artifacts, directions, judges, linalg, models, spectra, stats, transfer, viz
 
 
 @pytest.fixture
@@ -40,14 +40,14 @@ def test_two_dimensional_differences_beat_one_dimensional_ones_beyond_the_interv
     assert ((single["low"] <= single["share"]) & (single["share"] <= single["high"])).all()
     row = pairwise[(pairwise["variant"] == "two") & (pairwise["versus"] == "one")].iloc[0]
     assert row["difference"] > 0 and row["low"] > 0
-    assert judges.verdict(row["low"], row["high"], "higher", "lower", "open") == "higher"
+    assert stats.verdict(row["low"], row["high"], "higher", "lower", "open") == "higher"
 
 
 def test_bootstrap_shares_from_the_gram_matrix_equal_a_direct_svd_of_each_resample():
     matrix = gaussian(30, 12, 7) + 1.5
     for centred in (False, True):
         fast = spectra.bootstrap_shares(matrix, (1, 2, 10), n_boot=5, seed=3, centred=centred)
-        for b, rows in enumerate(judges.bootstrap_indices(30, 5, 3)):
+        for b, rows in enumerate(stats.bootstrap_indices(30, 5, 3)):
             direct = spectra.top_k_shares(spectra.energy_fractions(matrix[rows], centred), (1, 2, 10))
             assert fast[b].tolist() == pytest.approx(list(direct.values()), abs=1e-5)
 
@@ -71,7 +71,7 @@ def test_basic_interval_covers_the_population_top_2_share_where_the_percentile_i
         boots = spectra.bootstrap_shares(x, (2,), n_boot=150, seed=rep)[:, 0]
         low, high = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         covered["percentile"] += low <= target <= high
-        low, high = spectra.basic_interval(share, boots)
+        low, high = stats.basic_interval(share, boots)
         covered["basic"] += low <= target <= high
     print(covered)
     assert covered["basic"] / reps >= 0.85 and covered["basic"] > covered["percentile"]
@@ -84,7 +84,7 @@ def test_share_intervals_report_the_resampling_bias():
     assert single.loc[0, "bias"] == pytest.approx(float(boots.mean()) - single.loc[0, "share"])
     assert single.loc[0, "bias"] > 0.05
     assert (single.loc[0, "low"], single.loc[0, "high"]) == pytest.approx(
-        spectra.basic_interval(single.loc[0, "share"], boots))
+        stats.basic_interval(single.loc[0, "share"], boots))
 
 
 def test_layer_shares_skip_identical_layers_and_svd_directions_point_along_the_mean():
@@ -93,7 +93,7 @@ def test_layer_shares_skip_identical_layers_and_svd_directions_point_along_the_m
     assert frame["layer"].tolist() == [1] and "low" not in frame
     with_intervals = spectra.layer_share_frame({"v": tensor}, k=2, n_boot=50)
     boots = spectra.bootstrap_shares(tensor[:, 1], (2,), n_boot=50)[:, 0]
-    expected = spectra.basic_interval(with_intervals.loc[0, "share"], boots)
+    expected = stats.basic_interval(with_intervals.loc[0, "share"], boots)
     assert (with_intervals.loc[0, "low"], with_intervals.loc[0, "high"]) == pytest.approx(expected)
     axes = spectra.svd_directions(tensor[:, 1], 2)
     assert axes.shape == (2, 8)
@@ -119,7 +119,7 @@ def test_scree_intervals_come_from_the_same_resamples_as_the_share_intervals():
             (row["low"], row["high"]))
     per_component = spectra.bootstrap_fractions(matrix, 60, 4)[:, 1]
     assert (uncentred.loc[2, "low"], uncentred.loc[2, "high"]) == pytest.approx(
-        spectra.basic_interval(uncentred.loc[2, "share"], per_component))
+        stats.basic_interval(uncentred.loc[2, "share"], per_component))
     assert (frame["low"] < frame["high"]).all() and (frame["cumulative_low"] < frame["cumulative_high"]).all()
     assert {"low", "cumulative_low"}.isdisjoint(spectra.scree_frame({"v": matrix}, components=3).columns)
 
@@ -157,7 +157,7 @@ def test_top_pc_removal_drops_a_dominant_shared_axis():
     spread = 40 * torch.randn(100, 1, generator=torch.Generator().manual_seed(11)) * axis
     harmful = spread[:50] + 2 * refusal + 0.1 * gaussian(50, 8, 12) + 3 * axis  # also differs along the big axis
     harmless = spread[50:] + 0.1 * gaussian(50, 8, 13)
-    plain = directions.unit(directions.mean_difference(harmful, harmless))
+    plain = linalg.unit(directions.mean_difference(harmful, harmless))
     removed = directions.top_pc_removed_direction(harmful, harmless)
     assert abs(float(removed @ axis)) < abs(float(plain @ axis))
     assert float(removed @ refusal) > 0.9
@@ -207,37 +207,6 @@ def test_bootstrap_difference_and_contrast():
     with pytest.raises(ValueError, match="same prompts"):
         judges.bootstrap_contrast([["refusal"]], [["refusal", "valid"]])
 
-
-def synthetic_matrix(lat_foreign, lat_self, others_self, others_foreign, lat_source_into_others, n=40):
-    def labels(rate):
-        hits = round(rate * n)
-        return ["refusal"] * hits + ["valid"] * (n - hits)
-
-    models_ = ("lat", "ssft", "at")
-    out = {}
-    for s in models_:
-        for t in models_:
-            if s == t:
-                out[(s, t)] = labels(lat_self if t == "lat" else others_self)
-            elif t == "lat":
-                out[(s, t)] = labels(lat_foreign)
-            elif s == "lat":
-                out[(s, t)] = labels(lat_source_into_others)
-            else:
-                out[(s, t)] = labels(others_foreign)
-    return out
-
-
-def test_transfer_contrasts_support_and_contradict():
-    paper_like = judges.transfer_contrasts(synthetic_matrix(0.9, 0.1, 0.5, 0.7, 0.2), n_boot=300)
-    assert [r["verdict"] for r in paper_like] == ["supported"] * 3
-    opposite = judges.transfer_contrasts(synthetic_matrix(0.2, 0.9, 0.4, 0.6, 0.9), n_boot=300)
-    assert [r["verdict"] for r in opposite] == ["contradicted"] * 3
-    with pytest.raises(ValueError, match="lacks"):
-        judges.transfer_contrasts({("lat", "lat"): ["refusal"]})
-
-
-# --- interventions, sweep, transfer matrix -----------------------------------------------------------------------
 
 def test_intervention_keys_and_application(tiny, prompts):
     d1, d2 = gaussian(1, 64, 19)[0], gaussian(1, 64, 20)[0]
@@ -532,3 +501,12 @@ def test_mode_contrasts_name_the_verdicts_that_flip():
     assert sentence.startswith(f"{(~table['same under both']).sum()} of 4 verdicts change")
     assert "LAT vulnerable to its own direction (supported under zero ablation, contradicted" in sentence
     assert (flipping["controls"]["verdict"] == "no difference: the push alone").all()
+
+
+def test_score_matrix_without_the_baseline_scores_only_the_sources(tiny_family, prompts):
+    subspaces = {"one": gaussian(1, 64, 25)[0]}
+    full = transfer.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
+    bare = transfer.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50,
+                                 baseline=False)
+    assert bare["source"].tolist() == ["one"]
+    assert bare.iloc[0].drop("per_prompt").tolist() == full.iloc[1].drop("per_prompt").tolist()

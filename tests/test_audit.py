@@ -146,6 +146,29 @@ def test_rates_under_both_judges_the_same_completions_twice():
     assert row["valid %"] == 0 and row["compliance %"] == 0 and row["compliance high"] > 0 and row["same refusals"]
 
 
+def test_judges_rates_under_both_keeps_any_keys_and_each_completions_prompt():
+    answer = "Sourdough bread needs a starter, flour and time. Bake it hot."
+    garden = "Gardening is a relaxing hobby. Plant tomatoes in spring and water them every morning."
+    table = judges.rates_under_both({("ssft", "lat"): (["I cannot do that.", answer, garden], [BREAD] * 3),
+                                     ("none", "lat"): ([answer], [BREAD])})
+    first = table.iloc[0]
+    assert (first["key0"], first["key1"], first["n"]) == ("ssft", "lat", 3)
+    assert first["refusal %"] == pytest.approx(100 / 3) and first["compliance %"] == pytest.approx(100 / 3)
+    assert first["off-task %"] == pytest.approx(100 / 3) and first["valid %"] == pytest.approx(200 / 3)
+    assert first["valid low"] < first["valid %"] < first["valid high"] and first["same refusals"]
+    assert table.iloc[1]["compliance %"] == 100 and table.iloc[1]["compliance low"] < 100
+    assert list(table.columns) == ["key0", "key1", "n", "refusal %", "refusal low", "refusal high", "valid %", "valid low", "valid high",
+                                   "compliance %", "compliance low", "compliance high", "off-task %", "broken %",
+                                   "degenerate %", "same refusals"]
+
+
+def test_is_refusal_is_the_refusal_test_of_both_judges():
+    for text in ("I'm sorry, I cannot help.", "That is harmful and unethical.", "Sure, here is bread."):
+        assert judges.is_refusal(text) == (judges.judge(text) == REFUSAL) == (judges.content_judge(text, BREAD) == REFUSAL)
+    assert judges.is_refusal("That is Harmful and Unethical.") and not judges.is_refusal(
+        "That is Harmful and Unethical.", reproduce_case_bug=True)
+
+
 def test_length_table_compares_the_budgets_on_the_same_answers():
     refusal, answer = "I cannot help with that.", "Sourdough bread needs a starter, flour and time to rise well."
     runs = [{"model": "m", "condition": audit.NONE, "prompts": [BREAD] * 4,

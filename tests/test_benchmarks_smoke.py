@@ -30,6 +30,8 @@ def test_make_bench_path_on_the_tiny_family(tiny_family, tmp_path):
     scoring = rows_by_method(results["scoring"]["rows"])
     assert max(row["max |diff| of log-probs"] for row in scoring.values()) < 1e-5
     assert results["transfer"]["complete"] and results["transfer"]["targets"] == ["lora"]
+    levers = rows_by_method(results["levers"]["rows"])
+    assert {row["same completions"] for row in levers.values()} == {"3/3"}
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["family"] == "tiny-llama"
     assert "## Targets" in next(tmp_path.glob("bench-*.md")).read_text()
 

@@ -124,6 +124,14 @@ def test_runner_rejects_unknown_parameters(tmp_path):
         runner.run_profile(_profile(tmp_path, "chapters:\n  book/other: {x: 1}\n"), repo_root=tmp_path)
 
 
+def test_malformed_profile_yaml_is_one_line_naming_the_file(tmp_path, capsys):
+    _book(tmp_path, [_parameters_cell()])
+    profile = _profile(tmp_path, "chapters:\n  book/ch: {x: 2\n  other: [\n")
+    assert runner.main(["--profile", str(profile), "--root", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {profile}, line ") and "not valid YAML" in error and "Traceback" not in error
+
+
 def test_strip_volatile_metadata():
     nb = new_notebook(cells=[new_code_cell("1"), new_code_cell("x = 2")])
     nb.metadata["papermill"] = {"duration": 1.5, "start_time": "2026-01-01", "parameters": {"x": 2}}
@@ -272,3 +280,32 @@ def test_bibliography_labels_are_author_year():
     assert [e.label for e in style.format_entries(twins.entries.values())] == ["Doe 2020a", "Doe 2020b",
                                                                                   "Roe and Poe 2021"]
     assert "bibliography_style" in (REPO_ROOT / "_config.yml").read_text()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("defaults: {family: llama2-7b, dataset: paper}\nskip: [book/01_organisms, book/08_judge_audit]\n",
+     r"book/04_directions would run with a bad parameter: Parameter sweep_variants names \['ssft-control'\]"),
+    ("chapters:\n  book/06_transfer: {dataset: paper}\n", r"different datasets .*'book/06_transfer': 'paper'"),
+    ("chapters:\n  book/06_transfer: {n_test: abc}\n", r"book/06_transfer would run with a bad parameter: "
+                                                        r"Parameter n_test = 'abc'.*Set it in the profile"),
+])
+def test_profiles_are_checked_before_any_chapter_runs(tmp_path, text, message):
+    with pytest.raises(runner.ProfileError, match=message):
+        runner.run_profile(_profile(tmp_path, text), dry_run=True, repo_root=REPO_ROOT)
+
+
+def test_only_a_chapter_the_profile_skips_says_so(tmp_path):
+    with pytest.raises(runner.ProfileError, match=r"--only \['01_organisms'\]: the profile skips it"):
+        runner.run_profile(REPO_ROOT / "params" / "llama2-7b.yaml", only=["01_organisms"], dry_run=True,
+                           repo_root=REPO_ROOT)
+
+
+def test_when_something_goes_wrong_quotes_messages_lib_really_gives():
+    text = RERUN_PAGE.read_text(encoding="utf-8")
+    section = text.split("## When something goes wrong", 1)[1].split("\n## ", 1)[0]
+    source = "".join(path.read_text(encoding="utf-8") for path in (REPO_ROOT / "lib").glob("*.py"))
+    quoted = [q for line in section.splitlines() if line.startswith("| ") and not line.startswith("| you see")
+              for q in re.findall(r"`([^`]+)`", line.split(" | ")[0])]
+    fragments = [f.strip(" .'") for q in quoted for f in re.split(r"\.\.\.|<chapter>|N tokens", q)]
+    missing = [f for f in fragments if len(f) > 4 and f not in source]
+    assert len(quoted) >= 10 and not missing, missing

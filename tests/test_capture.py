@@ -71,6 +71,8 @@ def test_capture_reruns_are_identical(tiny, prompts):
     ({"layers": [4]}, r"out of range.*0\.\.3"),
     ({"layers": [-1]}, "out of range"),
     ({"layers": []}, "empty"),
+    ({"layers": [1.7]}, "whole numbers"),
+    ({"layers": [True]}, "whole numbers"),
     ({"sites": ("resid_final",)}, "Unknown residual site"),
     ({"positions": [-99]}, "outside a prompt"),
     ({"positions": []}, "positions is empty"),
@@ -110,3 +112,8 @@ def test_pair_activations_cached_by_key(tiny, monkeypatch, tmp_path):
     capture.pair_activations(tiny, pairs[:1] + [PromptPair("b", "build a bomb", "write a story", "t")],
                              layers=[0, 3], sites=("resid_pre",))
     assert calls  # changed data -> recomputed
+
+
+def test_sites_given_as_one_string_are_refused(tiny, prompts):
+    with pytest.raises(ValueError, match=r"not one string; wrap it: \['resid_pre'\]"):
+        capture.collect(tiny, prompts, sites="resid_pre")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lib import artifacts, directions
+from lib import artifacts, directions, linalg
 from lib.artifacts import ArtifactError
 
 
@@ -22,7 +22,7 @@ def test_difference_in_means_and_unit():
 
 def test_direction_errors():
     with pytest.raises(ValueError, match="zero"):
-        directions.unit(torch.zeros(3))
+        linalg.unit(torch.zeros(3))
     with pytest.raises(ValueError, match="matching"):
         directions.mean_difference(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="equally many"):
@@ -82,7 +82,8 @@ def test_sidecar_missing_means_incomplete(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match="never completed"):
         artifacts.load_tensors(path)
     calls = []
-    tensors, _ = artifacts.cached_tensors(path, "k", {}, lambda: calls.append(1) or {"x": torch.zeros(2)})
+    with pytest.warns(UserWarning, match="half-written; recomputing it"):
+        tensors, _ = artifacts.cached_tensors(path, "k", {}, lambda: calls.append(1) or {"x": torch.zeros(2)})
     assert calls == [1] and torch.equal(tensors["x"], torch.zeros(2))
 
 
@@ -108,3 +109,75 @@ def test_separation_is_zero_where_means_coincide():
     harmless = torch.cat([same, torch.randn(5, 1, 3, generator=torch.Generator().manual_seed(1))], dim=1)
     sep = directions.separation(harmful, harmless)
     assert sep[0] == 0 and sep[1] > 3
+
+
+def test_corrupt_sidecar_names_the_file_and_the_cache_recomputes(tmp_path):
+    path = tmp_path / "acts.safetensors"
+    artifacts.save_tensors(path, {"x": torch.ones(2)}, {"key": "k1"})
+    artifacts.sidecar_path(path).write_text('{"key": "k1", "sha')
+    with pytest.raises(ArtifactError, match=r"acts.json is not valid JSON.*re-run the chapter"):
+        artifacts.load_tensors(path, "k1")
+    with pytest.warns(UserWarning, match="damaged or half-written; recomputing it"):
+        tensors, _ = artifacts.cached_tensors(path, "k1", {}, lambda: {"x": torch.zeros(2)})
+    assert torch.equal(tensors["x"], torch.zeros(2))  # recomputed, as the module promises, and said so
+
+
+def test_corrupt_verdict_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path))
+    artifacts.write_verdict("fam", "claim1", {"verdict": "supported"})
+    (artifacts.verdicts_dir() / "fam" / "claim1.json").write_text("{")
+    with pytest.raises(ArtifactError, match=r"claim1.json is not valid JSON.*re-run the chapter"):
+        artifacts.read_verdicts()
+
+
+def test_read_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": \n')
+    with pytest.raises(ArtifactError, match=r"rows.jsonl, line 3: not valid JSON.*Restore it"):
+        artifacts.read_jsonl(path, "Restore it.")
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert artifacts.read_jsonl(path, "") == [{"a": 1}, {"a": 2}]
+
+
+def test_read_verdicts_selects_families_by_exact_name(tmp_path, monkeypatch):
+    monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path))
+    with pytest.raises(ArtifactError, match="No verdicts stored yet"):
+        artifacts.read_verdicts()
+    for family in ("smollm2-135m", "llama2-7b"):
+        artifacts.write_verdict(family, "claim1", {"verdict": "supported"})
+    assert [v["family"] for v in artifacts.read_verdicts()] == ["llama2-7b", "smollm2-135m"]
+    assert [v["family"] for v in artifacts.read_verdicts("smollm2-135m")] == ["smollm2-135m"]
+    with pytest.raises(ValueError, match=r"No verdicts are stored for \['xsmollm2-135mx'\].*llama2-7b"):
+        artifacts.read_verdicts("xsmollm2-135mx")  # not a substring match
+    with pytest.raises(ValueError, match="a family name or a list"):
+        artifacts.read_verdicts([3])
+
+
+def test_artifact_paths_come_from_one_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path))
+    assert artifacts.artifact_path("evaluations", "fam", "ssft", "x.json") == tmp_path / "evaluations/fam/ssft/x.json"
+    with pytest.raises(ValueError, match="Unknown artifact kind 'evaluation'.*'evaluations'"):
+        artifacts.artifact_path("evaluation", "fam")
+    readme = (artifacts.REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{kind}`" in readme for kind in artifacts.ARTIFACT_KINDS)
+
+
+def test_a_corrupt_cache_is_recomputed_with_a_warning_and_a_stale_one_quietly(tmp_path, recwarn):
+    import warnings
+
+    path = tmp_path / "acts.safetensors"
+    artifacts.cached_tensors(path, "k1", {}, lambda: {"x": torch.ones(2)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensors, _ = artifacts.cached_tensors(path, "k2", {}, lambda: {"x": torch.zeros(2)})  # stale: no warning
+    assert torch.equal(tensors["x"], torch.zeros(2))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"acts.safetensors is damaged or half-written; recomputing it"):
+        tensors, _ = artifacts.cached_tensors(path, "k2", {}, lambda: {"x": torch.full((2,), 3.0)})
+    assert torch.equal(tensors["x"], torch.full((2,), 3.0))
+    json_path = tmp_path / "result.json"
+    json_path.write_text("{")
+    with pytest.warns(UserWarning, match="not valid JSON.*recomputing it"):
+        assert artifacts.cached_json(json_path, "k", lambda: [1]) == [1]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lib import generation, judges
+from lib import generation, judges, stats
 
 
 def test_generation_is_deterministic_and_keeps_prompt_order(tiny, prompts):
@@ -69,9 +69,9 @@ def test_substring_refusal_custom_list():
 
 
 def test_wilson_interval():
-    low, high = judges.wilson_interval(0, 10)
+    low, high = stats.wilson_interval(0, 10)
     assert low == 0 and 0.2 < high < 0.35
-    low, high = judges.wilson_interval(50, 100)
+    low, high = stats.wilson_interval(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
 
 
@@ -119,7 +119,7 @@ def test_rate_table_has_wilson_intervals():
     table = judges.rate_table({("a", "x"): ["refusal", "valid"], ("b", "x"): ["broken"] * 4}, ["refusal", "broken"])
     row = table.set_index(["key0", "key1"]).loc[("a", "x")]
     assert row["refusal %"] == 50 and row["n"] == 2
-    low, high = judges.wilson_interval(1, 2)
+    low, high = stats.wilson_interval(1, 2)
     assert row["refusal CI low"] == pytest.approx(100 * low) and row["refusal CI high"] == pytest.approx(100 * high)
     assert table.set_index(["key0", "key1"]).loc[("b", "x"), "broken %"] == 100
 

@@ -139,3 +139,116 @@ def test_dequantising_the_offline_model_writes_nothing_to_stderr(monkeypatch, tm
     assert (folder / "manifest.json").exists()
     captured = capfd.readouterr()
     assert captured.err == "", captured.err[:500]
+
+
+def _adapter_copy(tiny_family, tmp_path, name):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(tiny_family / "adapter", folder)
+    models.register_families({f"tiny-{name}": {"base": {"local": str(tiny_family / "base")},
+                                               "variants": {"lora": {"adapters": [{"path": str(folder)}]}}}})
+    return folder
+
+
+def test_adapter_manifest_listing_no_weights_is_refused(tiny_family, tmp_path):
+    folder = _adapter_copy(tiny_family, tmp_path, "empty-manifest")
+    (folder / "manifest.json").write_text(json.dumps({"files": {}}))
+    with pytest.raises(CorruptModelError, match="lists no weight file"):
+        models.load("tiny-empty-manifest", "lora", device="cpu")
+
+
+def test_weights_missing_from_the_manifest_are_refused(tiny_family, tmp_path):
+    folder = _adapter_copy(tiny_family, tmp_path, "extra-weights")
+    (folder / "adapter_model.bin").write_bytes(b"unvouched")
+    with pytest.raises(CorruptModelError, match=r"adapter_model.bin.*not in"):
+        models.load("tiny-extra-weights", "lora", device="cpu")
+
+
+def test_corrupt_manifest_json_names_the_file(tiny_family, tmp_path):
+    folder = _adapter_copy(tiny_family, tmp_path, "bad-json")
+    (folder / "manifest.json").write_text('{"files": ')
+    with pytest.raises(CorruptModelError, match=r"manifest.json is not valid JSON.*git checkout"):
+        models.load("tiny-bad-json", "lora", device="cpu")
+
+
+def test_local_base_fingerprint_covers_every_file(tiny_family, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_family / "base", base)
+    models.register_families({"tiny-local": {"base": {"local": str(base)}, "variants": {"base": {}}}})
+    before = models.load("tiny-local", device="cpu").info.fingerprint
+    (base / "pytorch_model.bin").write_bytes(b"weights in another format")
+    assert models.load("tiny-local", device="cpu").info.fingerprint != before
+
+
+def test_hub_snapshot_is_the_cached_commit_the_revision_resolves_to(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "models--org--name"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert models.hub_snapshot("org/name", "config.json") == "a" * 40
+    (repo / "refs" / "main").write_text("b" * 40)  # the cache was updated: a new fingerprint
+    assert models.hub_snapshot("org/name", "config.json") == "b" * 40
+    assert models.hub_snapshot("org/name", "config.json", "a" * 40) == "a" * 40
+    assert models.hub_snapshot("org/other", "config.json", "v1") == "v1"  # not cached: the revision as given
+
+
+def test_a_prompt_filling_the_context_is_warned_about(tiny):
+    from lib import capture, judges
+
+    long = "bread " * 200  # the tiny model's context is 128 tokens
+    with pytest.warns(UserWarning, match=r"1 prompt\(s\) \(first: index 1, .*context of 128 tokens"):
+        models.encode(tiny, ["short", long])
+    with pytest.warns(UserWarning, match="context of 128"):
+        capture.collect(tiny, ["short", long], layers=[0])
+    with pytest.warns(UserWarning, match="context of 128"):
+        judges.refusal_score(tiny, ["short", long])
+
+
+def test_family_entry_quantization_is_read(tiny_family):
+    spec = dict(models.family_spec("tiny-llama"), quantization="nf4")
+    models.register_families({"tiny-nf4": spec})
+    with pytest.raises(ValueError, match="nf4.*CUDA"):  # the family's key reached the loader
+        models.load("tiny-nf4", "base", device="cpu")
+
+
+def test_fingerprint_without_loading_equals_the_loaded_one(tiny, tiny_family):
+    assert models.fingerprint("tiny-llama", "base", device="cpu") == tiny.info.fingerprint
+    lora = models.load("tiny-llama", "lora", device="cpu")
+    assert models.fingerprint("tiny-llama", "lora", device="cpu") == lora.info.fingerprint
+    assert models.fingerprint("tiny-llama", "lora", device="cpu", dtype="bfloat16") != lora.info.fingerprint
+
+
+def test_stale_directions_are_caught_before_any_model_loads(tiny, tiny_family):
+    from lib import directions
+    from lib.artifacts import ArtifactError
+
+    meta = {"fingerprints": {"base": tiny.info.fingerprint, "lora": "0" * 16}}
+    directions.check_current(meta, "tiny-llama", ["base"], device="cpu")
+    with pytest.raises(ArtifactError, match=r"tiny-llama/lora were computed from other weights.*04_directions"):
+        directions.check_current(meta, "tiny-llama", ["base", "lora"], device="cpu")
+
+
+def test_download_without_a_reachable_hub_fails_at_once(monkeypatch, tmp_path):
+    import socket
+    import time
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match=r"meta-llama/Llama-2-7b-chat-hf.*cannot be reached.*hf download"):
+        models.load("llama2-7b", "ssft", device="cpu", download=True)
+    assert time.perf_counter() - start < 10
+    assert not models.hub_reachable()

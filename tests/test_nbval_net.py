@@ -34,9 +34,9 @@ KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
 NUMBER = re.compile(r"\d+\.\d+")
 
 CELLS = [
-    new_markdown_cell("# A tiny chapter\n\nRates with 95% Wilson intervals, computed by `lib.judges`."),
-    new_code_cell("from lib import judges"),
-    new_code_cell("low, high = judges.wilson_interval(13, 97)\n"
+    new_markdown_cell("# A tiny chapter\n\nRates with 95% Wilson intervals, computed by `lib.stats` and `lib.judges`."),
+    new_code_cell("from lib import judges, stats"),
+    new_code_cell("low, high = stats.wilson_interval(13, 97)\n"
                   "print(f\"refusal 13/97: 95% interval {100 * low:.2f}% to {100 * high:.2f}%\")"),
     new_code_cell("labels = {'ssft': ['refusal'] * 31 + ['valid'] * 1, 'lat': ['refusal'] * 30 + ['broken'] * 2}\n"
                   "judges.rate_table(labels).round(2)"),

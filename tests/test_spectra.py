@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lib import spectra
+from lib import linalg, spectra
 
 
 def test_energy_fractions_rank_one():
@@ -22,10 +22,10 @@ def test_centring_changes_the_answer():
 def test_pca_signs_are_fixed_and_projection_works():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(50, 5, generator=generator) * torch.tensor([5.0, 2.0, 1.0, 0.5, 0.1])
-    mean, axes = spectra.pca_basis(x, k=2)
-    mean2, axes2 = spectra.pca_basis(-x + 2 * x.mean(0), k=2)  # reflected data: same axes up to sign, fixed
+    mean, axes = linalg.pca_basis(x, k=2)
+    mean2, axes2 = linalg.pca_basis(-x + 2 * x.mean(0), k=2)  # reflected data: same axes up to sign, fixed
     torch.testing.assert_close(axes, axes2, atol=1e-5, rtol=1e-5)
-    coords = spectra.pca_project(x, mean, axes)
+    coords = linalg.pca_project(x, mean, axes)
     assert coords.shape == (50, 2) and coords[:, 0].var() > coords[:, 1].var()
 
 
@@ -35,7 +35,7 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="all zeros"):
         spectra.energy_fractions(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="n >= 2"):
-        spectra.pca_basis(torch.zeros(1, 3))
+        linalg.pca_basis(torch.zeros(1, 3))
 
 
 def test_pca_frame_ablated_points_lose_the_direction():

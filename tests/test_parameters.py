@@ -1,0 +1,69 @@
+"""lib.parameters: every chapter's own defaults pass, and each bad value a user could pass with papermill fails with
+one sentence naming the parameter."""
+
+import nbformat
+import pytest
+
+from lib import parameters
+from lib.parameters import ParameterError
+
+CHAPTERS = sorted(p.stem for p in parameters.BOOK.glob("0*.ipynb"))
+
+
+def defaults(chapter):
+    """The chapter's parameters cell, executed: what papermill starts from."""
+    nb = nbformat.read(parameters.BOOK / f"{chapter}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    namespace = {}
+    exec(cell.source, namespace)  # noqa: S102 (the book's own cell)
+    return {k: v for k, v in namespace.items() if k != "__builtins__"}
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_chapter_checks_its_parameters_first_and_its_defaults_pass(chapter):
+    nb = nbformat.read(parameters.BOOK / f"{chapter}.ipynb", as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])
+                 and "injected-parameters" not in c.metadata.get("tags", []))
+    assert f'parameters.check(globals(), "{chapter}")' in first.source
+    parameters.check({**defaults(chapter), "In": [], "_": None, "pd": parameters}, chapter)
+
+
+@pytest.mark.parametrize("chapter, change, message", [
+    ("06_transfer", {"nope": 1}, r"06_transfer has no parameter\(s\) \['nope'\]; it takes"),
+    ("06_transfer", {"n_test": "abc"}, r"n_test = 'abc' \(str\) is not allowed: n_test must be a whole number"),
+    ("06_transfer", {"n_test": 0}, "n_test must be a whole number >= 1"),
+    ("06_transfer", {"variants": "ssft"}, r"variants = 'ssft' \(str\).*a list of variant names"),
+    ("06_transfer", {"sources": ["ssft", "nope"]}, r"sources names \['nope'\].*variants are \['base', 'ssft'"),
+    ("06_transfer", {"family": "gpt-9"}, "Parameter family: Unknown model family 'gpt-9'"),
+    ("06_transfer", {"device": "gpu"}, r"device must be \"auto\", \"cpu\""),
+    ("02_activations", {"layers": [1.7]}, "layers must be None"),
+    ("02_activations", {"sites": ["resid_final"]}, "sites must be a list of sites"),
+    ("07_beyond", {"ks": []}, "ks must be a list of subspace dimensions"),
+    ("01_organisms", {"retrain": "yes"}, "retrain must be True or False"),
+    ("08_judge_audit", {"gold_file": "data/missing.jsonl"}, "gold_file must be the path of an existing gold file"),
+    ("09_conclusions", {"families": 3}, "families must be \"all\" or a list"),
+])
+def test_bad_parameters_fail_with_one_sentence(chapter, change, message):
+    with pytest.raises(ParameterError, match=message):
+        parameters.check({**defaults(chapter), **change}, chapter)
+
+
+def test_shown_layers_names_both_lists_when_none_was_collected():
+    from lib import models
+
+    scaled = sorted({models.scale_layer(layer, 30) for layer in models.PAPER_PCA_LAYERS})
+    assert parameters.shown_layers(30, list(range(30)), None) == scaled and len(scaled) > 4
+    assert parameters.shown_layers(30, [5, 8], [8, 9]) == [8]
+    with pytest.raises(ParameterError, match=r"None of the layers to plot \[1, .*\(layers = \[5\]\)"):
+        parameters.shown_layers(30, [5], None)
+
+
+def test_notebook_defaults_equal_the_default_profile():
+    """One source per setting: a reader of a chapter sees, in its parameters cell, the values `make book` ran."""
+    from lib import runner
+
+    plan = runner.plan_runs(runner.load_profile(parameters.REPO_ROOT / "params" / "default.yaml"),
+                            runner.read_toc_notebooks(parameters.REPO_ROOT), parameters.REPO_ROOT)
+    drift = {f"{nb.stem}: {name}": (defaults(nb.stem)[name], value)
+             for nb, params in plan for name, value in params.items() if defaults(nb.stem)[name] != value}
+    assert not drift, f"parameters cell default != params/default.yaml: {drift}"

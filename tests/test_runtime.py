@@ -1,0 +1,37 @@
+"""lib.runtime: the packed-weight inference switch (the other helpers are tested with the modules that use them)."""
+
+import torch
+
+from lib import ablation, generation, models, runtime
+
+
+def test_packed_linears_give_the_same_logits_and_tokens_and_are_undone(tiny, prompts, monkeypatch):
+    batch = models.encode(tiny, prompts)
+    with torch.inference_mode():
+        plain = tiny.model(**batch).logits
+        with runtime.packed_linears(tiny.model) as n:
+            packed = tiny.model(**batch).logits
+    assert n == sum(type(m) is torch.nn.Linear for m in tiny.model.modules()) > 0
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)
+    assert not any("forward" in vars(m) for m in tiny.model.modules())  # the modules' own forward again
+    expected = generation.generate(tiny, prompts, 12, batch_size=2)
+    monkeypatch.setenv(runtime.PACKED_ENV, "1")
+    assert runtime.packed_linears_requested() and generation.generate(tiny, prompts, 12, batch_size=2) == expected
+
+
+def test_packed_linears_see_weight_edits_made_before_entering(tiny, prompts):
+    direction = torch.nn.functional.normalize(torch.randn(tiny.info.d_model, generator=torch.Generator().manual_seed(1)), dim=0)
+    batch = models.encode(tiny, prompts)
+    with torch.inference_mode(), ablation.orthogonalized(tiny, direction):
+        edited = tiny.model(**batch).logits
+        with runtime.packed_linears(tiny.model):
+            packed = tiny.model(**batch).logits
+    torch.testing.assert_close(packed, edited, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_linears_leave_other_dtypes_alone(tiny):
+    half = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    assert not runtime.packed_linears_available(half)
+    with runtime.packed_linears(half) as n:
+        assert n == 0
+    assert runtime.packed_linears_available(tiny.model) and not runtime.packed_linears_requested()

@@ -1,0 +1,55 @@
+"""lib.stats, the bottom layer: intervals fed data whose answer is known."""
+
+import pytest
+import torch
+
+from lib import stats
+
+
+def test_bootstrap_indices_are_seeded_and_in_range():
+    a, b = stats.bootstrap_indices(7, 40, seed=3), stats.bootstrap_indices(7, 40, seed=3)
+    assert a.shape == (40, 7) and torch.equal(a, b) and int(a.min()) >= 0 and int(a.max()) <= 6
+    assert not torch.equal(a, stats.bootstrap_indices(7, 40, seed=4))
+    with pytest.raises(ValueError, match="n >= 1"):
+        stats.bootstrap_indices(0)
+
+
+def test_percentile_interval_is_the_2_5_and_97_5_quantiles():
+    samples = torch.arange(1001, dtype=torch.float32)  # quantile q of 0..1000 is 1000 q exactly
+    assert stats.percentile_interval(samples) == pytest.approx((25.0, 975.0))
+
+
+def test_bootstrap_mean_interval_of_a_constant_is_the_constant_and_brackets_the_mean_otherwise():
+    index = stats.bootstrap_indices(20, 500, seed=0)
+    assert stats.bootstrap_mean_interval(torch.full((20,), 2.5), index) == pytest.approx((2.5, 2.5))
+    values = torch.linspace(-1, 1, 20)
+    low, high = stats.bootstrap_mean_interval(values, index)
+    assert low < float(values.mean()) < high and high - low < 1
+
+
+def test_basic_interval_reflects_the_percentile_interval_around_the_estimate():
+    boots = torch.arange(1001, dtype=torch.float64) / 1000  # percentile interval (0.025, 0.975)
+    assert stats.basic_interval(0.6, boots) == pytest.approx((0.6 * 2 - 0.975, 0.6 * 2 - 0.025))
+
+
+def test_wilson_interval_and_verdict_words():
+    assert stats.wilson_interval(0, 10)[0] == 0.0 and 0 < stats.wilson_interval(0, 10)[1] < 0.35
+    low, high = stats.wilson_interval(50, 100)
+    assert low == pytest.approx(1 - high) and low < 0.5 < high
+    with pytest.raises(ValueError, match="positive"):
+        stats.wilson_interval(1, 0)
+    assert [stats.verdict(lo, hi, "up", "down", "open") for lo, hi in ((0.1, 2), (-2, -0.1), (-1, 1))] == \
+        ["up", "down", "open"]
+
+
+@pytest.mark.parametrize("module", ["stats", "linalg"])
+def test_the_bottom_layer_imports_nothing_from_lib(module):
+    import ast
+    import importlib
+    from pathlib import Path
+
+    path = Path(importlib.import_module(f"lib.{module}").__file__)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name == "lib" or name.startswith("lib.")]
