@@ -189,9 +189,10 @@ def orthogonalized(lm: LoadedModel, directions: torch.Tensor, mode: str = "zero"
     tied = output_embedding is not None and output_embedding.weight is embedding.weight
     writers = [(_output_projection(info.submodule(layer, role), role), layer, WRITE_SITES.index(f"{role}_out"))
                for layer in range(info.n_layers) for role in ("attn", "mlp")]
-    saved = [(embedding.weight, embedding.weight.data.clone())]
-    saved += [(w.weight, w.weight.data.clone()) for w, _, _ in writers]
-    saved += [(w.bias, w.bias.data.clone()) for w, _, _ in writers if w.bias is not None]
+    with torch.inference_mode(False):  # the copies restored on exit must be ordinary tensors, usable by autograd
+        saved = [(embedding.weight, embedding.weight.data.clone())]
+        saved += [(w.weight, w.weight.data.clone()) for w, _, _ in writers]
+        saved += [(w.bias, w.bias.data.clone()) for w, _, _ in writers if w.bias is not None]
     biasless = [w for w, _, _ in writers if w.bias is None] if targets is not None else []
     try:
         if tied:
