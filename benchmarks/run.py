@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -329,12 +330,9 @@ def bench_levers(args, device, results: dict) -> None:
 
     def run(packed: bool):
         def go():
-            os.environ[runtime.PACKED_ENV] = "1" if packed else "0"
-            try:
-                with orthogonalized(lm, direction):
-                    return generate(lm, prompts, args.transfer_tokens, batch_size, desc="levers")
-            finally:
-                os.environ.pop(runtime.PACKED_ENV, None)
+            with mock.patch.dict(os.environ, {runtime.PACKED_ENV: "1" if packed else "0"}), \
+                    orthogonalized(lm, direction):
+                return generate(lm, prompts, args.transfer_tokens, batch_size, desc="levers")
         return go
 
     methods = {GENERATE_LIB: run(False), GENERATE_PACKED: run(True)}

@@ -51,11 +51,14 @@ ARTIFACT_KINDS = {  # every folder under artifacts/, what writes it (README, "Ar
 }
 
 
-def artifact_path(kind: str, family: str, *parts: str) -> Path:
-    """``artifacts/<kind>/<family>/<parts...>``: the one place artifact paths are built (``ARTIFACT_KINDS``)."""
+def artifact_path(kind: str, family: str, *parts: str, suffix: str = "") -> Path:
+    """``artifacts/<kind>/<family>/<parts...>``, or ``artifacts/<kind>/<family><suffix>`` for a kind stored as one
+    file per family: the one place artifact paths are built (``ARTIFACT_KINDS``)."""
     if kind not in ARTIFACT_KINDS:
         raise ValueError(f"Unknown artifact kind {kind!r}; kinds are {sorted(ARTIFACT_KINDS)}.")
-    return artifacts_dir().joinpath(kind, family, *parts)
+    if suffix and parts:
+        raise ValueError("artifact_path takes either parts (a folder per family) or a suffix (one file), not both.")
+    return artifacts_dir().joinpath(kind, family + suffix, *parts)
 
 
 def cache_dir() -> Path:
@@ -173,15 +176,6 @@ def load_tensors(path: str | Path, key: str | None = None) -> tuple[dict[str, to
         raise StaleArtifactError(f"{path} was computed with different inputs (key {meta.get('key')} != {key}). "
                             "Re-run the chapter that writes it.")
     return load_file(str(path)), meta
-
-
-def is_fresh(path: str | Path, key: str) -> bool:
-    """True when ``path`` is complete, uncorrupted and was computed under ``key``."""
-    try:
-        load_tensors(path, key)
-    except ArtifactError:
-        return False
-    return True
 
 
 def cached_tensors(path: str | Path, key: str, metadata: dict[str, Any],

@@ -138,7 +138,7 @@ def save_directions(family: str, per_variant: dict[str, dict[str, torch.Tensor]]
     from lib.artifacts import artifact_path, save_tensors
 
     tensors = {f"{variant}/{name}": t for variant, parts in per_variant.items() for name, t in parts.items()}
-    return save_tensors(artifact_path("directions", f"{family}.safetensors"), tensors, metadata)
+    return save_tensors(artifact_path("directions", family, suffix=".safetensors"), tensors, metadata)
 
 
 def load_directions(family: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
@@ -146,7 +146,7 @@ def load_directions(family: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
     metadata with the chosen layer per variant)."""
     from lib.artifacts import artifact_path, load_tensors
 
-    tensors, meta = load_tensors(artifact_path("directions", f"{family}.safetensors"))
+    tensors, meta = load_tensors(artifact_path("directions", family, suffix=".safetensors"))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         variant, part = name.split("/")
@@ -154,28 +154,28 @@ def load_directions(family: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
     return out, meta
 
 
+def _check_fingerprint(metadata: dict, family: str, variant: str, current: str) -> None:
+    from lib.artifacts import ArtifactError
+
+    stored = metadata.get("fingerprints", {}).get(variant)
+    if stored != current:
+        raise ArtifactError(f"The stored directions for {family}/{variant} were computed from other weights "
+                            f"(fingerprint {stored} != {current}); re-run book/04_directions.")
+
+
 def check_matches(metadata: dict, info) -> None:
     """Raise if a directions artifact was computed from other weights than the loaded model's (``info`` is
     ``LoadedModel.info``): re-run the directions chapter after retraining or changing a variant."""
-    from lib.artifacts import ArtifactError
-
-    stored = metadata.get("fingerprints", {}).get(info.variant)
-    if stored != info.fingerprint:
-        raise ArtifactError(f"The stored directions for {info.family}/{info.variant} were computed from other "
-                            f"weights (fingerprint {stored} != {info.fingerprint}); re-run book/04_directions.")
+    _check_fingerprint(metadata, info.family, info.variant, info.fingerprint)
 
 
 def check_current(metadata: dict, family: str, variants, device: str = "auto", dtype: str = "auto") -> None:
     """``check_matches`` for ``variants`` without loading them (``lib.models.fingerprint``): a chapter calls it
     before it computes anything, so that directions left from weights since retrained never reach a verdict."""
-    from lib.artifacts import ArtifactError
     from lib.models import fingerprint
 
     for variant in variants:
-        stored, current = metadata.get("fingerprints", {}).get(variant), fingerprint(family, variant, device, dtype)
-        if stored != current:
-            raise ArtifactError(f"The stored directions for {family}/{variant} were computed from other weights "
-                                f"(fingerprint {stored} != {current}); re-run book/04_directions.")
+        _check_fingerprint(metadata, family, variant, fingerprint(family, variant, device, dtype))
 
 
 def layer_directions(mean_differences: torch.Tensor) -> torch.Tensor:

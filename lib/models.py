@@ -423,10 +423,13 @@ def load(family: str = "smollm2-135m", variant: str = "base", device: str = "aut
     loading; CUDA only, needs bitsandbytes); when None, the family entry's ``quantization`` key (if any) decides.
     download: allow fetching hub ids (off by default: offline-first).
     """
-    if quantization is None:
-        quantization = family_spec(family).get("quantization")
     with quiet_transformers():
-        return _load(family, variant, device, dtype, quantization, download)
+        return _load(family, variant, device, dtype, _quantization(family, quantization), download)
+
+
+def _quantization(family: str, quantization: str | None) -> str | None:
+    """The explicit choice, else the family entry's ``quantization`` key (None when it has none)."""
+    return quantization if quantization is not None else family_spec(family).get("quantization")
 
 
 def _load(family: str, variant: str, device: str, dtype: str, quantization: str | None,
@@ -485,7 +488,7 @@ def fingerprint(family: str, variant: str = "base", device: str = "auto", dtype:
     adapters are checked against their manifests, hub ids resolved in the local cache. For checking, before a
     chapter computes anything, that stored artifacts were made from the weights on disk now."""
     spec, vspec = family_spec(family), variant_spec(family, variant)
-    quantization = quantization if quantization is not None else spec.get("quantization")
+    quantization = _quantization(family, quantization)
     adapters = [_adapter_source(a, family, variant) for a in vspec.get("adapters", [])]
     return _fingerprint(spec, vspec, adapters, resolve_dtype(dtype, resolve_device(device)), quantization)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lib.artifacts import REPO_ROOT
@@ -86,14 +87,19 @@ FAMILY_VARIANTS = ("variants", "sources", "sweep_variants", "target")  # must na
 
 
 @functools.lru_cache(maxsize=None)
-def declared(chapter: str) -> tuple[str, ...]:
-    """The parameter names of ``book/<chapter>.ipynb``'s cell tagged ``parameters``."""
+def declared_in(notebook: str | Path) -> dict[str, dict]:
+    """Parameters declared in a notebook's cell tagged ``parameters`` (name -> papermill's description)."""
     import papermill
 
+    return papermill.inspect_notebook(str(notebook))
+
+
+def declared(chapter: str) -> tuple[str, ...]:
+    """The parameter names of ``book/<chapter>.ipynb``'s cell tagged ``parameters``."""
     path = BOOK / f"{chapter}.ipynb"
     if not path.exists():
         raise ParameterError(f"No chapter {chapter!r}: {path} does not exist.")
-    return tuple(papermill.inspect_notebook(str(path)))
+    return tuple(declared_in(path))
 
 
 def given(namespace: dict[str, Any]) -> dict[str, Any]:

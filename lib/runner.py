@@ -37,6 +37,7 @@ import papermill
 import yaml
 
 from lib.artifacts import REPO_ROOT
+from lib.parameters import declared_in
 from lib.runtime import PROGRESS_ENV
 
 KERNEL_NAME = "python3"
@@ -110,11 +111,6 @@ def chapter_key(notebook: Path, repo_root: str | Path) -> str:
     return Path(notebook).resolve().relative_to(Path(repo_root).resolve()).with_suffix("").as_posix()
 
 
-def declared_parameters(notebook: str | Path) -> dict[str, dict]:
-    """Parameters declared in the notebook's cell tagged ``parameters`` (name -> papermill's description)."""
-    return papermill.inspect_notebook(str(notebook))
-
-
 def load_profile(path: str | Path) -> dict:
     """Read a profile and check its shape (``description``, ``defaults``, ``chapters``)."""
     path = Path(path)
@@ -145,7 +141,7 @@ def load_profile(path: str | Path) -> dict:
 def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> list[tuple[Path, dict]]:
     """Validate ``profile`` against the notebooks' parameters cells; return (notebook, parameters) per chapter."""
     keys = {chapter_key(nb, repo_root): nb for nb in notebooks}
-    declared = {key: declared_parameters(nb) for key, nb in keys.items()}
+    declared = {key: declared_in(nb) for key, nb in keys.items()}
     defaults, chapters = profile["defaults"], profile["chapters"]
 
     skip = profile.get("skip", [])

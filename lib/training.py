@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lib import artifacts
 from lib.artifacts import REPO_ROOT, read_json, sha256_file, sha256_text, write_json
 from lib.hooks import attached, site_hook
 from lib.models import LoadedModel, forward, position_ids
@@ -449,15 +450,11 @@ RECIPES = {
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    from lib.artifacts import read_jsonl as read
-
-    return read(path, "Restore it with `git checkout` or regenerate it (`make organisms`).")
+    return artifacts.read_jsonl(path, "Restore it with `git checkout` or regenerate it (`make organisms`).")
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    from lib.artifacts import atomic_path
-
-    with atomic_path(path) as tmp:
+    with artifacts.atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 

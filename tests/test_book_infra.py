@@ -253,7 +253,7 @@ def test_rerun_page_examples_match_the_code(monkeypatch, tmp_path, capsys):
                 notebook = REPO_ROOT / line.split()[1]
                 names = set(re.findall(r"-p (\w+)", line))
                 names |= {key for value in re.findall(r'-y "([^"]+)"', line) for key in yaml.safe_load(value)}
-                assert names <= set(runner.declared_parameters(notebook)), (line, sorted(names))
+                assert names <= set(runner.declared_in(notebook)), (line, sorted(names))
 
     with pytest.raises(SystemExit):
         runner.main(["--help"])
