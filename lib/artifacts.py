@@ -47,7 +47,8 @@ ARTIFACT_KINDS = {  # every folder under artifacts/, what writes it (README, "Ar
     "directions": "refusal directions and chosen layers, one file per family (lib.directions.save_directions)",
     "evaluations": "generated, judged completions per condition (lib.judges.evaluate, cached_generation)",
     "attacks": "completions under the organisms' PGD attack (lib.training.cached_attack)",
-    "verdicts": "each chapter's verdict on a claim, read by the conclusions (write_verdict)",
+    "verdicts": "each chapter's verdict on a claim, per family and run, read by the conclusions (write_verdict)",
+    "runs": "chapters executed under a profile other than the book's, per profile (lib.runner)",
 }
 
 
@@ -214,17 +215,30 @@ def verdicts_dir() -> Path:
     return artifacts_dir() / "verdicts"
 
 
-def write_verdict(family: str, claim: str, verdict: dict[str, Any]) -> Path:
-    """Store a chapter's computed verdict on one of the paper's claims, for the conclusions chapter."""
-    path = artifact_path("verdicts", family, f"{claim}.json")
-    write_json(path, {"family": family, "claim": claim, **verdict})
+def write_verdict(run: str, family: str, claim: str, verdict: dict[str, Any]) -> Path:
+    """Store a chapter's computed verdict on one of the paper's claims, for the conclusions chapter, under the run
+    that made it (``lib.parameters.check``'s return: a profile name, or an ``adhoc-...`` run):
+    ``artifacts/verdicts/<family>/<run>/<claim>.json``."""
+    path = artifact_path("verdicts", family, run, f"{claim}.json")
+    write_json(path, {"family": family, "claim": claim, "run": run, **verdict})
     return path
 
 
-def read_verdicts(families: str | Sequence[str] = "all") -> list[dict[str, Any]]:
-    """The stored verdicts of ``families`` ("all", one family name, or a list of names), ordered by family and
-    claim. A name with no stored verdicts is an error that lists the families that have some."""
-    stored = sorted(p.name for p in verdicts_dir().glob("*") if p.is_dir() and any(p.glob("*.json")))
+def read_verdicts(families: str | Sequence[str] = "all", runs: Sequence[str] = ("default",)) -> list[dict[str, Any]]:
+    """The stored verdicts of ``families`` ("all", one family name, or a list of names) made by ``runs``, ordered by
+    run, family and claim. A family with no verdicts of those runs is an error that lists the families that have
+    some, and a run that stored nothing one that lists the runs that did."""
+    if isinstance(runs, str) or not runs or not all(isinstance(r, str) and r for r in runs):
+        raise ValueError(f"runs must be a list of run names, e.g. ['default'], got {runs!r}.")
+    folders = sorted(p for p in verdicts_dir().glob("*/*") if p.is_dir() and any(p.glob("*.json")))
+    made = {run: sorted(f.parent.name for f in folders if f.name == run) for run in runs}
+    empty = [run for run in runs if not made[run]]
+    if empty:
+        known = sorted({f.name for f in folders})
+        raise ArtifactError(f"No verdicts are stored for run(s) {empty} in {verdicts_dir()} (runs with verdicts: "
+                            f"{known or 'none'}). Run that profile's chapters first (make book, or python -m "
+                            "lib.runner --profile params/<profile>.yaml).")
+    stored = sorted({family for found in made.values() for family in found})
     if families == "all":
         wanted = stored
     else:
@@ -233,11 +247,8 @@ def read_verdicts(families: str | Sequence[str] = "all") -> list[dict[str, Any]]
             raise ValueError(f"families must be 'all', a family name or a list of names, got {families!r}.")
         missing = [name for name in wanted if name not in stored]
         if missing:
-            raise ValueError(f"No verdicts are stored for {missing} in {verdicts_dir()} (families with verdicts: "
-                             f"{stored or 'none'}). Check the name, or run that family's chapters first "
-                             "(python -m lib.runner --profile params/<profile>.yaml).")
-    if not wanted:
-        raise ArtifactError(f"No verdicts stored yet in {verdicts_dir()}: run the spectra and transfer chapters "
-                            "first (make book).")
+            raise ValueError(f"No verdicts of run(s) {list(runs)} are stored for {missing} in {verdicts_dir()} "
+                             f"(families with verdicts: {stored}). Check the name, or run that family's chapters "
+                             "first (python -m lib.runner --profile params/<profile>.yaml).")
     return [read_json(p, "Delete it and re-run the chapter that writes this verdict.")
-            for family in wanted for p in sorted((verdicts_dir() / family).glob("*.json"))]
+            for run in runs for family in wanted for p in sorted((verdicts_dir() / family / run).glob("*.json"))]

@@ -59,6 +59,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target": (lambda v: isinstance(v, str) and bool(v), "one variant name, e.g. ssft"),
     "families": (lambda v: v == "all" or _list_of(lambda x: isinstance(x, str))(v),
                  '"all" or a list of family names (with -y)'),
+    "runs": (_optional(_list_of(lambda x: isinstance(x, str) and bool(x))),
+             "None (the run of the profile the chapter runs under) or a list of run names, e.g. [default, llama2-7b]"),
     "dataset": (lambda v: v in ("offline", "paper"), '"offline" or "paper"'),
     "layer_rule": (lambda v: v in ("chosen", "paper"), '"chosen" or "paper"'),
     "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
@@ -86,7 +88,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 FAMILY_VARIANTS = ("variants", "sources", "sweep_variants", "target")  # must name variants of the chapter's family
 
 
-@functools.lru_cache(maxsize=None)
 def declared_in(notebook: str | Path) -> dict[str, dict]:
     """Parameters declared in a notebook's cell tagged ``parameters`` (name -> papermill's description)."""
     import papermill
@@ -94,6 +95,7 @@ def declared_in(notebook: str | Path) -> dict[str, dict]:
     return papermill.inspect_notebook(str(notebook))
 
 
+@functools.lru_cache(maxsize=None)
 def declared(chapter: str) -> tuple[str, ...]:
     """The parameter names of ``book/<chapter>.ipynb``'s cell tagged ``parameters``."""
     path = BOOK / f"{chapter}.ipynb"
@@ -110,11 +112,11 @@ def given(namespace: dict[str, Any]) -> dict[str, Any]:
             and type(value).__name__ != "module"}
 
 
-def check(namespace: dict[str, Any], chapter: str, names: tuple[str, ...] | None = None) -> None:
-    """Raise ``ParameterError`` (one sentence: the parameter, what it got, what it needs) unless every variable in
-    ``namespace`` is a parameter the chapter declares, with an allowed value. ``chapter``: the notebook's stem;
+def validate(values: dict[str, Any], chapter: str, names: tuple[str, ...] | None = None) -> None:
+    """Raise ``ParameterError`` (one sentence: the parameter, what it got, what it needs) unless every name in
+    ``values`` is a parameter the chapter declares, with an allowed value. ``chapter``: the notebook's stem;
     ``names``: its declared parameters (default: read from ``book/<chapter>.ipynb``)."""
-    values, names = given(namespace), names if names is not None else declared(chapter)
+    names = names if names is not None else declared(chapter)
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ParameterError(f"{chapter} has no parameter(s) {unknown}; it takes {sorted(names)} (check the "
@@ -127,6 +129,22 @@ def check(namespace: dict[str, Any], chapter: str, names: tuple[str, ...] | None
             raise ParameterError(f"Parameter {name} = {values[name]!r} ({type(values[name]).__name__}) is not "
                                  f"allowed: {name} must be {expected}.")
     _check_family(values)
+
+
+def check(namespace: dict[str, Any], chapter: str) -> str:
+    """A chapter's first call: ``validate`` its parameters (the variables of ``namespace``), then return the run
+    its results belong to (``lib.profiles.run_of``): the profile's name when the parameters are that profile's,
+    else an ``adhoc-...`` run of their own, announced in one printed line so the reader knows where they went."""
+    from lib.profiles import current_profile, profile_name, run_of
+
+    values = given(namespace)
+    validate(values, chapter)
+    run, differ = run_of(values, f"book/{chapter}", declared_in(BOOK / f"{chapter}.ipynb"))
+    if differ:
+        changed = ", ".join(f"{name}={mine!r} (profile: {theirs!r})" for name, (theirs, mine) in differ.items())
+        print(f"Parameters not those of profile {profile_name(current_profile())!r} ({changed}): results are stored "
+              f"as run {run!r}; the conclusions chapter reads them with -y 'runs: [{run}]'.")
+    return run
 
 
 def _check_family(values: dict[str, Any]) -> None:

@@ -12,16 +12,18 @@ Chapters are the notebooks listed in ``_toc.yml``, in its order. A profile is YA
       book/02_activations:
         n_pairs: 64
 
-The whole profile is checked against the notebooks' ``parameters`` cells before anything runs. Each chapter runs
-in its own folder with ``REFUSAL_BOOK_PROGRESS=0`` (no progress bars in stored outputs) and the repo root on
-``PYTHONPATH``; volatile metadata is stripped and the result atomically replaces the chapter notebook. A failing
-chapter leaves its notebook untouched.
+The whole profile is checked against the notebooks' ``parameters`` cells before anything runs (``lib.profiles``).
+Each chapter runs in its own folder with ``REFUSAL_BOOK_PROGRESS=0`` (no progress bars in stored outputs), the repo
+root on ``PYTHONPATH`` and ``REFUSAL_BOOK_PROFILE`` naming the profile (its results are stored under the profile's
+run name); volatile metadata is stripped. The book's own profile (``params/default.yaml``) atomically replaces the
+chapter notebooks; any other profile writes its executed chapters to ``artifacts/runs/<profile>/`` (same relative
+paths) and leaves the book untouched, unless ``--in-place`` is given (on a branch, to publish that run as the
+site). A failing chapter leaves its output notebook untouched.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import os
 import stat
@@ -36,8 +38,10 @@ import nbformat
 import papermill
 import yaml
 
-from lib.artifacts import REPO_ROOT
+from lib.artifacts import REPO_ROOT, artifact_path
 from lib.parameters import declared_in
+from lib.profiles import (PROFILE_ENV, ProfileError, chapter_parameters, effective_parameters, load_profile,
+                          profile_name)
 from lib.runtime import PROGRESS_ENV
 
 KERNEL_NAME = "python3"
@@ -45,13 +49,8 @@ INJECTED_TAG = "injected-parameters"
 # myst-nb renders a `hide-cell` cell as a collapsed toggle: readers can open it to see the effective parameters.
 INJECTED_HIDE_TAG = "hide-cell"
 INJECTED_CELL_ID = "injected-parameters"
-PROFILE_KEYS = {"description", "defaults", "chapters", "skip"}
 # Output mimetypes that only point at live widget state (random model ids): meaningless once the kernel is gone.
 WIDGET_MIMETYPES = {"application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"}
-
-
-class ProfileError(ValueError):
-    """The profile does not match the chapters' declared parameters."""
 
 
 class ChapterError(RuntimeError):
@@ -111,33 +110,6 @@ def chapter_key(notebook: Path, repo_root: str | Path) -> str:
     return Path(notebook).resolve().relative_to(Path(repo_root).resolve()).with_suffix("").as_posix()
 
 
-def load_profile(path: str | Path) -> dict:
-    """Read a profile and check its shape (``description``, ``defaults``, ``chapters``)."""
-    path = Path(path)
-    try:
-        profile = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f", line {where.line + 1}" if where is not None else ""
-        raise ProfileError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', None) or error}); "
-                           "fix the file (params/default.yaml shows the expected layout).") from error
-    if not isinstance(profile, dict):
-        raise ProfileError(f"{path}: a profile must be a mapping with keys {sorted(PROFILE_KEYS)}")
-    unknown = sorted(set(profile) - PROFILE_KEYS)
-    if unknown:
-        raise ProfileError(f"{path}: unknown top-level key(s) {unknown}; allowed: {sorted(PROFILE_KEYS)}")
-    defaults = profile.get("defaults") or {}
-    chapters = profile.get("chapters") or {}
-    if not isinstance(defaults, dict):
-        raise ProfileError(f"{path}: 'defaults' must be a mapping of parameter -> value")
-    if not isinstance(chapters, dict) or not all(isinstance(v, dict) or v is None for v in chapters.values()):
-        raise ProfileError(f"{path}: 'chapters' must map chapter keys (e.g. book/02_activations) to mappings")
-    skip = profile.get("skip") or []
-    if not isinstance(skip, list) or not all(isinstance(k, str) for k in skip):
-        raise ProfileError(f"{path}: 'skip' must be a list of chapter keys (e.g. book/01_organisms)")
-    return {"defaults": defaults, "chapters": {str(k): (v or {}) for k, v in chapters.items()}, "skip": skip}
-
-
 def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> list[tuple[Path, dict]]:
     """Validate ``profile`` against the notebooks' parameters cells; return (notebook, parameters) per chapter."""
     keys = {chapter_key(nb, repo_root): nb for nb in notebooks}
@@ -161,40 +133,23 @@ def plan_runs(profile: dict, notebooks: list[Path], repo_root: str | Path) -> li
         raise ProfileError(f"profile defaults {orphans} are declared by no chapter's parameters cell; "
                            f"declared parameters are {sorted(everywhere)}")
 
-    plan = []
-    for key, nb in keys.items():
-        if key in skip:
-            continue
-        params = {name: value for name, value in defaults.items() if name in declared[key]}
-        params.update(chapters.get(key, {}))
-        plan.append((nb, params))
+    plan = [(nb, params) for key, nb in keys.items()
+            if (params := chapter_parameters(profile, key, declared[key])) is not None]
     check_effective_parameters(plan, declared, repo_root)
     return plan
-
-
-def effective_parameters(params: dict, declared: dict[str, dict]) -> dict:
-    """What a chapter will run with: its parameters cell's defaults (papermill's source text, evaluated as a
-    literal) overridden by ``params``."""
-    values = {}
-    for name, spec in declared.items():
-        try:
-            values[name] = ast.literal_eval(spec["default"])
-        except (ValueError, SyntaxError):
-            continue  # a default computed by code: left to the chapter's own check
-    return {**values, **params}
 
 
 def check_effective_parameters(plan: list[tuple[Path, dict]], declared: dict[str, dict], repo_root) -> None:
     """Before anything runs: every chapter's effective parameters pass ``lib.parameters.check`` (allowed values,
     variants the family has), and the chapters that read prompts all read the same dataset."""
-    from lib.parameters import ParameterError, check
+    from lib.parameters import ParameterError, validate
 
     datasets = {}
     for nb, params in plan:
         key = chapter_key(nb, repo_root)
         values = effective_parameters(params, declared[key])
         try:
-            check(values, nb.stem, tuple(declared[key]))
+            validate(values, nb.stem, tuple(declared[key]))
         except ParameterError as error:
             raise ProfileError(f"{key} would run with a bad parameter: {error} Set it in the profile under "
                                f"chapters: {key}.") from error
@@ -283,11 +238,14 @@ def _drop_injected_cells(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 @contextlib.contextmanager
-def _kernel_environment(repo_root: Path) -> Iterator[None]:
-    """Environment inherited by the kernel: progress bars off, repo root importable (``import lib``)."""
-    saved = {name: os.environ.get(name) for name in (PROGRESS_ENV, "PYTHONPATH")}
+def _kernel_environment(repo_root: Path, profile: Path | None) -> Iterator[None]:
+    """Environment inherited by the kernel: progress bars off, repo root importable (``import lib``), the profile
+    it runs under (``lib.profiles.current_profile``)."""
+    saved = {name: os.environ.get(name) for name in (PROGRESS_ENV, "PYTHONPATH", PROFILE_ENV)}
     os.environ[PROGRESS_ENV] = "0"
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), saved["PYTHONPATH"]) if p)
+    if profile is not None:
+        os.environ[PROFILE_ENV] = str(profile)
     try:
         yield
     finally:
@@ -306,27 +264,31 @@ def slowest_cells(nb: nbformat.NotebookNode, top: int = 3) -> list[tuple[int, fl
     return sorted(timed, key=lambda row: -row[1])[:top]
 
 
-def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Path = REPO_ROOT
+def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Path = REPO_ROOT,
+                    output: str | Path | None = None, profile: str | Path | None = None
                     ) -> tuple[float, list[tuple[int, float, str]]]:
-    """Execute one chapter in its folder and replace it with the cleaned, executed notebook; return wall seconds and
-    its slowest cells (``slowest_cells``: where a chapter's time goes, before the timings are stripped).
+    """Execute one chapter in its folder and write the cleaned, executed notebook to ``output`` (default: replace
+    the chapter itself); return wall seconds and its slowest cells (``slowest_cells``: where a chapter's time goes,
+    before the timings are stripped). ``profile``: the profile file the chapter runs under (``$REFUSAL_BOOK_PROFILE``).
 
-    On failure the notebook is left untouched, the temporary file is removed and :class:`ChapterError` is raised.
+    On failure the output is left untouched, the temporary file is removed and :class:`ChapterError` is raised.
     """
     notebook = Path(notebook).resolve()
     repo_root = Path(repo_root).resolve()
+    output = Path(output).resolve() if output is not None else notebook
+    output.parent.mkdir(parents=True, exist_ok=True)
     name = chapter_key(notebook, repo_root)
     source = nbformat.read(notebook, as_version=4)
     if not parameters:
         # papermill injects nothing without parameters, so a cell left by an earlier run would be stale.
         _drop_injected_cells(source)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{notebook.stem}.", suffix=".running.ipynb", dir=notebook.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{notebook.stem}.", suffix=".running.ipynb", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     start = time.perf_counter()
     try:
         nbformat.write(source, tmp)
-        with _kernel_environment(repo_root):
+        with _kernel_environment(repo_root, None if profile is None else Path(profile).resolve()):
             papermill.execute_notebook(
                 str(tmp), str(tmp), parameters=parameters or None, kernel_name=KERNEL_NAME, progress_bar=False,
                 request_save_on_cell_execute=False, cwd=str(notebook.parent),
@@ -336,23 +298,37 @@ def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Pat
         hide_injected_parameters(strip_volatile_metadata(executed))
         nbformat.write(executed, tmp)
         os.chmod(tmp, stat.S_IMODE(notebook.stat().st_mode))  # mkstemp makes 0600 files; keep the notebook's mode
-        os.replace(tmp, notebook)
+        os.replace(tmp, output)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
-        raise ChapterError(f"chapter {name} ({notebook}) failed; the notebook was left unchanged.\n{exc}") from exc
+        raise ChapterError(f"chapter {name} ({notebook}) failed; {output} was left unchanged.\n{exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return time.perf_counter() - start, slowest
 
 
+def output_folder(profile_path: str | Path, repo_root: str | Path, in_place: bool | None = None) -> Path:
+    """Where the executed chapters go: the book itself for the book's own profile (``<repo_root>/params/default.yaml``)
+    or with ``in_place``, else ``artifacts/runs/<profile name>/`` (the chapters' paths relative to the repo below
+    it)."""
+    repo_root = Path(repo_root).resolve()
+    if in_place is None:
+        in_place = Path(profile_path).resolve() == repo_root / "params" / "default.yaml"
+    return repo_root if in_place else artifact_path("runs", profile_name(profile_path))
+
+
 def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run: bool = False,
-                repo_root: str | Path = REPO_ROOT) -> list[tuple[Path, dict]]:
-    """Validate the profile, then execute the selected chapters in order (or only print the plan)."""
+                repo_root: str | Path = REPO_ROOT, in_place: bool | None = None) -> list[tuple[Path, dict]]:
+    """Validate the profile, then execute the selected chapters in order (or only print the plan), writing them to
+    ``output_folder``."""
     repo_root = Path(repo_root).resolve()
     profile = load_profile(profile_path)
     plan = plan_runs(profile, read_toc_notebooks(repo_root), repo_root)
     plan = select_chapters(plan, only, repo_root, profile.get("skip", []))
+    folder = output_folder(profile_path, repo_root, in_place)
+    print(f"run {profile_name(profile_path)!r}: executed chapters go to "
+          f"{'the book (in place)' if folder == repo_root else folder}", flush=True)
     total = time.perf_counter()
     for index, (nb, params) in enumerate(plan, start=1):
         key = chapter_key(nb, repo_root)
@@ -361,7 +337,7 @@ def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run
             print(f"[{index}/{len(plan)}] {key}: {shown}", flush=True)
             continue
         print(f"[{index}/{len(plan)}] {key}: running ({shown})", flush=True)
-        seconds, slowest = execute_chapter(nb, params, repo_root)
+        seconds, slowest = execute_chapter(nb, params, repo_root, folder / nb.relative_to(repo_root), profile_path)
         cells = "; ".join(f"cell {i}: {t:.0f} s ({line[:60]})" for i, t, line in slowest if t >= 1)
         print(f"[{index}/{len(plan)}] {key}: done in {seconds:.1f} s" + (f"; slowest {cells}" if cells else ""),
               flush=True)
@@ -377,9 +353,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these chapters (book/02_activations, 02_activations.ipynb or 02_activations)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan without executing")
     parser.add_argument("--root", default=str(REPO_ROOT), help="book root holding _toc.yml (default: this repo)")
+    parser.add_argument("--in-place", action="store_true",
+                        help="replace the book's chapters even for a profile other than params/default.yaml "
+                             "(default: such a profile writes to artifacts/runs/<profile>/)")
     args = parser.parse_args(argv)
     try:
-        run_profile(args.profile, only=args.only, dry_run=args.dry_run, repo_root=args.root)
+        run_profile(args.profile, only=args.only, dry_run=args.dry_run, repo_root=args.root,
+                    in_place=True if args.in_place else None)
     except (ProfileError, ChapterError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

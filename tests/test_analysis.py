@@ -280,8 +280,8 @@ def test_transfer_matrix_caches_every_condition(artifact_root, tiny_family, prom
 
 
 def test_verdicts_round_trip(artifact_root):
-    artifacts.write_verdict("fam", "claim2", {"verdict": "supported"})
-    assert artifacts.read_verdicts() == [{"family": "fam", "claim": "claim2", "verdict": "supported"}]
+    artifacts.write_verdict("default", "fam", "claim2", {"verdict": "supported"})
+    assert artifacts.read_verdicts() == [{"family": "fam", "claim": "claim2", "run": "default", "verdict": "supported"}]
 
 
 # --- charts ------------------------------------------------------------------------------------------------------

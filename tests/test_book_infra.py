@@ -102,8 +102,10 @@ def _parameters_cell(source: str = "x = 1\nlabel = 'a'"):
     return cell
 
 
-def _profile(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "profile.yaml"
+def _profile(tmp_path: Path, text: str, name: str = "default") -> Path:
+    """A profile of the book at ``tmp_path``: ``params/default.yaml`` is the book's own (executed in place)."""
+    path = tmp_path / "params" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -166,6 +168,21 @@ def test_runner_executes_in_place(tmp_path, capsys):
     assert "papermill" not in nb.metadata
     assert not any("papermill" in c.metadata or "execution" in c.metadata for c in nb.cells)
     assert sorted(p.name for p in notebook.parent.iterdir()) == ["ch.ipynb", "intro.md"]
+
+
+def test_another_profile_writes_its_own_folder_and_names_its_run(tmp_path, monkeypatch, capsys):
+    """A profile other than the book's never touches the committed chapters; its kernels know their profile."""
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path / "artifacts"))
+    notebook = _book(tmp_path, [_parameters_cell(), new_code_cell(
+        "import os\nprint(x, os.path.basename(os.environ['REFUSAL_BOOK_PROFILE']))")])
+    before = notebook.read_bytes()
+    runner.run_profile(_profile(tmp_path, "defaults:\n  x: 5\n", "gpu-run"), repo_root=tmp_path)
+    assert notebook.read_bytes() == before
+    assert "run 'gpu-run': executed chapters go to " in capsys.readouterr().out
+    written = tmp_path / "artifacts" / "runs" / "gpu-run" / "book" / "ch.ipynb"
+    assert nbformat.read(written, as_version=4).cells[-1].outputs[0]["text"] == "5 gpu-run.yaml\n"
+    runner.run_profile(_profile(tmp_path, "defaults:\n  x: 6\n", "gpu-run"), repo_root=tmp_path, in_place=True)
+    assert nbformat.read(notebook, as_version=4).cells[-1].outputs[0]["text"] == "6 gpu-run.yaml\n"
 
 
 def test_failing_chapter_leaves_notebook_untouched(tmp_path):

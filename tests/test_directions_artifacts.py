@@ -124,8 +124,8 @@ def test_corrupt_sidecar_names_the_file_and_the_cache_recomputes(tmp_path):
 
 def test_corrupt_verdict_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path))
-    artifacts.write_verdict("fam", "claim1", {"verdict": "supported"})
-    (artifacts.verdicts_dir() / "fam" / "claim1.json").write_text("{")
+    artifacts.write_verdict("default", "fam", "claim1", {"verdict": "supported"})
+    (artifacts.verdicts_dir() / "fam" / "default" / "claim1.json").write_text("{")
     with pytest.raises(ArtifactError, match=r"claim1.json is not valid JSON.*re-run the chapter"):
         artifacts.read_verdicts()
 
@@ -141,16 +141,30 @@ def test_read_jsonl_names_the_line(tmp_path):
 
 def test_read_verdicts_selects_families_by_exact_name(tmp_path, monkeypatch):
     monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path))
-    with pytest.raises(ArtifactError, match="No verdicts stored yet"):
+    with pytest.raises(ArtifactError, match=r"No verdicts are stored for run\(s\) \['default'\].*runs with verdicts: none"):
         artifacts.read_verdicts()
     for family in ("smollm2-135m", "llama2-7b"):
-        artifacts.write_verdict(family, "claim1", {"verdict": "supported"})
+        artifacts.write_verdict("default", family, "claim1", {"verdict": "supported"})
     assert [v["family"] for v in artifacts.read_verdicts()] == ["llama2-7b", "smollm2-135m"]
     assert [v["family"] for v in artifacts.read_verdicts("smollm2-135m")] == ["smollm2-135m"]
-    with pytest.raises(ValueError, match=r"No verdicts are stored for \['xsmollm2-135mx'\].*llama2-7b"):
+    with pytest.raises(ValueError, match=r"No verdicts of run\(s\) \['default'\] are stored for \['xsmollm2-135mx'\].*llama2-7b"):
         artifacts.read_verdicts("xsmollm2-135mx")  # not a substring match
     with pytest.raises(ValueError, match="a family name or a list"):
         artifacts.read_verdicts([3])
+
+
+def test_verdicts_of_other_runs_never_reach_the_books(tmp_path, monkeypatch):
+    """An exploratory run's verdict is stored beside the book's, never over it; the conclusions name the runs."""
+    monkeypatch.setenv(artifacts.ARTIFACTS_ENV, str(tmp_path))
+    artifacts.write_verdict("default", "fam", "claim1", {"verdict": "supported"})
+    artifacts.write_verdict("adhoc-1234abcd", "fam", "claim1", {"verdict": "not supported"})
+    assert [v["verdict"] for v in artifacts.read_verdicts()] == ["supported"]
+    assert [v["verdict"] for v in artifacts.read_verdicts(runs=["adhoc-1234abcd"])] == ["not supported"]
+    assert [v["run"] for v in artifacts.read_verdicts(runs=["default", "adhoc-1234abcd"])] == ["default", "adhoc-1234abcd"]
+    with pytest.raises(ArtifactError, match=r"run\(s\) \['llama2-7b'\].*runs with verdicts: \['adhoc-1234abcd', 'default'\]"):
+        artifacts.read_verdicts(runs=["default", "llama2-7b"])
+    with pytest.raises(ValueError, match="list of run names"):
+        artifacts.read_verdicts(runs="default")
 
 
 def test_artifact_paths_come_from_one_registry(tmp_path, monkeypatch):

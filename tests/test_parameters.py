@@ -25,7 +25,7 @@ def test_every_chapter_checks_its_parameters_first_and_its_defaults_pass(chapter
     first = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])
                  and "injected-parameters" not in c.metadata.get("tags", []))
     assert f'parameters.check(globals(), "{chapter}")' in first.source
-    parameters.check({**defaults(chapter), "In": [], "_": None, "pd": parameters}, chapter)
+    assert parameters.check({**defaults(chapter), "In": [], "_": None, "pd": parameters}, chapter) == "default"
 
 
 @pytest.mark.parametrize("chapter, change, message", [
@@ -67,3 +67,27 @@ def test_notebook_defaults_equal_the_default_profile():
     drift = {f"{nb.stem}: {name}": (defaults(nb.stem)[name], value)
              for nb, params in plan for name, value in params.items() if defaults(nb.stem)[name] != value}
     assert not drift, f"parameters cell default != params/default.yaml: {drift}"
+
+
+def test_a_chapter_run_with_other_parameters_is_a_run_of_its_own(monkeypatch, capsys):
+    """An exploratory papermill run (-p n_test 2) never stores its results as the book's run; the same parameters
+    give the same run name, other ones another; under the runner's profile the run is that profile's."""
+    monkeypatch.delenv("REFUSAL_BOOK_PROFILE", raising=False)
+    values = {**defaults("06_transfer"), "n_test": 2}
+    run = parameters.check(values, "06_transfer")
+    assert run.startswith("adhoc-") and len(run) == len("adhoc-") + 8
+    assert "n_test=2 (profile: 64)" in capsys.readouterr().out
+    assert parameters.check(dict(values), "06_transfer") == run
+    assert parameters.check({**values, "n_test": 3}, "06_transfer") != run
+    assert parameters.check({**values, "n_test": 64}, "06_transfer") == "default"
+    assert capsys.readouterr().out.count("results are stored as run") == 2
+    llama = parameters.REPO_ROOT / "params" / "llama2-7b.yaml"
+    monkeypatch.setenv("REFUSAL_BOOK_PROFILE", str(llama))
+    from lib import profiles, runner
+
+    plan = runner.plan_runs(profiles.load_profile(llama), runner.read_toc_notebooks(parameters.REPO_ROOT),
+                            parameters.REPO_ROOT)
+    params = dict((nb.stem, p) for nb, p in plan)["06_transfer"]
+    assert parameters.check({**defaults("06_transfer"), **params}, "06_transfer") == "llama2-7b"
+    assert parameters.check(defaults("09_conclusions"), "09_conclusions") == "llama2-7b"
+    assert parameters.check(defaults("06_transfer"), "06_transfer").startswith("adhoc-")
