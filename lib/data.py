@@ -12,11 +12,12 @@ import csv
 import hashlib
 import importlib.util
 import json
+import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib.artifacts import DATA_DIR, atomic_path, cache_dir, sha256_file, sha256_text, write_json
+from lib.artifacts import DATA_DIR, atomic_path, cache_dir, read_json, sha256_file, sha256_text, write_json
 
 
 class DataUnavailableError(FileNotFoundError):
@@ -174,13 +175,41 @@ PAPER_SOURCES = {"advbench": (ADVBENCH_URL, "harmful_behaviors.csv"), "alpaca": 
 ADVBENCH_ROWS = 520
 
 
+PAPER_DATA_ENV = "REFUSAL_BOOK_PAPER_DATA"
+
+
+def local_paper_source(name: str, listing: str | Path) -> Path:
+    """The file that stands in for paper source ``name`` ("advbench" or "alpaca") in a local sources listing: a
+    JSON file ``{"advbench": {"path": ..., "sha256": ...}, "alpaca": {...}}``, paths relative to the listing. The
+    checksum is required and checked, exactly as for a download."""
+    listing = Path(listing)
+    if not listing.is_file():
+        raise DataUnavailableError(f"${PAPER_DATA_ENV} names {listing}, which does not exist; point it at a sources "
+                                   "listing, or unset it to use the public URLs.")
+    sources = read_json(listing, f"Fix the listing named by ${PAPER_DATA_ENV}, or unset it to use the public URLs.",
+                        DataIntegrityError)
+    entry = sources.get(name) if isinstance(sources, dict) else None
+    if not isinstance(entry, dict) or not {"path", "sha256"} <= set(entry):
+        raise DataIntegrityError(f"{listing} (${PAPER_DATA_ENV}) has no {{path, sha256}} entry for {name!r}; it "
+                                 f"needs one for each of {sorted(PAPER_SOURCES)}.")
+    path = listing.parent / entry["path"]
+    if not path.is_file():
+        raise DataUnavailableError(f"{listing} (${PAPER_DATA_ENV}) names {path} for {name!r}, which does not exist.")
+    verify_sha256(path, entry["sha256"], f"Fix the file or its sha256 in {listing}.")
+    return path
+
+
 def fetch_cached(name: str, sha256: str | None = None, folder: Path | None = None, offline: bool = False) -> Path:
     """Download one of the paper's sources once into the cache and verify it on every use.
 
     No checksum could be pinned here (this project is built without network), so the first download records its
     SHA-256 in ``paper_sources.lock.json`` beside the file, and every later use must match it (or ``sha256`` when
-    given). Offline and absent, a clear error names the URL to fetch.
+    given). Offline and absent, a clear error names the URL to fetch. With ``$REFUSAL_BOOK_PAPER_DATA`` naming a
+    local sources listing (``local_paper_source``), the sources are read from there instead: for a mirror on a
+    machine without network, or the stand-in files of the test suite's dress rehearsal.
     """
+    if os.environ.get(PAPER_DATA_ENV):
+        return local_paper_source(name, os.environ[PAPER_DATA_ENV])
     url, filename = PAPER_SOURCES[name]
     folder = folder or cache_dir() / "paper-data"
     path, lock_path = folder / filename, folder / "paper_sources.lock.json"

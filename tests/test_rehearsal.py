@@ -1,0 +1,90 @@
+"""Dress rehearsal of the paper's profile (issue 19): every chapter of ``params/llama2-7b.yaml`` runs end to end,
+offline, on a stand-in (``tests/standin.py``) under the exact hub ids of ``lib/families.yaml``, with the paper's
+data read through ``$REFUSAL_BOOK_PAPER_DATA``. What changes: ``device`` (the CPU for the GPU), and, to keep it
+within three minutes, the sample sizes and token budgets that only repeat the same code (``SMALLER``); the data
+path, the layer rule, the variants and every chapter are the profile's. The numbers are meaningless and not
+compared."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+import yaml
+
+from lib import data, runner
+from lib.artifacts import REPO_ROOT
+import standin
+
+
+SMALLER = {"n_test": 24, "n_side": 8, "max_new_tokens": 6, "n_score": 8, "n_generate": 8, "n_boot": 100,
+           "n_reference": 16, "n_val": 8}
+EXTRA = {"book/03_spectra": {"n_boot_layers": 5}}  # its by-layer bootstrap: 416 x 416 Gram matrices per resample
+
+
+@pytest.fixture(scope="module")
+def paper_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rehearsal")
+    standin.write_hub_models(root / "hub")
+    return root, standin.write_paper_data(root / "paper-data")
+
+
+def test_the_paper_data_listing_is_checked_like_a_download(paper_world, monkeypatch, tmp_path):
+    _, listing = paper_world
+    monkeypatch.setenv(data.PAPER_DATA_ENV, str(listing))
+    protocol = data.load_paper_protocol()
+    assert len(protocol["pairs"]) == 100 and len(protocol["test"]) == 420
+    tampered = tmp_path / "sources.json"
+    sources = {name: {**entry, "path": str(listing.parent / entry["path"])}  # absolute paths, read from elsewhere
+               for name, entry in json.loads(listing.read_text()).items()}
+    sources["alpaca"]["sha256"] = "0" * 64
+    tampered.write_text(json.dumps(sources))
+    monkeypatch.setenv(data.PAPER_DATA_ENV, str(tampered))
+    with pytest.raises(data.DataIntegrityError, match="alpaca_data.json has SHA-256 .*expected 0000"):
+        data.load_paper_protocol()
+    tampered.write_text(json.dumps({"advbench": sources["advbench"]}))
+    with pytest.raises(data.DataIntegrityError, match="no {path, sha256} entry for 'alpaca'"):
+        data.load_paper_protocol()
+    monkeypatch.setenv(data.PAPER_DATA_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(data.DataUnavailableError, match="missing.json, which does not exist"):
+        data.load_paper_protocol()
+
+
+def test_every_chapter_of_the_paper_profile_runs_on_the_stand_in(paper_world, monkeypatch, tmp_path, capsys):
+    root, listing = paper_world
+    profile = yaml.safe_load((REPO_ROOT / "params" / "llama2-7b.yaml").read_text())
+    profile["defaults"]["device"] = "cpu"
+    for key, overrides in profile["chapters"].items():
+        overrides.update({name: value for name, value in SMALLER.items() if name in overrides}, **EXTRA.get(key, {}))
+    path = tmp_path / "llama2-7b.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    for name, value in {"HF_HUB_CACHE": root / "hub", "HF_HUB_OFFLINE": "1", data.PAPER_DATA_ENV: listing,
+                        "REFUSAL_BOOK_ARTIFACTS": tmp_path / "artifacts", "REFUSAL_BOOK_CACHE": tmp_path / "cache"}.items():
+        monkeypatch.setenv(name, str(value))
+    before = {nb: nb.read_bytes() for nb in runner.read_toc_notebooks(REPO_ROOT)}
+    plan = runner.run_profile(path)
+    assert {nb.stem for nb, _ in plan} == {nb.stem for nb in before} - {"01_organisms", "08_judge_audit"}
+    assert all(nb.read_bytes() == text for nb, text in before.items())  # the book itself untouched
+    written = tmp_path / "artifacts" / "runs" / "llama2-7b" / "book"
+    assert sorted(p.stem for p in written.glob("*.ipynb")) == sorted(nb.stem for nb, _ in plan)
+    conclusions = nbformat.read(written / "09_conclusions.ipynb", as_version=4)
+    first = next(c for c in conclusions.cells if c.cell_type == "code" and "read_verdicts" in c.source)
+    assert first.outputs[0]["text"].startswith("verdicts of run llama2-7b for: llama2-7b\n")
+    assert sorted(p.stem for p in (tmp_path / "artifacts" / "verdicts" / "llama2-7b" / "llama2-7b").glob("*.json")) \
+        == ["ablation_modes", "claim1", "claim2", "claim3", "subspace_modes"]
+
+
+def test_the_paper_family_loads_from_the_stand_in_cache_and_nf4_is_refused_on_cpu(paper_world, monkeypatch):
+    from lib import models
+
+    root, _ = paper_world
+    monkeypatch.setenv("HF_HUB_CACHE", str(root / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(root / "hub"))  # read when it was imported
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    lm = models.load("llama2-7b", "lat", device="cpu")
+    assert lm.info.n_layers == 16 and lm.info.fingerprint == models.fingerprint("llama2-7b", "lat", "cpu")
+    models.register_families({"llama2-7b-nf4": dict(models.family_spec("llama2-7b"), quantization="nf4")})
+    with pytest.raises(ValueError, match="nf4.*CUDA"):
+        models.load("llama2-7b-nf4", "ssft", device="cpu")
