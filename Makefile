@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?= params/default.yaml
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" REFUSAL_BOOK_PROGRESS=0
 
-.PHONY: setup book chapters site test browser organisms lock clean bench
+.PHONY: setup book chapters site test test-avx2 browser organisms lock clean bench
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ book: chapters site
 
 test: setup browser
 	$(RUN) $(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# nbval of every chapter as an AVX2-only CPU computes it (torch's AVX2 kernels, MKL's AVX2 code path), on a host
+# with AVX-512 or AMX: a second CPU generation for the committed outputs without a second machine (Re-run page).
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 $(RUN) $(PY) -m pytest book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 # Debian's chromium for tests/test_site_browser.py (apt-get update only when the package lists lack it). A failure
 # is tolerated: the browser test then skips and says why.
