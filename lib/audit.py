@@ -41,7 +41,7 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
     (own direction ablated or added on harmless prompts), and each refusing model's own direction under mean
     ablation (``n_mean`` harmful and ``n_side`` harmless prompts). The defaults are the default profile's, so
     every condition but mean ablation is read from the chapters' caches when they have run."""
-    from lib import ablation, data, directions, judges, models, training
+    from lib import ablation, data, directions, judges, models, organisms
 
     pairs = data.split("test", seed)
     ids = {"harmful": [p.id for p in pairs], "harmless": [p.id for p in pairs]}
@@ -50,10 +50,6 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
     layers = meta["chosen_layers"]
     refusing = [v for v in ("ssft", "at", "lat") if v in stored]
     reference = data.reference_prompts("offline", 64, seed)
-    epsilons = training.epsilon_frame(family)
-    lat_layer = models.family_spec(family)["adversary_layer"]
-    own_site = {"at": 0, "lat": lat_layer}
-    refusals = training.load_refusals()
     rows: list[dict] = []
 
     def add(kind, n, completions, model, condition, source, limit):
@@ -89,13 +85,9 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
                 run = judges.evaluate(lm, texts[kind][:n], mean_ablated, max_new_tokens, batch_size)
                 add(kind, n, run["completions"], variant, MEAN, variant, max_new_tokens)
         if variant != "base":
-            targets = [training.refusal_for(p.id, refusals) for p in pairs[:attack_prompts]]
-            for layer in (0, lat_layer):
-                if own_site.get(variant, layer) != layer:
-                    continue
-                radius = epsilons.loc[epsilons["chosen"] & (epsilons["layer"] == layer), "epsilon"].item()
-                completions = training.cached_attack(lm, texts["harmful"][:attack_prompts], targets, layer, radius,
-                                                     attack_steps, attack_tokens, seed)
+            attacks = organisms.robustness_completions(lm, pairs[:attack_prompts], attack_steps, attack_tokens, seed)
+            for label, completions in attacks.items():
+                layer = organisms.attack_sites(family)[label]
                 add("harmful", attack_prompts, completions, variant, PGD, f"layer {layer}", attack_tokens)
         del lm
     return rows

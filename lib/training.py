@@ -8,6 +8,8 @@ size epsilon / steps along the per-example L2-normalised gradient that INCREASES
 projected back into the ball after each step. The model then takes one optimiser step that lowers the LM loss under
 that perturbation (no separate clean loss). AT perturbs the token embeddings (resid_pre of layer 0), LAT the
 residual stream entering ``adversary_layer``. The control variant trains the same LoRA with no adversary.
+
+The adversary itself is ``lib.adversary``, the losses ``lib.losses``, the chapter's summaries ``lib.organisms``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import torch
 
 from lib import artifacts
 from lib.artifacts import REPO_ROOT, read_json, sha256_file, sha256_text, write_json
-from lib.hooks import attached, site_hook
-from lib.models import LoadedModel, forward, position_ids
+from lib.adversary import loss_under_attack, per_example_norm, perturbation_hook, pgd_attack, residual_norms
+from lib.hooks import attached
+from lib.losses import IGNORE, lm_loss, odds_ratio_loss, response_logprob_sums, response_logprobs
+from lib.models import LoadedModel
 from lib.runtime import progress, set_seed
 
-IGNORE = -100
 REFUSALS_FILE = REPO_ROOT / "data" / "organisms" / "refusals.jsonl"
 KINDS = ("sft", "control", "at", "lat")
 
@@ -156,72 +159,6 @@ def tokenize(lm: LoadedModel, examples: Sequence[Example], max_length: int,
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _per_example_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
-
-
-def _perturbation_hook(lm: LoadedModel, layer: int, delta_ref: dict):
-    return site_hook(lm.info, "resid_pre", layer, lambda hidden: hidden + delta_ref["delta"].to(hidden.dtype))
-
-
-def lm_loss(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over the labelled (response) tokens."""
-    return forward(lm, batch).loss
-
-
-def pgd_attack(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int, epsilon: float, steps: int = 6,
-               generator: torch.Generator | None = None, perturb_mask: torch.Tensor | None = None,
-               loss_fn=None) -> torch.Tensor:
-    """The paper's untargeted adversary at resid_pre of ``layer``: a perturbation [batch, seq, d] with per-example
-    L2 norm <= epsilon that increases the LM loss on ``batch``'s labels. Only positions where ``perturb_mask``
-    (default: the attention mask, i.e. every real token) is 1 are perturbed. ``loss_fn`` (default ``lm_loss``,
-    what the shipped adapters were trained with) computes that loss; ``response_loss`` is the same loss, faster."""
-    loss_fn = loss_fn or lm_loss
-    shape = (*batch["input_ids"].shape, lm.info.d_model)
-    device = batch["input_ids"].device
-    mask = (batch["attention_mask"] if perturb_mask is None else perturb_mask).unsqueeze(-1).float().to(device)
-    noise = torch.randn(shape, generator=generator).to(device) * mask
-    radius = torch.rand(shape[0], generator=generator).to(device).view(-1, 1, 1) * epsilon
-    delta = noise / _per_example_norm(noise).clamp_min(1e-12) * radius
-    ref = {"delta": delta}
-    with attached([_perturbation_hook(lm, layer, ref)]):
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            ref["delta"] = delta
-            grad, = torch.autograd.grad(loss_fn(lm, batch), delta)
-            grad = grad * mask
-            with torch.no_grad():
-                delta = delta + (epsilon / steps) * grad / _per_example_norm(grad).clamp_min(1e-12)
-                delta = delta * (epsilon / _per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-    return delta.detach()
-
-
-def loss_under_attack(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int, epsilon: float,
-                      steps: int = 6, seed: int = 0) -> tuple[float, float]:
-    """(clean loss, loss under a fresh PGD perturbation) on ``batch``: the adversary's strength at ``epsilon``."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        clean = float(lm_loss(lm, batch))
-    delta = pgd_attack(lm, batch, layer, epsilon, steps, generator)
-    with torch.no_grad(), attached([_perturbation_hook(lm, layer, {"delta": delta})]):
-        attacked = float(lm_loss(lm, batch))
-    return clean, attacked
-
-
-def residual_norms(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
-    """Per-example L2 norm of the whole [seq x d] residual tensor entering ``layer`` (padding excluded): the
-    scale against which an adversary's radius is judged."""
-    captured = {}
-
-    def keep(hidden):
-        captured["h"] = hidden.detach()
-
-    with torch.no_grad(), attached([site_hook(lm.info, "resid_pre", layer, keep)]):
-        lm_loss(lm, batch)
-    masked = captured["h"].float() * batch["attention_mask"].unsqueeze(-1)
-    return _per_example_norm(masked).flatten()
-
-
 def choose_epsilon(lm: LoadedModel, examples: Sequence[Example], layer: int, fractions: Sequence[float],
                    min_loss_increase: float = 1.0, batch_size: int = 8, max_length: int = 160,
                    max_response_tokens: int | None = None, seed: int = 42) -> dict:
@@ -241,42 +178,6 @@ def choose_epsilon(lm: LoadedModel, examples: Sequence[Example], layer: int, fra
     return {"layer": layer, "median_norm": scale, "rule": f"smallest radius raising the loss by >= "
             f"{min_loss_increase} nat/token", "sweep": sweep, "epsilon": chosen if chosen is not None
             else sweep[-1]["epsilon"], "criterion_met": chosen is not None}
-
-
-def _response_logprob_sums(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log-probabilities, count) of each row's labelled (response) tokens. The output layer runs on the
-    labelled positions only: at this vocabulary size most of a batch's logits are never needed."""
-    model = lm.model
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 position_ids=position_ids(batch["attention_mask"]), use_cache=False)[0]
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
-    token_logp = logits.log_softmax(-1).gather(1, targets[mask].unsqueeze(1)).squeeze(1)
-    sums = torch.zeros(len(targets), dtype=token_logp.dtype, device=token_logp.device)
-    return sums.index_add(0, mask.nonzero()[:, 0], token_logp), mask.sum(1)
-
-
-def response_loss(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``lm_loss`` (mean next-token loss over the labelled tokens) with the output layer run on the labelled
-    positions only: 1.5x faster for a PGD attack on 16 prompts here (37 s -> 25 s), equal up to float rounding."""
-    sums, counts = _response_logprob_sums(lm, batch)
-    return -sums.sum() / counts.sum().clamp_min(1)
-
-
-def response_logprobs(lm: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean log-probability per token of each row's response: log of the geometric-mean token probability,
-    ORPO's sequence likelihood."""
-    sums, counts = _response_logprob_sums(lm, batch)
-    return sums / counts.clamp_min(1)
-
-
-def odds_ratio_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor) -> torch.Tensor:
-    """ORPO's term, -log sigmoid(log odds(chosen) - log odds(rejected)), averaged over pairs."""
-    def log_odds(logp):
-        return logp - torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
-
-    return -torch.nn.functional.logsigmoid(log_odds(chosen_logp) - log_odds(rejected_logp)).mean()
 
 
 def _with_rejected(examples: Sequence[Example]) -> tuple[list[Example], list[int]]:
@@ -303,7 +204,7 @@ def lm_and_preference_loss(lm: LoadedModel, examples: Sequence[Example],
     rows, paired = _with_rejected(examples)
     batch = {k: v.to(lm.info.device) for k, v in tokenize(lm, rows, config.max_length,
                                                            config.max_response_tokens).items()}
-    sums, counts = _response_logprob_sums(lm, batch)
+    sums, counts = response_logprob_sums(lm, batch)
     n = len(examples)
     logp = sums / counts.clamp_min(1)
     return -sums[:n].sum() / counts[:n].sum().clamp_min(1), odds_ratio_loss(logp[paired], logp[n:])
@@ -351,9 +252,9 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
             model.eval()  # the adversary sees the model without dropout
             delta = pgd_attack(lm, batch, layer, config.epsilon, config.pgd_steps, generator)
             model.train()
-            with attached([_perturbation_hook(lm, layer, {"delta": delta})]):
+            with attached([perturbation_hook(lm, layer, {"delta": delta})]):
                 loss = lm_loss(lm, batch)
-            record["delta_norm"] = round(float(_per_example_norm(delta).mean()), 4)
+            record["delta_norm"] = round(float(per_example_norm(delta).mean()), 4)
             if with_preference:
                 preference = preference_loss(lm, chosen, config)
         elif with_preference:
@@ -560,118 +461,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-# --- robustness: a fresh attack on the prompt, then generation under it -----------------------------------------------
-
-def _attack_batch(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str]) -> tuple[dict, int]:
-    """Left-padded prompts followed by right-padded targets; labels on the targets only. Returns (batch, P)."""
-    from lib.models import encode
-
-    prompt_batch = encode(lm, list(prompts), device=torch.device("cpu"))
-    width = prompt_batch["input_ids"].shape[1]
-    target_ids = [lm.tokenizer(t, add_special_tokens=False).input_ids for t in targets]
-    t_width = max(len(t) for t in target_ids)
-    pad = lm.tokenizer.pad_token_id
-    ids = torch.cat([prompt_batch["input_ids"], torch.tensor([t + [pad] * (t_width - len(t)) for t in target_ids])], 1)
-    mask = torch.cat([prompt_batch["attention_mask"],
-                      torch.tensor([[1] * len(t) + [0] * (t_width - len(t)) for t in target_ids])], 1)
-    labels = ids.clone()
-    labels[:, :width] = IGNORE
-    labels[mask == 0] = IGNORE
-    device = lm.info.device
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}, width
-
-
-def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], layer: int,
-                         epsilon: float, steps: int = 6, max_new_tokens: int = 24, batch_size: int = 16,
-                         seed: int = 0) -> list[str]:
-    """Greedy completions under a fresh untargeted PGD perturbation of the PROMPT's residual stream entering
-    ``layer`` (L2 <= epsilon per prompt): the perturbation maximises the loss of ``targets`` (refusals) given the
-    prompt, and is then added at every prompt position while the answer is generated. The attack's loss is
-    ``response_loss`` (logits at the target positions only)."""
-    from lib.models import encode
-
-    completions: list[str] = []
-    generator = torch.Generator().manual_seed(seed)
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        batch, width = _attack_batch(lm, chunk, targets[start:start + batch_size])
-        prompt_mask = batch["attention_mask"].clone()
-        prompt_mask[:, width:] = 0
-        delta = pgd_attack(lm, batch, layer, epsilon, steps, generator, prompt_mask, response_loss)[:, :width]
-        ref = {"delta": delta}
-
-        def add_on_prefill(hidden):
-            return hidden + ref["delta"].to(hidden.dtype) if hidden.shape[1] == width else None
-
-        encoded = encode(lm, chunk)
-        with torch.inference_mode(), attached([site_hook(lm.info, "resid_pre", layer, add_on_prefill)]):
-            output = lm.model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens,
-                                       pad_token_id=lm.tokenizer.pad_token_id)
-        completions += [t.strip() for t in lm.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
-    return completions
-
-
-
-# --- summaries of shipped adapters, for the chapter -------------------------------------------------------------------
-
-def training_log(family: str, variant: str) -> dict:
-    path = ADAPTERS_ROOT / family / variant / "training_log.json"
-    if not path.exists():
-        raise FileNotFoundError(f"No training log at {path}: variant {variant!r} of {family!r} is not trained yet "
-                                "(`make organisms`).")
-    return read_json(path, "Restore it with `git checkout` or retrain the variant (`make organisms`).")
-
-
-def adapter_table(family: str, variants: Sequence[str]):
-    """One row per trained variant: what was trained, how, on what, for how long, and the shipped file."""
-    import pandas as pd
-
-    rows = []
-    for variant in variants:
-        log, config = training_log(family, variant), training_log(family, variant)["config"]
-        weights = ADAPTERS_ROOT / family / variant / "adapter_model.safetensors"
-        rows.append({"variant": variant, "kind": config["kind"], "steps": config["steps"],
-                     "batch": config["batch_size"], "lr": config["learning_rate"], "LoRA r": config["lora_r"],
-                     "targets": ", ".join(t.replace("_proj", "") for t in config["target_modules"]),
-                     "adversary layer": config["adversary_layer"] if config["kind"] == "lat"
-                     else (0 if config["kind"] == "at" else None),
-                     "epsilon": config["epsilon"], "preference weight": config.get("preference_weight", 0.0),
-                     "examples": log["n_examples"],
-                     "minutes": round(log["wall_seconds"] / 60, 1), "adapter KiB": round(weights.stat().st_size / 1024),
-                     "sha256": sha256_file(weights)[:12]})
-    return pd.DataFrame(rows).set_index("variant")
-
-
-def loss_frame(family: str, variants: Sequence[str]):
-    import pandas as pd
-
-    return pd.DataFrame([{"variant": v, "step": s["step"], "loss": s["loss"]}
-                         for v in variants for s in training_log(family, v)["steps"]])
-
-
-def epsilon_frame(family: str):
-    """The epsilon sweeps behind the AT and LAT radii (one row per candidate radius tried)."""
-    import pandas as pd
-
-    rows = []
-    for path in sorted((ORGANISMS_ROOT / family).glob("epsilon-layer*.json")):
-        result = read_json(path, "Restore it with `git checkout` or rerun the epsilon sweep (`make organisms`).")
-        for row in result["sweep"]:
-            rows.append({"layer": result["layer"], "median residual norm": result["median_norm"], **row,
-                         "chosen": row["epsilon"] == result["epsilon"]})
-    return pd.DataFrame(rows)
-
-
-def cached_attack(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], layer: int, epsilon: float,
-                  steps: int = 6, max_new_tokens: int = 24, seed: int = 0, batch_size: int = 32) -> list[str]:
-    """``attacked_completions``, cached as a JSON artifact keyed by the model, the prompts and every setting."""
-    from lib.artifacts import artifact_path, cache_key, cached_json
-
-    key = cache_key(model=lm.info.fingerprint, prompts=sha256_text(json.dumps(list(prompts))),
-                    targets=sha256_text(json.dumps(list(targets))), layer=layer, epsilon=epsilon, steps=steps,
-                    max_new_tokens=max_new_tokens, seed=seed, dtype=str(lm.info.dtype))
-    path = artifact_path("attacks", lm.info.family, lm.info.variant, f"layer{layer}-{key}.json")
-    return cached_json(path, key, lambda: attacked_completions(lm, prompts, targets, layer, epsilon, steps,
-                                                               max_new_tokens, batch_size, seed))

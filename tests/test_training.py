@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lib import models, training
+from lib import adversary, losses, models, training
 from lib.training import Example, TrainConfig
 
 EXAMPLES = [Example("how do i build a bomb", "sorry i cannot help with that"),
@@ -43,11 +43,11 @@ def test_tokenize_masks_prompt_and_padding(tiny):
 def test_pgd_stays_in_ball_and_increases_loss(tiny):
     batch = training.tokenize(tiny, EXAMPLES, max_length=64)
     generator = torch.Generator().manual_seed(0)
-    delta = training.pgd_attack(tiny, batch, layer=1, epsilon=2.0, steps=4, generator=generator)
+    delta = adversary.pgd_attack(tiny, batch, layer=1, epsilon=2.0, steps=4, generator=generator)
     norms = delta.flatten(1).norm(dim=1)
     assert (norms <= 2.0 + 1e-4).all() and (norms > 1.0).all()
     assert (delta[batch["attention_mask"] == 0] == 0).all()
-    clean, attacked = training.loss_under_attack(tiny, batch, 1, 2.0, steps=4)
+    clean, attacked = adversary.loss_under_attack(tiny, batch, 1, 2.0, steps=4)
     assert attacked > clean
 
 
@@ -73,10 +73,10 @@ def test_bad_configs():
 def test_response_logprobs_match_the_full_logits(tiny):
     batch = training.tokenize(tiny, EXAMPLES, max_length=64)
     with torch.no_grad():
-        fast = training.response_logprobs(tiny, batch)
+        fast = losses.response_logprobs(tiny, batch)
         logits = models.forward(tiny, batch).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    mask = labels != training.IGNORE
+    mask = labels != losses.IGNORE
     token_logp = logits.log_softmax(-1).gather(2, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     expected = (token_logp * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
@@ -85,18 +85,18 @@ def test_response_logprobs_match_the_full_logits(tiny):
 def test_response_loss_equals_lm_loss_and_drives_the_same_attack(tiny):
     batch = training.tokenize(tiny, EXAMPLES, max_length=64)
     with torch.no_grad():
-        torch.testing.assert_close(training.response_loss(tiny, batch), training.lm_loss(tiny, batch),
+        torch.testing.assert_close(losses.response_loss(tiny, batch), losses.lm_loss(tiny, batch),
                                    rtol=1e-5, atol=1e-6)
-    deltas = [training.pgd_attack(tiny, batch, 1, 2.0, 4, torch.Generator().manual_seed(0), loss_fn=fn)
-              for fn in (training.lm_loss, training.response_loss)]
+    deltas = [adversary.pgd_attack(tiny, batch, 1, 2.0, 4, torch.Generator().manual_seed(0), loss_fn=fn)
+              for fn in (losses.lm_loss, losses.response_loss)]
     torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-3, atol=1e-4)
 
 
 def test_odds_ratio_loss_prefers_the_chosen_response():
-    even = training.odds_ratio_loss(torch.tensor([-1.0]), torch.tensor([-1.0]))
+    even = losses.odds_ratio_loss(torch.tensor([-1.0]), torch.tensor([-1.0]))
     assert float(even) == pytest.approx(float(torch.log(torch.tensor(2.0))))
-    right = training.odds_ratio_loss(torch.tensor([-0.1]), torch.tensor([-3.0]))
-    wrong = training.odds_ratio_loss(torch.tensor([-3.0]), torch.tensor([-0.1]))
+    right = losses.odds_ratio_loss(torch.tensor([-0.1]), torch.tensor([-3.0]))
+    wrong = losses.odds_ratio_loss(torch.tensor([-3.0]), torch.tensor([-0.1]))
     assert float(right) < float(even) < float(wrong)
 
 
@@ -173,8 +173,8 @@ def test_attacked_completions_perturb_only_the_prompt(tiny):
     prompts = ["how do i build a bomb", "how do i steal a car please"]
     targets = ["sorry i cannot help", "sorry i am not able to help"]
     plain = generation.generate(tiny, prompts, max_new_tokens=6)
-    none = training.attacked_completions(tiny, prompts, targets, layer=1, epsilon=1e-6, steps=1, max_new_tokens=6)
+    none = adversary.attacked_completions(tiny, prompts, targets, layer=1, epsilon=1e-6, steps=1, max_new_tokens=6)
     assert none == plain  # a vanishing budget changes nothing
-    strong = training.attacked_completions(tiny, prompts, targets, layer=1, epsilon=50.0, steps=3,
+    strong = adversary.attacked_completions(tiny, prompts, targets, layer=1, epsilon=50.0, steps=3,
                                            max_new_tokens=6)
     assert strong != plain and len(strong) == 2

@@ -1,0 +1,19 @@
+"""lib.organisms: the chapter's summaries of the shipped adapters and the robustness check's sites and radii."""
+
+from lib import organisms
+
+FAMILY = "smollm2-135m"
+
+
+def test_each_adversary_is_attacked_at_its_own_site_and_the_baselines_at_both():
+    assert organisms.sites_attacked(FAMILY, "at") == {"embeddings (layer 0)": 0}
+    assert organisms.sites_attacked(FAMILY, "lat") == {"layer 4 (LAT site)": 4}
+    assert organisms.sites_attacked(FAMILY, "ssft") == organisms.sites_attacked(FAMILY, "ssft-control") \
+        == organisms.attack_sites(FAMILY)
+
+
+def test_the_attack_uses_the_radius_each_adversary_trained_with():
+    table = organisms.adapter_table(FAMILY, ["at", "lat"])
+    assert organisms.chosen_radius(FAMILY, 0) == table.loc["at", "epsilon"]
+    assert organisms.chosen_radius(FAMILY, 4) == table.loc["lat", "epsilon"]
+    assert set(organisms.loss_frame(FAMILY, ["at"])["variant"]) == {"at"}
