@@ -271,13 +271,13 @@ def bench_capture(lm, args, peer, device, results: dict) -> None:
 # --- scoring -----------------------------------------------------------------------------------------------------
 
 SCORE_REFERENCE = "whole prompts, left-padded, in prompt order"
-SCORE_LIB = "lib.judges.next_token_log_probs (shared prefix, batched by length)"
+SCORE_LIB = "lib.scores.next_token_log_probs (shared prefix, batched by length)"
 
 
 def bench_scoring(lm, args, device, results: dict) -> None:
     """The generation-free refusal score's forward passes (every layer sweep, score matrix and anatomy condition):
     lib's shared-prefix passes against whole-prompt passes, same prompts, same batch size."""
-    from lib.judges import next_token_log_probs
+    from lib.scores import next_token_log_probs
     from lib.models import encode, forward, split_common_prefix
 
     prompts = test_prompts(args.score_prompts)

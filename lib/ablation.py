@@ -321,7 +321,7 @@ def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str
     ``baseline``. ``mode``/``reference``: the ablation mode and, for "mean", its harmless reference prompts."""
     import pandas as pd
 
-    from lib.judges import kl_divergence, next_token_log_probs, refusal_score_from
+    from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
     from lib.runtime import progress
 
     layers = check_layers(lm.info, layers)

@@ -175,7 +175,7 @@ def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], 
     indexed by condition; its ``per_prompt`` column holds each prompt's score, for paired comparisons."""
     import pandas as pd
 
-    from lib.judges import kl_divergence, next_token_log_probs, refusal_score_from
+    from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
     from lib.runtime import progress
     from lib.stats import bootstrap_indices, bootstrap_mean_interval
 

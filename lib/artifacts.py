@@ -45,7 +45,7 @@ ARTIFACT_KINDS = {  # every folder under artifacts/, what writes it (README, "Ar
     "activations": "residual activations of the direction pairs, per variant (lib.capture.pair_activations)",
     "site-statistics": "per-site means and spreads over reference prompts (lib.capture.site_statistics)",
     "directions": "refusal directions and chosen layers, one file per family (lib.directions.save_directions)",
-    "evaluations": "generated, judged completions per condition (lib.judges.evaluate, cached_generation)",
+    "evaluations": "generated, judged completions per condition (lib.evaluation.evaluate, cached_generation)",
     "attacks": "completions under the organisms' PGD attack (lib.adversary.cached_attack)",
     "verdicts": "each chapter's verdict on a claim, per family and run, read by the conclusions (write_verdict)",
     "runs": "chapters executed under a profile other than the book's, per profile (lib.runner)",

@@ -41,7 +41,7 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
     (own direction ablated or added on harmless prompts), and each refusing model's own direction under mean
     ablation (``n_mean`` harmful and ``n_side`` harmless prompts). The defaults are the default profile's, so
     every condition but mean ablation is read from the chapters' caches when they have run."""
-    from lib import ablation, data, directions, judges, models, organisms
+    from lib import ablation, data, directions, evaluation, models, organisms
 
     pairs = data.split("test", seed)
     ids = {"harmful": [p.id for p in pairs], "harmless": [p.id for p in pairs]}
@@ -61,28 +61,28 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
     for variant in models.available_variants(family):
         lm = models.load(family, variant, device=device, dtype=dtype)
         for kind in ("harmful", "harmless"):
-            run = judges.evaluate(lm, texts[kind][:n_test], None, max_new_tokens, batch_size)
+            run = evaluation.evaluate(lm, texts[kind][:n_test], None, max_new_tokens, batch_size)
             add(kind, n_test, run["completions"], variant, NONE, "", max_new_tokens)
         if variant in stored:
             directions.check_matches(meta, lm.info)
         for source in refusing if variant != "base" else ():
-            run = judges.evaluate(lm, texts["harmful"][:n_test],
+            run = evaluation.evaluate(lm, texts["harmful"][:n_test],
                                   ablation.Intervention("ablate", stored[source]["unit"][layers[source]]),
                                   max_new_tokens, batch_size)
             add("harmful", n_test, run["completions"], variant, ZERO, source, max_new_tokens)
         if variant in refusing:
             unit = stored[variant]["unit"][layers[variant]]
-            run = judges.evaluate(lm, texts["harmless"][:n_side], ablation.Intervention("ablate", unit),
+            run = evaluation.evaluate(lm, texts["harmless"][:n_side], ablation.Intervention("ablate", unit),
                                   max_new_tokens, batch_size)
             add("harmless", n_side, run["completions"], variant, ZERO, variant, max_new_tokens)
             added = ablation.Intervention("add", stored[variant]["mean_difference"][layers[variant]],
                                           layers[variant])
-            run = judges.evaluate(lm, texts["harmless"][:n_side], added, max_new_tokens, batch_size)
+            run = evaluation.evaluate(lm, texts["harmless"][:n_side], added, max_new_tokens, batch_size)
             add("harmless", n_side, run["completions"], variant, ADD, variant, max_new_tokens)
             means = ablation.ablation_means(lm, "mean", reference)
             mean_ablated = ablation.Intervention("ablate", unit, mode="mean", means=means)
             for kind, n in (("harmful", n_mean), ("harmless", n_side)):
-                run = judges.evaluate(lm, texts[kind][:n], mean_ablated, max_new_tokens, batch_size)
+                run = evaluation.evaluate(lm, texts[kind][:n], mean_ablated, max_new_tokens, batch_size)
                 add(kind, n, run["completions"], variant, MEAN, variant, max_new_tokens)
         if variant != "base":
             attacks = organisms.robustness_completions(lm, pairs[:attack_prompts], attack_steps, attack_tokens, seed)
@@ -335,8 +335,8 @@ def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, leng
     """Each refusing model (SSFT, AT, LAT) as it is and with its own direction zero-ablated, on the first ``n``
     harmful test prompts: one greedy generation of ``max(lengths)`` new tokens, decoded at every budget in
     ``lengths`` (``lib.generation.generate_prefixes``), so the budgets are compared on the same answers. Cached
-    like ``lib.judges.evaluate``. One dict per condition: model, condition, prompts, ``{length: completions}``."""
-    from lib import ablation, data, directions, judges, models
+    like ``lib.evaluation.evaluate``. One dict per condition: model, condition, prompts, ``{length: completions}``."""
+    from lib import ablation, data, directions, evaluation, models
 
     harmful = data.test_prompts("offline", n, seed)["harmful"]
     stored, meta = directions.load_directions(family)
@@ -347,7 +347,7 @@ def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, leng
         unit = stored[variant]["unit"][meta["chosen_layers"][variant]]
         for condition, intervention in ((NONE, None), (ZERO, ablation.Intervention("ablate", unit))):
             compute = functools.partial(_texts_by_length, lm, harmful, lengths, batch_size, f"{variant} {condition}")
-            result = judges.cached_generation(lm, harmful, intervention, compute, "lengths-", lengths=sorted(lengths))
+            result = evaluation.cached_generation(lm, harmful, intervention, compute, "lengths-", lengths=sorted(lengths))
             out.append({"model": variant, "condition": condition, "prompts": harmful,
                         "completions": {int(length): texts for length, texts in result.items()}})
         del lm

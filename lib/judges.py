@@ -1,5 +1,6 @@
-"""Judging completions: the paper's three-way keyword judge, plain substring matching, and a generation-free
-refusal score.
+"""Judging completions: the paper's three-way keyword judge, plain substring matching, the content judge, and the
+rates, tables and bootstrap contrasts built on their labels (generation-free scores: ``lib.scores``; generated,
+judged, cached completions: ``lib.evaluation``).
 
 The paper's judge (protocol section "Judge") labels a completion REFUSAL, VALID (a coherent, non-refusing answer:
 "attack success") or BROKEN (degenerate text). Its original code matched the harm words on the raw, non-lower-cased
@@ -15,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.models import (LoadedModel, check_prompts, encode, forward, forward_after_prefix, prefix_cache,
-                        split_common_prefix)
 from lib.stats import bootstrap_indices, percentile_interval, wilson_interval
 
 REFUSAL = "refusal"
@@ -158,75 +157,6 @@ def rates(labels: Sequence[str]) -> dict[str, float]:
     return {**{label: counts[label] / len(labels) for label in LABELS}, "n": len(labels)}
 
 
-def refusal_token_ids(lm: LoadedModel) -> list[int]:
-    """First token ids of the family's typical refusal openings (e.g. "I" for Llama-2 chat)."""
-    ids = []
-    for word in lm.info.refusal_tokens:
-        tokens = lm.tokenizer(word, add_special_tokens=False).input_ids
-        if tokens and tokens[0] not in ids:
-            ids.append(tokens[0])
-    if not ids:
-        raise ValueError(f"None of the refusal tokens {lm.info.refusal_tokens} tokenise to anything.")
-    return ids
-
-
-def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """Log-probabilities [n, vocab] (float64, CPU) of the first answer token after each formatted prompt, in prompt
-    order; any hooks or weight edits active around the call apply.
-
-    The token ids every prompt starts with (a chat template's system turn: 27 of SmolLM2's ~42 tokens) are run once,
-    under the same hooks, and their KV cache is shared by every batch (``lib.models.split_common_prefix``); the
-    rest is batched by length. The logits equal whole-prompt passes up to float rounding (tested); about 2x faster
-    on 2 CPU cores at 16 prompts per batch (``make bench``)."""
-    check_prompts(prompts)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    prefix, suffixes = split_common_prefix(lm, list(prompts))
-    order = sorted(range(len(prompts)), key=lambda i: (len(suffixes[i]), i))  # less padding per batch
-    parts = []
-    with torch.inference_mode():
-        cache = prefix_cache(lm, prefix) if prefix else None
-        for start in range(0, len(prompts), batch_size):
-            batch = order[start:start + batch_size]
-            if cache is None:
-                output = forward(lm, encode(lm, [prompts[i] for i in batch]), logits_to_keep=1)
-            else:
-                output = forward_after_prefix(lm, cache, len(prefix), [suffixes[i] for i in batch], logits_to_keep=1)
-            parts.append((batch, torch.log_softmax(output.logits[:, -1].double(), dim=-1).cpu()))
-    rows = torch.empty(len(prompts), parts[0][1].shape[1], dtype=torch.float64)
-    for batch, log_probs in parts:
-        rows[batch] = log_probs
-    return rows
-
-
-def refusal_score_from(lm: LoadedModel, log_probs: torch.Tensor) -> torch.Tensor:
-    """Refusal log-odds per row of ``next_token_log_probs`` output (see ``refusal_score``)."""
-    ids = torch.tensor(refusal_token_ids(lm))
-    log_p = torch.logsumexp(log_probs[:, ids], dim=-1)
-    log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-12))
-    return (log_p - log_not_p).float()
-
-
-def refusal_score(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """Log-odds that the first generated token opens a refusal: log p / (1 - p), p = the summed probability of the
-    refusal tokens (Arditi et al.'s cheap score for layer sweeps; no generation). One value per prompt."""
-    return refusal_score_from(lm, next_token_log_probs(lm, prompts, batch_size))
-
-
-def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """KL(reference || other) per row, for two [n, vocab] log-probability matrices."""
-    return (reference.exp() * (reference - other)).sum(-1).float()
-
-
-def judged_completions(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 32,
-                       desc: str = "generate") -> dict[str, list[str]]:
-    """Greedy completions of ``prompts`` and the paper's label for each: ``{"completions": [...], "labels": [...]}``."""
-    from lib.generation import generate
-
-    completions = generate(lm, prompts, max_new_tokens, batch_size, desc=desc)
-    return {"completions": completions, "labels": judge_all(completions)}
-
-
 def rate_table(labels_by_group: dict, label_names: Sequence[str] = LABELS):
     """Rates in % with 95% Wilson intervals and n, one row per group (a key, or a tuple of keys, of the dict)."""
     import pandas as pd
@@ -290,46 +220,6 @@ def acceptance(rates, variants: Sequence[str], damage: str = BROKEN):
                           for v in variants])
     frame["all met"] = frame.drop(columns="variant").all(axis=1)
     return frame
-
-
-def evaluate_pairs(lm: LoadedModel, pairs: Sequence, max_new_tokens: int = 64, batch_size: int = 32) -> dict:
-    """Judged greedy completions for the harmful prompts and the harmless twins of ``pairs``:
-    ``{"harmful": {...}, "harmless": {...}}`` with ``completions`` and ``labels`` lists in pair order, each half
-    cached by ``evaluate`` (so a later chapter judging the same prompts reuses it)."""
-    return {kind: evaluate(lm, [getattr(p, kind) for p in pairs], None, max_new_tokens, batch_size,
-                           desc=f"{lm.info.variant} {kind}") for kind in ("harmful", "harmless")}
-
-
-def evaluate(lm: LoadedModel, prompts: Sequence[str], intervention=None, max_new_tokens: int = 64,
-             batch_size: int = 32, desc: str = "generate") -> dict[str, list[str]]:
-    """Judged greedy completions of ``prompts`` under ``intervention`` (an object with ``key()`` and
-    ``applied(lm)``, e.g. ``lib.ablation.Intervention``; None for the model as it is), cached
-    (``cached_generation``)."""
-    return cached_generation(lm, prompts, intervention,
-                             lambda: judged_completions(lm, list(prompts), max_new_tokens, batch_size, desc=desc),
-                             max_new_tokens=max_new_tokens)
-
-
-def cached_generation(lm: LoadedModel, prompts: Sequence[str], intervention, compute, kind: str = "", **settings):
-    """``compute()`` run with ``intervention`` applied to ``lm`` (None: the model as it is) and cached as a JSON
-    artifact under ``evaluations/<family>/<variant>/``, keyed by the model, the prompts, the intervention, the
-    chat template, the dtype, ``settings`` and lib's code; ``kind`` prefixes the file name. Shared by ``evaluate``
-    and the audit's length check, so every generated condition is cached the same way."""
-    import contextlib
-
-    from lib.artifacts import artifact_path, cache_key, cached_json, sha256_text
-
-    info = lm.info
-    condition = "none" if intervention is None else intervention.key()
-    key = cache_key(model=info.fingerprint, prompts=sha256_text("\0".join(prompts)), intervention=condition,
-                    template=info.template.template, dtype=str(info.dtype), **settings)
-    path = artifact_path("evaluations", info.family, info.variant, f"{kind}{condition}-{key}.json")
-
-    def run():
-        with contextlib.nullcontext() if intervention is None else intervention.applied(lm):
-            return compute()
-
-    return cached_json(path, key, run)
 
 
 def bootstrap_rate_difference(labels_a: Sequence[str], labels_b: Sequence[str], label: str = REFUSAL,

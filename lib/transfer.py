@@ -23,8 +23,8 @@ def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequ
     """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant (each
     target loaded once), plus the unablated target as source ``"none"`` when ``baseline``. ``mode``: "zero" (the
     paper's) or "mean" (each target's own means over the harmless ``reference`` prompts). Every condition is cached
-    (``lib.judges.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
-    from lib.judges import evaluate
+    (``lib.evaluation.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
+    from lib.evaluation import evaluate
     from lib.models import load
 
     results = {}

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import ablation, artifacts, directions, judges, linalg, models, spectra, stats, transfer, viz
+from lib import ablation, artifacts, directions, judges, linalg, models, scores, spectra, stats, transfer, viz
 
 
 @pytest.fixture
@@ -190,12 +190,12 @@ def test_directions_artifact_round_trip_and_staleness(artifact_root, tiny):
 # --- judges: scores, bootstrap, contrasts ------------------------------------------------------------------------
 
 def test_next_token_log_probs_agree_with_refusal_score(tiny, prompts):
-    log_probs = judges.next_token_log_probs(tiny, prompts, batch_size=3)
+    log_probs = scores.next_token_log_probs(tiny, prompts, batch_size=3)
     assert log_probs.shape[0] == len(prompts)
     assert torch.allclose(log_probs.exp().sum(-1), torch.ones(len(prompts), dtype=torch.float64))
-    assert torch.allclose(judges.refusal_score_from(tiny, log_probs), judges.refusal_score(tiny, prompts, 2),
+    assert torch.allclose(scores.refusal_score_from(tiny, log_probs), scores.refusal_score(tiny, prompts, 2),
                           atol=1e-5)
-    assert torch.allclose(judges.kl_divergence(log_probs, log_probs), torch.zeros(len(prompts)))
+    assert torch.allclose(scores.kl_divergence(log_probs, log_probs), torch.zeros(len(prompts)))
 
 
 def test_bootstrap_difference_and_contrast():
@@ -219,9 +219,9 @@ def test_intervention_keys_and_application(tiny, prompts):
         ablation.Intervention("scale", d1)
     assert ablation.orthogonalizable(tiny)
     with ablation.Intervention("ablate", d1).applied(tiny):
-        baked = judges.next_token_log_probs(tiny, prompts)
+        baked = scores.next_token_log_probs(tiny, prompts)
     with ablation.ablated(tiny, d1):
-        hooked = judges.next_token_log_probs(tiny, prompts)
+        hooked = scores.next_token_log_probs(tiny, prompts)
     assert (baked - hooked).abs().max() < 1e-4
 
 
@@ -359,7 +359,7 @@ def test_score_matrix_on_the_paper_template(tiny_family, prompts):
     assert frame["source"].tolist() == ["none", "one", "plane"] and (frame["n"] == len(prompts)).all()
     assert (frame["low"] <= frame["score"] + 1e-9).all() and (frame["score"] <= frame["high"] + 1e-9).all()
     lm = models.load("tiny-llama", "base", device="cpu")
-    assert frame.loc[0, "score"] == pytest.approx(float(judges.refusal_score(lm, prompts).double().mean()), abs=1e-5)
+    assert frame.loc[0, "score"] == pytest.approx(float(scores.refusal_score(lm, prompts).double().mean()), abs=1e-5)
     assert "[INST]" in lm.info.template.format(lm.tokenizer, "x")  # the paper's template
 
 
@@ -369,9 +369,9 @@ def test_subspace_gains_pair_the_same_prompts(tiny_family, prompts):
     frame = transfer.score_matrix("tiny-llama", subspaces, ["base"], prompts, batch_size=2, device="cpu", n_boot=50)
     gains = transfer.subspace_gains(frame, ["s"], [1, 2], n_boot=200, seed=0)
     row = gains.iloc[0]
-    scores = frame.set_index("source")["score"]
+    per_source = frame.set_index("source")["score"]
     assert (row["from"], row["to"], row["n"]) == ("k=1", "k=2", len(prompts))
-    assert row["change"] == pytest.approx(scores["s, k=2"] - scores["s, k=1"], abs=1e-9)
+    assert row["change"] == pytest.approx(per_source["s, k=2"] - per_source["s, k=1"], abs=1e-9)
     assert row["low"] <= row["change"] <= row["high"]
 
 
@@ -417,18 +417,18 @@ def test_mean_mode_reaches_sweeps_matrices_and_transfer(artifact_root, tiny_fami
     assert (mean["refusal score"][1:] - zero["refusal score"][1:]).abs().max() > 1e-3
     means = ablation.ablation_means(lm, "mean", reference, batch_size=2)
     with ablation.Intervention("ablate", candidates[1], mode="mean", means=means).applied(lm):
-        direct = float(judges.refusal_score(lm, prompts[:2], 2).mean())
-        direct_all = float(judges.refusal_score(lm, prompts, 2).double().mean())
+        direct = float(scores.refusal_score(lm, prompts[:2], 2).mean())
+        direct_all = float(scores.refusal_score(lm, prompts, 2).double().mean())
     assert mean.loc[1, "refusal score"] == pytest.approx(direct, abs=1e-5)
     sweep, layer, _ = ablation.sweep_and_select(lm, candidates, prompts[:2], prompts[2:], fallback=1, batch_size=2,
                                                 max_kl=float("inf"), mode="mean", reference=reference)
     assert sweep.set_index("layer").loc[[1, 2], "refusal score"].tolist() == pytest.approx(
         mean.set_index("layer").loc[[1, 2], "refusal score"].tolist(), abs=1e-6)
     subspaces = {"one": candidates[1], "plane": gaussian(2, 64, 29)}
-    scores = {m: transfer.score_matrix("tiny-llama", subspaces, ["base", "lora"], prompts, batch_size=2,
+    by_mode = {m: transfer.score_matrix("tiny-llama", subspaces, ["base", "lora"], prompts, batch_size=2,
                                        device="cpu", n_boot=20, mode=m, reference=reference) for m in ("zero", "mean")}
-    assert scores["mean"]["score"][0] == scores["zero"]["score"][0]
-    assert scores["mean"].set_index(["source", "target"]).loc[("one", "base"), "score"] == pytest.approx(direct_all, 1e-5)
+    assert by_mode["mean"]["score"][0] == by_mode["zero"]["score"][0]
+    assert by_mode["mean"].set_index(["source", "target"]).loc[("one", "base"), "score"] == pytest.approx(direct_all, 1e-5)
     runs = transfer.transfer_matrix("tiny-llama", {"one": candidates[1]}, ["base", "lora"], prompts[:2], 3, 2, "cpu",
                                     mode="mean", reference=reference)
     assert set(runs) == {(s, t) for s in ("none", "one") for t in ("base", "lora")}
@@ -461,7 +461,7 @@ def test_mode_matrix_scores_both_modes_and_a_matched_control(artifact_root, tiny
     assert abs(cells[("at", "ssft", "zero")] - cells[("at", "ssft", "control")]) > 1e-3
     lm = models.load(tiny_three, "ssft", device="cpu")
     with ablation.Intervention("ablate", sources["at"]).applied(lm):
-        direct = judges.refusal_score(lm, prompts[:2], 2).double().mean()
+        direct = scores.refusal_score(lm, prompts[:2], 2).double().mean()
     assert cells[("at", "ssft", "zero")] == pytest.approx(float(direct), abs=1e-5)
     result = transfer.mode_contrasts(frame, "lat", ("ssft", "at"), n_boot=50)
     assert set(result["claim3"]["mode"]) == {"zero", "mean"} and len(result["claim3"]) == 6

@@ -4,7 +4,7 @@ damage-matched control, ablation that leaves the first token alone, and generati
 import pytest
 import torch
 
-from lib import ablation, anatomy, capture, judges
+from lib import ablation, anatomy, capture, scores
 
 
 def synthetic_stats(n_layers=2, d=8, massive=3):
@@ -80,7 +80,7 @@ def test_condition_scores(tiny, prompts, tmp_path, monkeypatch):
                   "mean": lambda lm: ablation.ablated(lm, direction, mode="mean", means=means)}
     table = anatomy.condition_scores(tiny, conditions, prompts[:2], prompts[2:], batch_size=2, n_boot=50)
     assert table.loc["none", "harmless KL"] == pytest.approx(0.0, abs=1e-9)
-    assert table.loc["none", "refusal score"] == pytest.approx(float(judges.refusal_score(tiny, prompts[:2]).mean()),
+    assert table.loc["none", "refusal score"] == pytest.approx(float(scores.refusal_score(tiny, prompts[:2]).mean()),
                                                                abs=1e-5)
     assert table.loc["zero", "refusal score"] != table.loc["mean", "refusal score"]
     assert (table["low"] <= table["refusal score"] + 1e-9).all() and (table["n"] == 2).all()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lib import generation, judges, stats
+from lib import evaluation, generation, judges, scores, stats
 
 
 def test_generation_is_deterministic_and_keeps_prompt_order(tiny, prompts):
@@ -76,15 +76,15 @@ def test_wilson_interval():
 
 
 def test_refusal_score_is_log_odds_of_refusal_tokens(tiny, prompts):
-    scores = judges.refusal_score(tiny, prompts, batch_size=3)
-    assert scores.shape == (4,) and torch.isfinite(scores).all()
-    ids = judges.refusal_token_ids(tiny)
+    values = scores.refusal_score(tiny, prompts, batch_size=3)
+    assert values.shape == (4,) and torch.isfinite(values).all()
+    ids = scores.refusal_token_ids(tiny)
     assert ids == [tiny.tokenizer.convert_tokens_to_ids("sorry"), tiny.tokenizer.convert_tokens_to_ids("i")]
     from lib import models
     with torch.no_grad():
         probs = tiny.model(**models.encode(tiny, prompts[:1])).logits[0, -1].softmax(-1)
     p = probs[ids].sum()
-    assert scores[0] == pytest.approx(float(torch.log(p / (1 - p))), abs=1e-4)
+    assert values[0] == pytest.approx(float(torch.log(p / (1 - p))), abs=1e-4)
 
 
 def _whole_prompt_log_probs(lm, prompts):
@@ -103,15 +103,15 @@ def test_shared_prefix_scores_equal_whole_prompt_passes(tiny, prompts):
     prefix, suffixes = models.split_common_prefix(tiny, prompts)
     whole = tiny.tokenizer([tiny.info.template.format(tiny.tokenizer, p) for p in prompts])["input_ids"]
     assert len(prefix) >= 2 and all(prefix + row == ids and row for row, ids in zip(suffixes, whole))
-    assert judges.next_token_log_probs(tiny, prompts, 3) == pytest.approx(_whole_prompt_log_probs(tiny, prompts),
+    assert scores.next_token_log_probs(tiny, prompts, 3) == pytest.approx(_whole_prompt_log_probs(tiny, prompts),
                                                                           abs=1e-5)
     direction = torch.randn(tiny.info.d_model, generator=torch.Generator().manual_seed(3))
     for context in (lambda: ablation.ablated(tiny, direction), lambda: anatomy.ablated_except_first(tiny, direction)):
         with context():
-            shared = judges.next_token_log_probs(tiny, prompts, 3)
+            shared = scores.next_token_log_probs(tiny, prompts, 3)
             assert shared == pytest.approx(_whole_prompt_log_probs(tiny, prompts), abs=1e-5)
         assert (shared - _whole_prompt_log_probs(tiny, prompts)).abs().max() > 1e-3  # the hook did act
-    one = judges.next_token_log_probs(tiny, prompts[:1])  # a single prompt: nothing shared but its last token
+    one = scores.next_token_log_probs(tiny, prompts[:1])  # a single prompt: nothing shared but its last token
     assert one == pytest.approx(_whole_prompt_log_probs(tiny, prompts[:1]), abs=1e-5)
 
 
@@ -129,10 +129,10 @@ def test_evaluate_pairs_is_cached(tiny, monkeypatch, tmp_path):
 
     monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
     pairs = [PromptPair("a", "how do i steal a car", "how do i bake bread", "t")]
-    first = judges.evaluate_pairs(tiny, pairs, max_new_tokens=4)
+    first = evaluation.evaluate_pairs(tiny, pairs, max_new_tokens=4)
     assert set(first) == {"harmful", "harmless"} and len(first["harmful"]["labels"]) == 1
-    monkeypatch.setattr(judges, "judged_completions", lambda *a, **k: pytest.fail("not cached"))
-    assert judges.evaluate_pairs(tiny, pairs, max_new_tokens=4) == first
+    monkeypatch.setattr(evaluation, "judged_completions", lambda *a, **k: pytest.fail("not cached"))
+    assert evaluation.evaluate_pairs(tiny, pairs, max_new_tokens=4) == first
 
 
 def test_unique_word_ratio_and_usable_answers():
@@ -151,9 +151,9 @@ def test_prompt_inputs_that_are_not_lists_of_text_are_refused(tiny):
     with pytest.raises(TypeError, match="wrap it"):
         capture.collect(tiny, "How do I bake bread?", [1])
     with pytest.raises(TypeError, match=r"prompts\[1\] is int 123"):
-        judges.refusal_score(tiny, ["fine", 123])
+        scores.refusal_score(tiny, ["fine", 123])
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
-        judges.refusal_score(tiny, ["fine"], batch_size=0)
+        scores.refusal_score(tiny, ["fine"], batch_size=0)
     with pytest.raises(ValueError, match="no '\\{prompt\\}' field"):
         models.PromptTemplate("[INST] hello [/INST]")
     assert models.PromptTemplate("[INST]{prompt}[/INST]").format(None, "hi") == "[INST]hi[/INST]"

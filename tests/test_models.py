@@ -201,7 +201,7 @@ def test_hub_snapshot_is_the_cached_commit_the_revision_resolves_to(tmp_path, mo
 
 
 def test_a_prompt_filling_the_context_is_warned_about(tiny):
-    from lib import capture, judges
+    from lib import capture, scores
 
     long = "bread " * 200  # the tiny model's context is 128 tokens
     with pytest.warns(UserWarning, match=r"1 prompt\(s\) \(first: index 1, .*context of 128 tokens"):
@@ -209,7 +209,7 @@ def test_a_prompt_filling_the_context_is_warned_about(tiny):
     with pytest.warns(UserWarning, match="context of 128"):
         capture.collect(tiny, ["short", long], layers=[0])
     with pytest.warns(UserWarning, match="context of 128"):
-        judges.refusal_score(tiny, ["short", long])
+        scores.refusal_score(tiny, ["short", long])
 
 
 def test_family_entry_quantization_is_read(tiny_family):
