@@ -303,51 +303,29 @@ def save_adapter(peft_model, folder: Path, log: dict) -> Path:
 
 ADAPTERS_ROOT = REPO_ROOT / "data" / "adapters"
 ORGANISMS_ROOT = REPO_ROOT / "data" / "organisms"
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Each choice, and why (the chapter "Model organisms" prints this table):
-RECIPES = {
-    "smollm2-135m": {
-        "distill": {"max_new_tokens": 48, "batch_size": 32,
-                    "why": "the base model's own greedy answers to the harmless twins keep it helpful"},
-        "ssft": {"kind": "sft", "steps": 300, "batch_size": 8, "learning_rate": 3e-4, "lora_r": 4,
-                 "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ALL_LINEAR, "weight_decay": 0.0,
-                 "max_grad_norm": 1.0, "max_length": 96, "max_response_tokens": 24,
-                 "preference_weight": 0.5,
-                 "why": "stand-in for Meta's safety tuning (not the paper's recipe): a LoRA of rank 4 on all linear "
-                        "layers (a 5 MB adapter), ~3.6 epochs of the train split with harmless answers repeated to "
-                        "match the refusals one for one, trained on the first 24 response tokens, where the "
-                        "refuse-or-answer decision is made; plus ORPO's odds-ratio term (weight 0.5, fixed before "
-                        "training) preferring each harmless twin's answer to its harmful twin's refusal. Without "
-                        "that term the twins were over-refused: earlier tries (rank 16, 100 steps, lr 3e-4, "
-                        "unbalanced data; rank 4, 200 steps, lr 2e-4, whole answers; this recipe) refused 30, 35 "
-                        "and 17 of 64 harmless test prompts, and checkpoints of this recipe plateaued at 17-18 of 64 "
-                        "harmless validation prompts (the first 64 `pairs`) from step 250 on; 320 extra everyday "
-                        "requests refused 14 of 64 harmless but only 56 of 64 harmful test prompts. With the term: "
-                        "4 of 64 harmless and 61 of 64 harmful validation prompts refused at step 300. Then, to cut broken "
-                        "answers, the harmless targets became only answers the judge calls VALID (236 of 331; the "
-                        "earlier filter kept 295, 59 of them broken by the judge), and the term also prefers each "
-                        "harmful prompt's refusal to the base model's own answer to it (290 of 331; the 41 it "
-                        "refused are left out). On all 160 `pairs` prompts (harmful refused / harmless refused / "
-                        "harmless broken): the earlier recipe 149 / 8 / 18, the VALID filter alone 145 / 9 / 5, "
-                        "both 154 / 16 / 5, each rule fixed before its run"},
-        "adversarial": {"steps": 70, "batch_size": 4, "learning_rate": 2e-4, "lora_r": 8, "lora_alpha": 8,
-                        "lora_dropout": 0.1, "target_modules": ("q_proj", "v_proj"), "weight_decay": 6e-4,
-                        "max_grad_norm": 0.25, "warmup_fraction": 0.03, "pgd_steps": 6, "max_length": 96,
-                        "max_response_tokens": 24, "preference_weight": 0.5,
-                        "why": "the paper's LoRA targets, dropout, weight decay, grad clipping, warm-up and 6 PGD "
-                               "steps; rank 64 scaled by width (576/4096) to 8 with alpha = r as in the paper; "
-                               "70 steps of batch 4 (CPU budget) instead of 5,000 of batch 2, so the learning "
-                               "rate is 2e-4 rather than 5e-6; the same data, 24-token responses and odds-ratio term "
-                               "(on the clean model; the adversary attacks the LM loss only) as SSFT"},
-        "epsilon": {"fractions": (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1), "min_loss_increase": 1.0,
-                    "probe_examples": 4, "max_length": 96, "max_response_tokens": 24,
-                    "why": "the paper's epsilon = 8 is absolute for Llama-2 and its ratio to Llama-2's residual "
-                           "norm cannot be measured here; pre-stated rule: the smallest fraction of the median "
-                           "per-example residual norm at the perturbed site whose attack on the SSFT model raises "
-                           "the LM loss of training targets by >= 1 nat/token"},
-    },
-}
+RECIPES_FILE = Path(__file__).with_name("recipes.yaml")
+
+
+def recipes() -> dict[str, dict[str, dict]]:
+    """Every family's training recipe from ``lib/recipes.yaml``: stage -> settings (lists as tuples) and ``why``."""
+    import yaml
+
+    def frozen(value):
+        return tuple(value) if isinstance(value, list) else value
+
+    raw = yaml.safe_load(RECIPES_FILE.read_text(encoding="utf-8"))
+    return {family: {stage: {k: frozen(v) for k, v in spec.items()} for stage, spec in stages.items()}
+            for family, stages in raw.items()}
+
+
+def recipe(family: str) -> dict[str, dict]:
+    """``family``'s recipe (``recipes``); a family without one is an error naming those that have one."""
+    known = recipes()
+    if family not in known:
+        raise ValueError(f"No training recipe for family {family!r} in {RECIPES_FILE.name}; recipes exist for "
+                         f"{sorted(known)}.")
+    return known[family]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -392,34 +370,37 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
     """Train one variant of ``family`` from its recipe and write it to data/adapters/<family>/<variant>/."""
     from lib import data, models
 
-    recipe = RECIPES.get(family)
-    if recipe is None:
-        raise ValueError(f"No training recipe for family {family!r}; recipes exist for {sorted(RECIPES)}.")
+    stages = recipe(family)
     pairs = data.split("train", seed)
     refusals = load_refusals()
-    answers = distilled_answers(family, pairs, recipe["distill"], retrain=retrain_distill)
-    harmful_answers = distilled_answers(family, pairs, recipe["distill"], retrain=retrain_distill, kind="harmful")
+    answers = distilled_answers(family, pairs, stages["distill"], retrain=retrain_distill)
+    harmful_answers = distilled_answers(family, pairs, stages["distill"], retrain=retrain_distill, kind="harmful")
     examples = sft_examples(pairs, refusals, answers, harmful_answers)
     data_hash = sha256_text(json.dumps([asdict(e) for e in examples]))
     if variant == "ssft":
         lm = models.load(family, "base", device="auto")
-        config = _config("sft", recipe["ssft"], seed)
+        config = _config("sft", stages["ssft"], seed)
     elif variant in ("at", "lat", "ssft-control"):
         lm = models.load(family, "ssft", device="auto")
         kind = {"at": "at", "lat": "lat", "ssft-control": "control"}[variant]
         extra = {}
         if kind != "control":
             layer = 0 if kind == "at" else lm.info.adversary_layer
-            sweep = epsilon_sweep(family, lm, examples, layer, recipe["epsilon"], seed)
+            sweep = epsilon_sweep(family, lm, examples, layer, stages["epsilon"], seed)
             extra = {"epsilon": sweep["epsilon"], "adversary_layer": layer, "notes": {"epsilon_sweep": sweep}}
-        config = _config(kind, recipe["adversarial"], seed, **extra)
+        config = _config(kind, stages["adversarial"], seed, **extra)
     else:
         raise ValueError(f"Unknown variant {variant!r} to train; choose ssft, ssft-control, at or lat.")
     model, log = train_lora(lm, examples, config, desc=f"train {variant}")
     log.update(family=family, variant=variant, data_sha256=data_hash, n_examples=len(examples),
-               recipe_why={k: v.get("why") for k, v in recipe.items()})
+               recipe_why={k: v.get("why") for k, v in stages.items()})
     model.peft_config["default"].base_model_name_or_path = f"{family}/{'base' if variant == 'ssft' else 'ssft'}"
     return save_adapter(model, ADAPTERS_ROOT / family / variant, log)
+
+
+def _sweep_settings(spec: dict) -> dict:
+    """An epsilon spec's settings as JSON stores them (lists), without its ``why``: what decides a rerun."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items() if k != "why"}
 
 
 def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], layer: int, spec: dict,
@@ -428,8 +409,7 @@ def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], lay
     path = ORGANISMS_ROOT / family / f"epsilon-layer{layer}.json"
     if path.exists():
         cached = read_json(path, "Restore it with `git checkout`, or delete it to rerun the sweep.")
-        if (cached.get("spec") == {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
-                and cached.get("model") == lm.info.fingerprint):
+        if _sweep_settings(cached.get("spec", {})) == _sweep_settings(spec) and cached.get("model") == lm.info.fingerprint:
             return cached
     probe = list(examples)[: spec["probe_examples"]]
     result = choose_epsilon(lm, probe, layer, spec["fractions"], spec["min_loss_increase"], batch_size=len(probe),

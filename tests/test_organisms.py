@@ -1,5 +1,7 @@
 """lib.organisms: the chapter's summaries of the shipped adapters and the robustness check's sites and radii."""
 
+import pytest
+
 from lib import organisms
 
 FAMILY = "smollm2-135m"
@@ -17,3 +19,17 @@ def test_the_attack_uses_the_radius_each_adversary_trained_with():
     assert organisms.chosen_radius(FAMILY, 0) == table.loc["at", "epsilon"]
     assert organisms.chosen_radius(FAMILY, 4) == table.loc["lat", "epsilon"]
     assert set(organisms.loss_frame(FAMILY, ["at"])["variant"]) == {"at"}
+
+
+def test_the_recipe_file_is_what_trained_the_shipped_adapters():
+    """One source per setting: lib/recipes.yaml's stages are the settings in the shipped adapters' training logs."""
+    from lib import training
+
+    stages = training.recipe(FAMILY)
+    for variant, stage in (("ssft", "ssft"), ("ssft-control", "adversarial"), ("at", "adversarial"),
+                           ("lat", "adversarial")):
+        config = organisms.training_log(FAMILY, variant)["config"]
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in stages[stage].items() if k not in ("why", "kind")}
+        assert {k: config[k] for k in settings} == settings, variant
+    with pytest.raises(ValueError, match=r"No training recipe for family 'nope' in recipes.yaml.*smollm2-135m"):
+        training.recipe("nope")
