@@ -132,6 +132,18 @@ def probe_accuracy(harmful: torch.Tensor, harmless: torch.Tensor, kind: str = "l
     return {"accuracy": accuracy, "low": max(0.0, accuracy - half), "high": min(1.0, accuracy + half), "n": len(y)}
 
 
+def probe_frame(acts: dict[str, dict], layers: dict[str, list[int]], kind: str = "logistic", folds: int = 5,
+                seed: int = 0):
+    """``probe_accuracy`` of each variant's activations (``{variant: {"harmful", "harmless": [n, layers, d]}}``)
+    at each of its ``layers``: one row per (variant, layer) with accuracy, interval and n."""
+    import pandas as pd
+
+    return pd.DataFrame([{"variant": v, "layer": layer, **probe_accuracy(acts[v]["harmful"][:, layer],
+                                                                         acts[v]["harmless"][:, layer], kind, folds,
+                                                                         seed)}
+                         for v, chosen in layers.items() for layer in chosen])
+
+
 def save_directions(family: str, per_variant: dict[str, dict[str, torch.Tensor]], metadata: dict):
     """Write every variant's directions (``{"unit": [layers, d], "mean_difference": [layers, d]}``) and the
     selection metadata (chosen layers, sweep) as one artifact: ``artifacts/directions/<family>.safetensors``."""

@@ -174,6 +174,18 @@ def test_probe_accuracy_separable_and_random():
         directions.probe_accuracy(gaussian(4, 8, 0), gaussian(4, 8, 1), "svm")
 
 
+def test_probe_frame_is_one_probe_per_variant_and_layer():
+    shift = torch.zeros(8)
+    shift[0] = 6
+    harmless = torch.stack([gaussian(30, 8, 20), gaussian(30, 8, 21)], 1)  # [n, layers, d]: layer 1 separable
+    acts = {"a": {"harmful": torch.stack([gaussian(30, 8, 22), gaussian(30, 8, 23) + shift], 1), "harmless": harmless}}
+    frame = directions.probe_frame(acts, {"a": [0, 1]}, seed=3)
+    assert frame[["variant", "layer"]].values.tolist() == [["a", 0], ["a", 1]]
+    assert frame["accuracy"][1] > 0.95 > frame["accuracy"][0]
+    assert frame.iloc[1].drop(["variant", "layer"]).to_dict() == directions.probe_accuracy(
+        acts["a"]["harmful"][:, 1], harmless[:, 1], "logistic", 5, 3)
+
+
 def test_directions_artifact_round_trip_and_staleness(artifact_root, tiny):
     unit = directions.layer_directions(gaussian(4, 64, 18))
     directions.save_directions("tiny-llama", {"base": {"unit": unit, "mean_difference": 2 * unit}},
