@@ -8,12 +8,14 @@ compared."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import nbformat
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 
-from lib import data, runner
+from lib import data, models, runner
 from lib.artifacts import REPO_ROOT
 import standin
 
@@ -51,28 +53,97 @@ def test_the_paper_data_listing_is_checked_like_a_download(paper_world, monkeypa
         data.load_paper_protocol()
 
 
-def test_every_chapter_of_the_paper_profile_runs_on_the_stand_in(paper_world, monkeypatch, tmp_path, capsys):
-    root, listing = paper_world
+def _paper_profile(folder, changes=None):
+    """params/llama2-7b.yaml on the CPU with the stand-in's smaller samples, written to ``folder``."""
     profile = yaml.safe_load((REPO_ROOT / "params" / "llama2-7b.yaml").read_text())
     profile["defaults"]["device"] = "cpu"
     for key, overrides in profile["chapters"].items():
         overrides.update({name: value for name, value in SMALLER.items() if name in overrides}, **EXTRA.get(key, {}))
-    path = tmp_path / "llama2-7b.yaml"
+    if changes:
+        changes(profile)
+    path = folder / "llama2-7b.yaml"
     path.write_text(yaml.safe_dump(profile))
-    for name, value in {"HF_HUB_CACHE": root / "hub", "HF_HUB_OFFLINE": "1", data.PAPER_DATA_ENV: listing,
-                        "REFUSAL_BOOK_ARTIFACTS": tmp_path / "artifacts", "REFUSAL_BOOK_CACHE": tmp_path / "cache"}.items():
-        monkeypatch.setenv(name, str(value))
-    before = {nb: nb.read_bytes() for nb in runner.read_toc_notebooks(REPO_ROOT)}
-    plan = runner.run_profile(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rehearsed(paper_world, tmp_path_factory):
+    """The whole paper profile, run once on the stand-in: (world root, profile path, artifacts folder, plan, the
+    book's notebooks before the run)."""
+    root, listing = paper_world
+    here = tmp_path_factory.mktemp("rehearsed")
+    environment = {"HF_HUB_CACHE": root / "hub", "HF_HUB_OFFLINE": "1", data.PAPER_DATA_ENV: listing,
+                   "REFUSAL_BOOK_ARTIFACTS": here / "artifacts", "REFUSAL_BOOK_CACHE": here / "cache"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, str(value))
+        patch.delenv("REFUSAL_BOOK_PROFILE", raising=False)
+        before = {nb: nb.read_bytes() for nb in runner.read_toc_notebooks(REPO_ROOT)}
+        path = _paper_profile(here)
+        plan = runner.run_profile(path)
+        yield root, path, here / "artifacts", plan, before, patch
+
+
+def test_every_chapter_of_the_paper_profile_runs_on_the_stand_in(rehearsed):
+    _, _, artifacts_root, plan, before, _ = rehearsed
     assert {nb.stem for nb, _ in plan} == {nb.stem for nb in before} - {"01_organisms", "08_judge_audit"}
     assert all(nb.read_bytes() == text for nb, text in before.items())  # the book itself untouched
-    written = tmp_path / "artifacts" / "runs" / "llama2-7b" / "book"
+    written = artifacts_root / "runs" / "llama2-7b" / "book"
     assert sorted(p.stem for p in written.glob("*.ipynb")) == sorted(nb.stem for nb, _ in plan)
     conclusions = nbformat.read(written / "09_conclusions.ipynb", as_version=4)
     first = next(c for c in conclusions.cells if c.cell_type == "code" and "read_verdicts" in c.source)
     assert first.outputs[0]["text"].startswith("verdicts of run llama2-7b for: llama2-7b\n")
-    assert sorted(p.stem for p in (tmp_path / "artifacts" / "verdicts" / "llama2-7b" / "llama2-7b").glob("*.json")) \
+    assert sorted(p.stem for p in (artifacts_root / "verdicts" / "llama2-7b" / "llama2-7b").glob("*.json")) \
         == ["ablation_modes", "claim1", "claim2", "claim3", "subspace_modes"]
+
+
+def test_the_paper_profile_without_its_transfer_entry_is_refused_before_anything_runs(tmp_path):
+    path = _paper_profile(tmp_path, lambda profile: profile["chapters"].pop("book/06_transfer"))
+    with pytest.raises(runner.ProfileError, match=r"book/06_transfer would run with a bad parameter.*ssft-control"):
+        runner.run_profile(path, dry_run=True)
+
+
+def test_an_exploratory_run_leaves_the_profiles_verdicts_alone(rehearsed, tmp_path):
+    """papermill with one changed parameter stores its verdicts as a run of its own; the profile's are untouched."""
+    import papermill
+
+    _, _, artifacts_root, plan, _, _ = rehearsed
+    verdicts = artifacts_root / "verdicts" / "llama2-7b"
+    before = {p: p.read_bytes() for p in (verdicts / "llama2-7b").glob("*.json")}
+    params = {**dict((nb.stem, p) for nb, p in plan)["06_transfer"], "n_test": 4}
+    papermill.execute_notebook(str(REPO_ROOT / "book" / "06_transfer.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters=params, kernel_name=runner.KERNEL_NAME, progress_bar=False,
+                               cwd=str(REPO_ROOT / "book"))
+    assert {p: p.read_bytes() for p in (verdicts / "llama2-7b").glob("*.json")} == before
+    adhoc = [p.name for p in verdicts.iterdir() if p.name.startswith("adhoc-")]
+    assert len(adhoc) == 1 and (verdicts / adhoc[0] / "claim3.json").is_file()
+    first = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells
+    assert any(f"results are stored as run '{adhoc[0]}'" in o.get("text", "") for c in first if c.cell_type == "code"
+               for o in c.get("outputs", []))
+
+
+def test_chapters_refuse_directions_made_from_other_weights_before_writing(rehearsed):
+    """After chapter 04, the LAT adapter changes (a new snapshot in the cache): chapters 05 and 06 stop at their first
+    cell, before computing or writing anything, and say to re-run chapter 04."""
+    root, path, artifacts_root, _, _, _ = rehearsed
+    repo = root / "hub" / f"models--{models.family_spec('llama2-7b')['variants']['lat']['adapters'][0]['hub'].replace('/', '--')}"
+    old = (repo / "refs" / "main").read_text()
+    new = "f" * 40
+    shutil.copytree(repo / "snapshots" / old, repo / "snapshots" / new)
+    weights = repo / "snapshots" / new / "adapter_model.safetensors"
+    save_file({name: tensor + 0.01 for name, tensor in load_file(weights).items()}, weights)
+    (repo / "refs" / "main").write_text(new)
+    written = artifacts_root / "runs" / "llama2-7b" / "book"
+    state = {p: p.stat().st_mtime_ns for p in artifacts_root.rglob("*") if p.is_file()}
+    try:
+        for chapter in ("05_anatomy", "06_transfer"):
+            with pytest.raises(runner.ChapterError, match=r"llama2-7b/lat were computed from other weights.*"
+                                                          r"re-run book/04_directions"):
+                runner.run_profile(path, only=[chapter])
+    finally:
+        (repo / "refs" / "main").write_text(old)
+    assert {p: p.stat().st_mtime_ns for p in artifacts_root.rglob("*") if p.is_file()} == state
+    assert (written / "05_anatomy.ipynb").is_file()  # the earlier, sound run's notebook is still there
 
 
 def test_the_paper_family_loads_from_the_stand_in_cache_and_nf4_is_refused_on_cpu(paper_world, monkeypatch):
