@@ -15,7 +15,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +178,22 @@ def write_results(results: dict, text: str, stem: str, out: str | Path | None) -
     (folder / f"{stem}.md").write_text(text + "\n", encoding="utf-8")
     log(f"wrote {folder / stem}.json and .md")
     return folder / stem
+
+
+def word_tokenizer(words: Sequence[str]):
+    """A word-level tokenizer for random stand-in models: ``<unk> <s> </s> [INST] [/INST]`` then ``words`` (ids in
+    that order), whitespace-split, the paper's ``[INST]`` markers kept whole, ``<s>`` prepended. Shared by the GPU
+    benchmarks and the test suite's tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+    vocab = {token: i for i, token in enumerate(specials + list(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("[INST]", "isolated"),
+                                                     pre_tokenizers.Split("[/INST]", "isolated"),
+                                                     pre_tokenizers.Whitespace()])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["[INST]", "[/INST]"])
+

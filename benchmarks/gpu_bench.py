@@ -47,19 +47,7 @@ log = common.log
 
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer whose ids 5..vocab_size-1 are the words w5, w6, ...; specials as Llama-2's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("[INST]", "isolated"),
-                                                     pre_tokenizers.Split("[/INST]", "isolated"),
-                                                     pre_tokenizers.Whitespace()])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=["[INST]", "[/INST]"])
+    return common.word_tokenizer([f"w{i}" for i in range(5, vocab_size)])
 
 
 def random_prompts(n: int, vocab_size: int, seed: int = 0) -> list[str]:

@@ -1,16 +1,9 @@
-"""Run the book's chapters with papermill and commit the executed notebooks in place.
+"""Run the book's chapters with papermill: in place for the book's own profile, else into artifacts/runs/<profile>/.
 
 ``python -m lib.runner --profile params/default.yaml [--only NAME ...] [--dry-run]``
 
-Chapters are the notebooks listed in ``_toc.yml``, in its order. A profile is YAML::
-
-    description: free text (optional)
-    skip: [book/01_organisms]   # chapters this profile does not run (optional)
-    defaults:            # applied to every chapter whose `parameters` cell declares the name
-      seed: 0
-    chapters:            # per-chapter overrides; keys are notebook paths without suffix, relative to the repo root
-      book/02_activations:
-        n_pairs: 64
+Chapters are the notebooks listed in ``_toc.yml``, in its order; a profile (``params/*.yaml``, its format in
+``lib.profiles``) sets their parameters.
 
 The whole profile is checked against the notebooks' ``parameters`` cells before anything runs (``lib.profiles``).
 Each chapter runs in its own folder with ``REFUSAL_BOOK_PROGRESS=0`` (no progress bars in stored outputs), the repo

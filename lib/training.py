@@ -398,9 +398,14 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
     return save_adapter(model, ADAPTERS_ROOT / family / variant, log)
 
 
+def _as_stored(spec: dict) -> dict:
+    """An epsilon spec as its JSON stores it (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+
+
 def _sweep_settings(spec: dict) -> dict:
-    """An epsilon spec's settings as JSON stores them (lists), without its ``why``: what decides a rerun."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items() if k != "why"}
+    """An epsilon spec's settings without its ``why``: what decides a rerun."""
+    return {k: v for k, v in _as_stored(spec).items() if k != "why"}
 
 
 def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], layer: int, spec: dict,
@@ -415,7 +420,7 @@ def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], lay
     result = choose_epsilon(lm, probe, layer, spec["fractions"], spec["min_loss_increase"], batch_size=len(probe),
                             max_length=spec["max_length"], max_response_tokens=spec["max_response_tokens"],
                             seed=seed)
-    result["spec"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}
+    result["spec"] = _as_stored(spec)
     result["model"] = lm.info.fingerprint  # the SSFT model it was measured on: a retrained SSFT reruns the sweep
     write_json(path, result)
     return result

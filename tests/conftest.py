@@ -18,28 +18,20 @@ PAPER_TEMPLATE = "\n[INST]{prompt}[/INST]\n"
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from benchmarks.common import word_tokenizer
 
-    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(WORDS)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("[INST]", "isolated"),
-                                                     pre_tokenizers.Split("[/INST]", "isolated"),
-                                                     pre_tokenizers.Whitespace()])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=["[INST]", "[/INST]"])
+    return word_tokenizer(sorted(set(WORDS)))
 
 
-def build_model(vocab_size: int, seed: int = 0):
+def build_model(vocab_size: int, seed: int = 0, **config):
+    """A random Llama (the tiny defaults below, overridden by ``config``) with weights larger than the default init."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(config)
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
     with torch.no_grad():  # larger weights than the default init, so that hooks visibly change outputs
         for parameter in model.parameters():
             if parameter.ndim == 2:

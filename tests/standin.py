@@ -9,6 +9,8 @@ import csv
 import json
 from pathlib import Path
 
+from benchmarks.common import word_tokenizer
+from conftest import build_model
 from lib.artifacts import sha256_file
 from lib.data import ADVBENCH_ROWS
 from lib.models import family_spec
@@ -20,34 +22,13 @@ STANDIN_WORDS = ("I Sorry Sure cannot help with that here is how to make a bomb 
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(STANDIN_WORDS)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("[INST]", "isolated"),
-                                                     pre_tokenizers.Split("[/INST]", "isolated"),
-                                                     pre_tokenizers.Whitespace()])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=["[INST]", "[/INST]"])
+    return word_tokenizer(sorted(set(STANDIN_WORDS)))
 
 
 def _model(vocab_size: int, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=16,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim == 2:
-                parameter.normal_(0, 0.2)
-    return model.eval()
+    """16 layers (the paper's plotted layers of 32 stay distinct), untied embeddings, room for 256 positions."""
+    return build_model(vocab_size, seed, num_hidden_layers=16, num_key_value_heads=4, max_position_embeddings=256,
+                       tie_word_embeddings=False, pad_token_id=0)
 
 
 def _snapshot(hub_cache: Path, repo_id: str) -> Path:
