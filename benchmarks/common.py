@@ -119,6 +119,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def bench_device(smoke: bool, script: str) -> torch.device:
+    """CUDA when there is a GPU; the CPU for a ``--smoke`` run without one; else a clear stop naming ``script``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if smoke:
+        return torch.device("cpu")
+    raise SystemExit(f"No CUDA device: {script} needs a GPU (or --smoke for a tiny CPU run).")
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     import transformers
 

@@ -13,13 +13,25 @@
 #
 # Python: .venv/bin/python if its torch sees CUDA, else python3 if its torch does (a GPU image with torch,
 # transformers, peft, accelerate, safetensors, pyyaml, tqdm, pytest preinstalled); nothing is installed.
-# Usage: bash benchmarks/gpu.sh [--smoke]     --smoke: tiny shapes, on the CPU where there is no GPU (a dry run)
+# Usage: bash benchmarks/gpu.sh [--smoke] [--whole-profile]
+#   --smoke: tiny shapes, on the CPU where there is no GPU (a dry run)
+#   --whole-profile: instead of 1-3, time every chapter of params/llama2-7b.yaml on a random Llama-2-7B-shaped
+#     stand-in (benchmarks/profile_timing.py; wall time and peak GPU memory per chapter), stopped after
+#     PROFILE_BUDGET_S seconds (default 420) so that the whole call fits 8 minutes of device time. It needs the book's
+#     whole environment (papermill, ipykernel, pandas, altair, scikit-learn as well).
 # Results: $BENCH_OUT, else $OUT (the device tool's folder), else artifacts/benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=""
-if [ "${1:-}" = "--smoke" ]; then SMOKE="--smoke"; fi
+MODE=checks
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE="--smoke" ;;
+    --whole-profile) MODE=profile ;;
+    *) echo "gpu.sh: unknown option $arg (use --smoke and/or --whole-profile)" >&2; exit 2 ;;
+  esac
+done
 RESULTS="${BENCH_OUT:-${OUT:-artifacts/benchmarks}}"
 mkdir -p "$RESULTS"
 export REFUSAL_BOOK_PROGRESS=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -56,6 +68,13 @@ if [ -n "$missing" ]; then
 fi
 "$PY" -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "| torch", torch.__version__, "| transformers", transformers.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")' \
   | tee "$RESULTS/gpu-env.txt"
+
+if [ "$MODE" = profile ]; then
+  echo "== the llama2-7b profile, every chapter, on a random Llama-2-7B-shaped stand-in"
+  timeout 470 "$PY" -m benchmarks.profile_timing $SMOKE --budget-s "${PROFILE_BUDGET_S:-420}" --out "$RESULTS" 2>&1 \
+    | tee "$RESULTS/gpu-profile.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 
 start=$(date +%s)
 echo "== 1/3 lib's tests on ${BENCH_DEVICE:-cuda} (tiny random Llama)"

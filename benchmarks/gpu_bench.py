@@ -60,17 +60,10 @@ def random_prompts(n: int, vocab_size: int, seed: int = 0) -> list[str]:
 def random_model(shapes: dict, device: torch.device, dtype: torch.dtype):
     """A LlamaForCausalLM with random weights, made directly on ``device`` in ``dtype``, wrapped as lib's
     LoadedModel (family "llama2-7b-shapes", the paper's template)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from benchmarks.standin import random_llama
     from lib.models import LoadedModel, PromptTemplate, describe, prepare_tokenizer
 
-    config = LlamaConfig(**shapes, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):  # allocate and initialise on the device: no 13 GB detour through CPU memory
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
-    if next(model.parameters()).device.type != device.type or next(model.parameters()).dtype != dtype:
-        model = model.to(device=device, dtype=dtype)
-    model.eval().requires_grad_(False)
+    model = random_llama(dict(shapes, pad_token_id=2), device, dtype)
     tokenizer = prepare_tokenizer(word_tokenizer(shapes["vocab_size"]))
     info = describe(model, "llama2-7b-shapes", "random", PromptTemplate(PAPER_TEMPLATE, add_special_tokens=True),
                     refusal_tokens=["w5"])
@@ -308,12 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("REFUSAL_BOOK_PROGRESS", "0")
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif args.smoke:
-        device = torch.device("cpu")
-    else:
-        raise SystemExit("No CUDA device: benchmarks.gpu_bench needs a GPU (or --smoke for a tiny CPU run).")
+    device = common.bench_device(args.smoke, "benchmarks.gpu_bench")
     threads = torch.get_num_threads()
     if device.type == "cpu":
         from benchmarks.run import idle_threads

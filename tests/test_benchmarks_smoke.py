@@ -10,7 +10,7 @@ from lib.artifacts import REPO_ROOT
 if importlib.util.find_spec("benchmarks") is None:  # pytest run from outside the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import gpu_bench, hook_variants, run  # noqa: E402
+from benchmarks import gpu_bench, hook_variants, profile_timing, run  # noqa: E402
 
 
 def rows_by_method(rows):
@@ -42,6 +42,31 @@ def test_gpu_script_smoke_path(tmp_path):
     assert {row["same tokens as lib hooks"] for name, row in batch.items() if "plain" not in name} == {1.0}
     transfer = results["transfer"]
     assert transfer["conditions_run"] == transfer["conditions"] and transfer["projected_total_s"] > 0
+
+
+def test_profile_timing_stops_at_its_budget_and_leaves_no_kernel_behind(tmp_path):
+    """The whole-profile timing on the tiny stand-in with a budget that runs out in the first chapter: that chapter
+    is stopped (the runner and its kernel killed), the rest are reported as not reached, and the report is written."""
+    import psutil
+
+    def kernels():  # the timing's own (its artifacts folder is under a "profile-timing-" temporary folder)
+        found = set()
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if "ipykernel_launcher" in " ".join(process.info["cmdline"] or []) and \
+                        "profile-timing-" in process.environ().get("REFUSAL_BOOK_ARTIFACTS", ""):
+                    found.add(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return found
+
+    before = kernels()
+    results = profile_timing.main(["--smoke", "--budget-s", "12", "--out", str(tmp_path)])
+    statuses = [row["status"] for row in results["chapters"]]
+    assert statuses[0] == profile_timing.STOPPED and set(statuses[1:]) == {profile_timing.NOT_REACHED}
+    assert results["chapters"][0]["chapter"] == "02_activations" and len(statuses) == 7
+    assert kernels() <= before
+    assert "| 02_activations | stopped at the budget |" in next(tmp_path.glob("profile-*.md")).read_text()
 
 
 def test_hook_variants_compute_the_same_projection():

@@ -1,7 +1,7 @@
 """Dress rehearsal of the paper's profile (issue 19): every chapter of ``params/llama2-7b.yaml`` runs end to end,
-offline, on a stand-in (``tests/standin.py``) under the exact hub ids of ``lib/families.yaml``, with the paper's
+offline, on a stand-in (``benchmarks/standin.py``) under the exact hub ids of ``lib/families.yaml``, with the paper's
 data read through ``$REFUSAL_BOOK_PAPER_DATA``. What changes: ``device`` (the CPU for the GPU), and, to keep it
-within three minutes, the sample sizes and token budgets that only repeat the same code (``SMALLER``); the data
+within three minutes, the sample sizes and token budgets that only repeat the same code (``standin.SMALLER``); the data
 path, the layer rule, the variants and every chapter are the profile's. The numbers are meaningless and not
 compared."""
 
@@ -12,17 +12,11 @@ import shutil
 
 import nbformat
 import pytest
-import yaml
 from safetensors.torch import load_file, save_file
 
+from benchmarks import standin
 from lib import data, models, runner
 from lib.artifacts import REPO_ROOT
-import standin
-
-
-SMALLER = {"n_test": 24, "n_side": 8, "max_new_tokens": 6, "n_score": 8, "n_generate": 8, "n_boot": 100,
-           "n_reference": 16, "n_val": 8}
-EXTRA = {"book/03_spectra": {"n_boot_layers": 5}}  # its by-layer bootstrap: 416 x 416 Gram matrices per resample
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +47,6 @@ def test_the_paper_data_listing_is_checked_like_a_download(paper_world, monkeypa
         data.load_paper_protocol()
 
 
-def _paper_profile(folder, changes=None):
-    """params/llama2-7b.yaml on the CPU with the stand-in's smaller samples, written to ``folder``."""
-    profile = yaml.safe_load((REPO_ROOT / "params" / "llama2-7b.yaml").read_text())
-    profile["defaults"]["device"] = "cpu"
-    for key, overrides in profile["chapters"].items():
-        overrides.update({name: value for name, value in SMALLER.items() if name in overrides}, **EXTRA.get(key, {}))
-    if changes:
-        changes(profile)
-    path = folder / "llama2-7b.yaml"
-    path.write_text(yaml.safe_dump(profile))
-    return path
-
-
 @pytest.fixture(scope="module")
 def rehearsed(paper_world, tmp_path_factory):
     """The whole paper profile, run once on the stand-in: (world root, profile path, artifacts folder, plan, the
@@ -79,7 +60,7 @@ def rehearsed(paper_world, tmp_path_factory):
             patch.setenv(name, str(value))
         patch.delenv("REFUSAL_BOOK_PROFILE", raising=False)
         before = {nb: nb.read_bytes() for nb in runner.read_toc_notebooks(REPO_ROOT)}
-        path = _paper_profile(here)
+        path = standin.paper_profile(here)
         plan = runner.run_profile(path)
         yield root, path, here / "artifacts", plan, before, patch
 
@@ -98,7 +79,7 @@ def test_every_chapter_of_the_paper_profile_runs_on_the_stand_in(rehearsed):
 
 
 def test_the_paper_profile_without_its_transfer_entry_is_refused_before_anything_runs(tmp_path):
-    path = _paper_profile(tmp_path, lambda profile: profile["chapters"].pop("book/06_transfer"))
+    path = standin.paper_profile(tmp_path, changes=lambda profile: profile["chapters"].pop("book/06_transfer"))
     with pytest.raises(runner.ProfileError, match=r"book/06_transfer would run with a bad parameter.*ssft-control"):
         runner.run_profile(path, dry_run=True)
 

@@ -40,16 +40,3 @@ def test_wilson_interval_and_verdict_words():
         stats.wilson_interval(1, 0)
     assert [stats.verdict(lo, hi, "up", "down", "open") for lo, hi in ((0.1, 2), (-2, -0.1), (-1, 1))] == \
         ["up", "down", "open"]
-
-
-@pytest.mark.parametrize("module", ["stats", "linalg"])
-def test_the_bottom_layer_imports_nothing_from_lib(module):
-    import ast
-    import importlib
-    from pathlib import Path
-
-    path = Path(importlib.import_module(f"lib.{module}").__file__)
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
-    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
-    assert not [name for name in imported if name == "lib" or name.startswith("lib.")]
