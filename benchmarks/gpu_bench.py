@@ -63,7 +63,7 @@ def random_model(shapes: dict, device: torch.device, dtype: torch.dtype):
     from benchmarks.standin import random_llama
     from lib.models import LoadedModel, PromptTemplate, describe, prepare_tokenizer
 
-    model = random_llama(dict(shapes, pad_token_id=2), device, dtype)
+    model = random_llama(dict(shapes, pad_token_id=2), device, dtype).requires_grad_(False)
     tokenizer = prepare_tokenizer(word_tokenizer(shapes["vocab_size"]))
     info = describe(model, "llama2-7b-shapes", "random", PromptTemplate(PAPER_TEMPLATE, add_special_tokens=True),
                     refusal_tokens=["w5"])

@@ -41,7 +41,7 @@ STOPPED, NOT_REACHED = "stopped at the budget", "not reached"
 
 class GpuMemoryPeak:
     """The device's peak memory in use by every process, sampled every ``interval`` seconds in a thread (the chapters
-    run in kernels of their own, so the allocator's own counters in this process see nothing)."""
+    run in kernels of their own, so the allocator's own counters in this process see nothing); 0 off CUDA."""
 
     def __init__(self, device: torch.device, interval: float = 0.2):
         self.device, self.interval, self.peak = device, interval, 0
@@ -56,15 +56,18 @@ class GpuMemoryPeak:
             self.peak = max(self.peak, self._used())
 
     def __enter__(self):
+        if self.device.type != "cuda":
+            return self
         self.peak = self._used()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._used())
+        if self.device.type == "cuda":
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._used())
         return False
 
 
@@ -89,7 +92,7 @@ def run_chapter(profile: Path, stem: str, environment: dict, timeout: float, dev
     session of its own) are killed."""
     command = [sys.executable, "-m", "lib.runner", "--profile", str(profile), "--only", stem]
     start = time.perf_counter()
-    with (GpuMemoryPeak(device) if device.type == "cuda" else _NoPeak()) as peak:
+    with GpuMemoryPeak(device) as peak:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **environment}, stdout=log_file,
                                    stderr=subprocess.STDOUT)
         try:
@@ -117,16 +120,6 @@ def kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=10)
-
-
-class _NoPeak:
-    peak = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -56,7 +56,7 @@ def random_llama(shapes: dict, device="cpu", dtype=torch.float32, init_std: floa
             for parameter in model.parameters():
                 if parameter.ndim == 2:
                     parameter.normal_(0, init_std)
-    return model.eval().requires_grad_(False)
+    return model.eval()
 
 
 def _snapshot(hub_cache: Path, repo_id: str) -> Path:

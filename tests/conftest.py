@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("REFUSAL_BOOK_PROGRESS", "0")
 
@@ -25,18 +24,12 @@ def build_tokenizer():
 
 def build_model(vocab_size: int, seed: int = 0, **config):
     """A random Llama (the tiny defaults below, overridden by ``config``) with weights larger than the default init."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from benchmarks.standin import random_llama
 
-    torch.manual_seed(seed)
     settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
-    with torch.no_grad():  # larger weights than the default init, so that hooks visibly change outputs
-        for parameter in model.parameters():
-            if parameter.ndim == 2:
-                parameter.normal_(0, 0.2)
-    return model.eval()
+    return random_llama({**settings, **config}, init_std=0.2, seed=seed)
 
 
 def write_manifest(folder):
