@@ -26,7 +26,7 @@ chapters: setup
 	$(RUN) $(PY) -m lib.runner --profile $(PROFILE)
 
 site: setup
-	$(PY) -m lib.viz --write-bundle book/_static
+	$(PY) -m lib.site_assets --write-bundle book/_static
 	$(RUN) $(VENV)/bin/jupyter-book build . -W -n --keep-going
 
 book: chapters site

@@ -15,7 +15,7 @@ import torch
 
 from lib import runtime
 from benchmarks.run import hf_greedy, recompute_greedy
-from lib import ablation, capture, generation, models
+from lib import ablation, capture, generation, inputs, models
 from lib.artifacts import REPO_ROOT
 
 PROMPTS = ["how do i bake bread", "tell me a joke about the cat", "write a poem",
@@ -53,7 +53,7 @@ def direction(d: int, seed: int = 1) -> torch.Tensor:
 def test_model_is_on_the_device(lm, bench_device):
     assert lm.info.device.type == bench_device.type
     assert all(p.device.type == bench_device.type for p in lm.model.parameters())
-    assert models.encode(lm, PROMPTS)["input_ids"].device.type == bench_device.type
+    assert inputs.encode(lm, PROMPTS)["input_ids"].device.type == bench_device.type
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def reference(family, bench_device):
 
 
 def test_hooks_orthogonalised_and_recompute_loop_agree(lm, reference):
-    batch = models.encode(lm, PROMPTS)
+    batch = inputs.encode(lm, PROMPTS)
     r = direction(lm.info.d_model)
     with ablation.ablated(lm, r):
         hooked = hf_greedy(lm, batch, 8)
@@ -78,7 +78,7 @@ def test_hooks_orthogonalised_and_recompute_loop_agree(lm, reference):
     else:  # bfloat16 rounds the hooked sums and the edited weights differently, and near-ties then flip greedy
         # tokens after the first few: the first new token must match float32's (3 of 4 prompts at least)
         with ablation.ablated(reference, r):
-            exact = hf_greedy(reference, models.encode(reference, PROMPTS), 8)
+            exact = hf_greedy(reference, inputs.encode(reference, PROMPTS), 8)
         for tokens in (hooked, baked):  # new tokens only: column 0 is the first
             assert (tokens[:, 0] == exact[:, 0]).sum() >= 3
 
@@ -86,19 +86,19 @@ def test_hooks_orthogonalised_and_recompute_loop_agree(lm, reference):
 def test_orthogonalised_logits_match_hooks(lm, reference):
     """Hooks and orthogonalised weights give the same logits in float32; in bfloat16 each stays within twice the
     model's own bfloat16 rounding error (plain bfloat16 against plain float32) of the float32 ablated logits."""
-    batch = models.encode(lm, PROMPTS)
+    batch = inputs.encode(lm, PROMPTS)
     r = direction(lm.info.d_model, 2)
     with torch.inference_mode():
         with ablation.ablated(lm, r):
-            hooked = models.forward(lm, batch).logits.float()
+            hooked = inputs.forward(lm, batch).logits.float()
         with ablation.orthogonalized(lm, r):
-            baked = models.forward(lm, batch).logits.float()
+            baked = inputs.forward(lm, batch).logits.float()
         if lm.info.dtype == torch.float32:
             assert (hooked - baked).abs().max().item() < 1e-3
             return
         with ablation.ablated(reference, r):
-            exact = models.forward(reference, batch).logits.float()
-        rounding = (models.forward(lm, batch).logits.float() - models.forward(reference, batch).logits.float())
+            exact = inputs.forward(reference, batch).logits.float()
+        rounding = (inputs.forward(lm, batch).logits.float() - inputs.forward(reference, batch).logits.float())
     budget = 2 * rounding.abs().max().item()
     assert (hooked - exact).abs().max().item() < budget
     assert (baked - exact).abs().max().item() < budget
@@ -107,7 +107,7 @@ def test_orthogonalised_logits_match_hooks(lm, reference):
 def test_capture_matches_hidden_states(lm):
     acts = capture.collect(lm, PROMPTS, sites=("resid_pre",))["resid_pre"]
     with torch.inference_mode():
-        states = models.forward(lm, models.encode(lm, PROMPTS), output_hidden_states=True).hidden_states
+        states = inputs.forward(lm, inputs.encode(lm, PROMPTS), output_hidden_states=True).hidden_states
     expected = torch.stack([states[layer][:, -1] for layer in range(lm.info.n_layers)], 1).float().cpu()
     order = capture.order_by_length(lm, PROMPTS)  # collect batches by length; one batch here, rows in prompt order
     assert sorted(order) == list(range(len(PROMPTS)))

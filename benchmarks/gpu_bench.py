@@ -72,7 +72,7 @@ def random_model(shapes: dict, device: torch.device, dtype: torch.dtype):
 
 def bench_paper_batch(lm, args, device, results: dict) -> None:
     from lib.ablation import orthogonalized
-    from lib.models import encode
+    from lib.inputs import encode
 
     prompts = random_prompts(args.batch_prompts, lm.model.config.vocab_size, seed=1)
     batch = encode(lm, prompts)
@@ -181,7 +181,7 @@ def bench_loop_at_scale(lm, args, device, results: dict) -> None:
     """lib hooks + KV cache against the paper's loop at the large batch the transfer workload uses: at the paper's
     batch of 16 a GPU waits on kernel launches whichever loop runs, so the cost of recomputing the prefix shows only
     when the GPU has work to do."""
-    from lib.models import encode
+    from lib.inputs import encode
 
     n = args.new_tokens
     probe = random_prompts(64, lm.model.config.vocab_size, seed=3)
@@ -203,7 +203,7 @@ def bench_loop_at_scale(lm, args, device, results: dict) -> None:
 def bench_transfer(lm, args, device, results: dict) -> None:
     from lib.ablation import orthogonalized
     from lib.generation import generate
-    from lib.models import encode
+    from lib.inputs import encode
 
     prompts = random_prompts(args.prompts, lm.model.config.vocab_size, seed=2)
     longest = max(encode(lm, [p]).input_ids.shape[1] for p in prompts[:64])

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lm = random_model(SMOKE if args.smoke else LLAMA2_7B, device, dtype)
-    batch = __import__("lib.models", fromlist=["encode"]).encode(lm, random_prompts(16, lm.model.config.vocab_size, 1))
+    batch = __import__("lib.inputs", fromlist=["encode"]).encode(lm, random_prompts(16, lm.model.config.vocab_size, 1))
     basis = random_directions(1, lm.info.d_model, 0)[0]
     basis = (basis / basis.norm()).unsqueeze(0).to(device, dtype)
     n = args.new_tokens

@@ -68,7 +68,7 @@ def hf_greedy(lm, batch, max_new_tokens: int) -> torch.Tensor:
 def recompute_greedy(lm, batch, max_new_tokens: int) -> torch.Tensor:
     """The paper's loop: at every step a full forward pass over prompt + tokens so far (no KV cache, logits at every
     position, as TransformerLens computes them), then the argmax of the last position."""
-    from lib.models import position_ids
+    from lib.inputs import position_ids
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     one = torch.ones_like(mask[:, :1])
@@ -96,7 +96,7 @@ def test_prompts(n: int) -> list[str]:
 
 def encode_batches(lm, prompts, batch_size):
     from lib.capture import order_by_length
-    from lib.models import encode
+    from lib.inputs import encode
 
     order = order_by_length(lm, prompts)
     return [encode(lm, [prompts[i] for i in order[i:i + batch_size]]) for i in range(0, len(order), batch_size)]
@@ -201,7 +201,7 @@ def paired(times: dict[str, list[float]], method: str, reference: str) -> float:
 def bench_capture(lm, args, peer, device, results: dict) -> None:
     from lib.capture import collect
     from lib.hooks import check_layers
-    from lib.models import forward
+    from lib.inputs import forward
 
     prompts = test_prompts(args.capture_prompts)
     layers = check_layers(lm.info, None)
@@ -216,7 +216,7 @@ def bench_capture(lm, args, peer, device, results: dict) -> None:
 
     def per_batch(fn, texts):
         from lib.capture import order_by_length
-        from lib.models import encode
+        from lib.inputs import encode
 
         def run():
             order = order_by_length(lm, texts)
@@ -278,7 +278,7 @@ def bench_scoring(lm, args, device, results: dict) -> None:
     """The generation-free refusal score's forward passes (every layer sweep, score matrix and anatomy condition):
     lib's shared-prefix passes against whole-prompt passes, same prompts, same batch size."""
     from lib.scores import next_token_log_probs
-    from lib.models import encode, forward, split_common_prefix
+    from lib.inputs import encode, forward, split_common_prefix
 
     prompts = test_prompts(args.score_prompts)
     prefix, _ = split_common_prefix(lm, prompts)

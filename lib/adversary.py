@@ -16,8 +16,9 @@ import torch
 
 from lib.artifacts import artifact_path, cache_key, cached_json, sha256_text
 from lib.hooks import attached, site_hook
+from lib.inputs import encode
 from lib.losses import IGNORE, lm_loss, response_loss
-from lib.models import LoadedModel, encode
+from lib.models import LoadedModel
 
 
 def per_example_norm(x: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ ARTIFACT_KINDS = {  # every folder under artifacts/, what writes it (README, "Ar
     "attacks": "completions under the organisms' PGD attack (lib.adversary.cached_attack)",
     "verdicts": "each chapter's verdict on a claim, per family and run, read by the conclusions (write_verdict)",
     "runs": "chapters executed under a profile other than the book's, per profile (lib.runner)",
+    "logs": "warnings and library log lines raised while a chapter ran, one file per chapter (lib.runtime.log_to_file)",
 }
 
 

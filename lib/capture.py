@@ -13,7 +13,8 @@ import torch
 import lib
 from lib.artifacts import artifact_path, cache_key, cached_tensors
 from lib.hooks import SITES, WRITE_SITES, attached, check_layers, check_sites, site_hook, write_site_hook
-from lib.models import LoadedModel, check_prompts, encode, forward
+from lib.inputs import check_prompts, encode, forward
+from lib.models import LoadedModel
 from lib.runtime import auto_batch_size, progress
 
 DEFAULT_BATCH_SIZE = 16

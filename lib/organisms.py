@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from lib.adversary import cached_attack
 from lib.artifacts import read_json, sha256_file
 from lib.models import LoadedModel, family_spec
-from lib.training import ADAPTERS_ROOT, ORGANISMS_ROOT, load_refusals, refusal_for
+from lib.training import ADAPTERS_ROOT
+from lib.training_data import ORGANISMS_ROOT, load_refusals, refusal_for
 
 
 def training_log(family: str, variant: str) -> dict:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lib.artifacts import REPO_ROOT
+from lib.artifacts import REPO_ROOT, artifact_path
 
 BOOK = REPO_ROOT / "book"
 KERNEL_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})  # IPython's own globals
@@ -132,11 +132,14 @@ def validate(values: dict[str, Any], chapter: str, names: tuple[str, ...] | None
 
 
 def check(namespace: dict[str, Any], chapter: str) -> str:
-    """A chapter's first call: ``validate`` its parameters (the variables of ``namespace``), then return the run
-    its results belong to (``lib.profiles.run_of``): the profile's name when the parameters are that profile's,
-    else an ``adhoc-...`` run of their own, announced in one printed line so the reader knows where they went."""
+    """A chapter's first call: send its warnings and library log lines to ``chapter_log(chapter)`` (not to the
+    notebook's stderr), ``validate`` its parameters (the variables of ``namespace``), then return the run its results
+    belong to (``lib.profiles.run_of``): the profile's name when the parameters are that profile's, else an
+    ``adhoc-...`` run of their own, announced in one printed line so the reader knows where they went."""
     from lib.profiles import current_profile, profile_name, run_of
+    from lib.runtime import log_to_file
 
+    log_to_file(chapter_log(chapter))
     values = given(namespace)
     validate(values, chapter)
     run, differ = run_of(values, f"book/{chapter}", declared_in(BOOK / f"{chapter}.ipynb"))
@@ -145,6 +148,11 @@ def check(namespace: dict[str, Any], chapter: str) -> str:
         print(f"Parameters not those of profile {profile_name(current_profile())!r} ({changed}): results are stored "
               f"as run {run!r}; the conclusions chapter reads them with -y 'runs: [{run}]'.")
     return run
+
+
+def chapter_log(chapter: str) -> Path:
+    """Where a chapter's warnings and library log lines go (``lib.runtime.log_to_file``)."""
+    return artifact_path("logs", chapter, suffix=".log")
 
 
 def _check_family(values: dict[str, Any]) -> None:

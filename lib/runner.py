@@ -32,7 +32,7 @@ import papermill
 import yaml
 
 from lib.artifacts import REPO_ROOT, artifact_path
-from lib.parameters import declared_in
+from lib.parameters import chapter_log, declared_in
 from lib.profiles import (PROFILE_ENV, ProfileError, chapter_parameters, effective_parameters, load_profile,
                           profile_name)
 from lib.runtime import PROGRESS_ENV
@@ -334,6 +334,10 @@ def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run
         cells = "; ".join(f"cell {i}: {t:.0f} s ({line[:60]})" for i, t, line in slowest if t >= 1)
         print(f"[{index}/{len(plan)}] {key}: done in {seconds:.1f} s" + (f"; slowest {cells}" if cells else ""),
               flush=True)
+        log = chapter_log(nb.stem)
+        if log.exists() and log.stat().st_size:
+            print(f"[{index}/{len(plan)}] {key}: {len(log.read_text().splitlines())} line(s) of warnings or library "
+                  f"logs in {log}", flush=True)
     if not dry_run:
         print(f"{len(plan)} chapter(s) in {time.perf_counter() - total:.1f} s", flush=True)
     return plan

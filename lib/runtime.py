@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
 import math
 import os
 import random
+import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -58,6 +62,40 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, show: b
     """A tqdm bar over ``iterable`` that stays silent when progress is disabled."""
     enabled = progress_enabled() if show is None else show
     return iter(tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False))
+
+
+def log_to_file(path: str | Path) -> Path:
+    """From now on in this process, send Python warnings and every library's log records to ``path``, started
+    afresh, instead of stderr: every logger's stderr handler (torch's, and transformers' and huggingface_hub's, made
+    here by importing them) gives way to one file handler, on the root logger and on those loggers that do not
+    propagate. A chapter calls it first (``lib.parameters.check``): whatever reaches a notebook's stderr becomes a
+    stored output, and a line that appears only on some hosts, under load or on a cold cache (a once-per-process
+    warning, a library's log line) fails nbval there. Nothing is lost: the runner names the file when not empty."""
+    for module in ("huggingface_hub.utils.logging", "transformers.utils.logging"):
+        importlib.import_module(module)  # each adds its own stderr handler when first imported: replace it now
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, delay=True, encoding="utf-8")  # created at the first record only
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+    handler.chapter_log = True
+    root = logging.getLogger()
+    for logger in [root] + [logger for logger in root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]:
+        replaced = [h for h in logger.handlers if getattr(h, "chapter_log", False) or _writes_to_stderr(h)]
+        for old in replaced:
+            logger.removeHandler(old)
+            old.close()
+        if logger is root or (replaced and not logger.propagate):
+            logger.addHandler(handler)
+    path.unlink(missing_ok=True)
+    logging.captureWarnings(True)
+    return path
+
+
+def _writes_to_stderr(handler: logging.Handler) -> bool:
+    """A plain stream handler on this process's ``sys.stderr`` (in a kernel: the cell's stderr; the kernel's own log
+    writes to ``sys.__stderr__`` and is left alone)."""
+    return type(handler) is logging.StreamHandler and handler.stream is sys.stderr
 
 
 # --- batch size ------------------------------------------------------------------------------------------------------

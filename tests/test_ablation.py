@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from lib import ablation, capture, generation, models
+from lib import ablation, capture, generation, inputs
 
 
 def logits(lm, prompts):
     with torch.no_grad():
-        return lm.model(**models.encode(lm, prompts)).logits
+        return lm.model(**inputs.encode(lm, prompts)).logits
 
 
 def random_direction(d, seed=1):
@@ -138,7 +138,7 @@ def site_means(tiny, tmp_path, monkeypatch):
 
 
 def test_site_statistics_average_the_last_token_or_every_token_but_the_first(tiny, site_means, tmp_path):
-    length = len(models.encode(tiny, REFERENCE[:1])["input_ids"][0])
+    length = len(inputs.encode(tiny, REFERENCE[:1])["input_ids"][0])
     acts = capture.collect(tiny, REFERENCE, sites=("resid_pre", "resid_mid", "resid_post"),
                            positions=list(range(length)))
 

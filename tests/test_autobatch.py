@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lib import models
+from lib import inputs
 from lib.artifacts import REPO_ROOT
 
 if importlib.util.find_spec("benchmarks") is None:  # pytest run from outside the repo root
@@ -23,7 +23,7 @@ def test_kv_cache_term_matches_the_model_shapes(tiny):
 
 
 def test_estimate_covers_the_real_kv_cache(tiny, prompts):
-    batch = models.encode(tiny, prompts)
+    batch = inputs.encode(tiny, prompts)
     prompt_tokens, new_tokens = batch["input_ids"].shape[1], 6
     with torch.inference_mode():
         out = tiny.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from lib import runner, viz
+from lib import runner, site_assets, viz
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,22 +71,22 @@ def test_charts_round_to_four_significant_digits_and_check_columns():
 
 def test_write_vega_bundle_writes_once(tmp_path):
     static = tmp_path / "_static"
-    assert viz.write_vega_bundle(static) is True
+    assert site_assets.write_vega_bundle(static) is True
     bundle = static / viz.BUNDLE_NAME
     stamp = bundle.stat().st_mtime_ns
     assert "window.vegaEmbed=" in bundle.read_text(encoding="utf-8")
-    assert viz.write_vega_bundle(static) is False
+    assert site_assets.write_vega_bundle(static) is False
     assert bundle.stat().st_mtime_ns == stamp
 
 
 def test_write_mathjax_copies_the_component_and_its_fonts_once(tmp_path):
-    assert viz.write_mathjax(tmp_path) is True
+    assert site_assets.write_mathjax(tmp_path) is True
     script = tmp_path / "mathjax" / "tex-chtml.js"
     assert "MathJax" in script.read_text(encoding="utf-8")
     fonts = list((tmp_path / "mathjax" / "output/chtml/fonts/woff-v2").iterdir())
     assert len(fonts) > 10 and all(font.suffix == ".woff" for font in fonts)
     stamp = script.stat().st_mtime_ns
-    assert viz.write_mathjax(tmp_path) is False and script.stat().st_mtime_ns == stamp
+    assert site_assets.write_mathjax(tmp_path) is False and script.stat().st_mtime_ns == stamp
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -178,6 +178,19 @@ def test_runner_executes_in_place(tmp_path, capsys):
     assert "papermill" not in nb.metadata
     assert not any("papermill" in c.metadata or "execution" in c.metadata for c in nb.cells)
     assert sorted(p.name for p in notebook.parent.iterdir()) == ["ch.ipynb", "intro.md"]
+
+
+def test_runner_names_a_chapter_log_that_is_not_empty(tmp_path, monkeypatch, capsys):
+    """A chapter's warnings go to its log, not its stderr (lib.runtime.log_to_file); the runner says where."""
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path / "artifacts"))
+    notebook = _book(tmp_path, [_parameters_cell(), new_code_cell(
+        "import warnings\nfrom lib.parameters import chapter_log\nfrom lib.runtime import log_to_file\n"
+        "log_to_file(chapter_log('ch'))\nwarnings.warn('probe')")])
+    runner.run_profile(_profile(tmp_path, "defaults:\n  x: 1\n"), repo_root=tmp_path)
+    log = tmp_path / "artifacts" / "logs" / "ch.log"
+    assert re.search(rf"book/ch: \d+ line\(s\) of warnings or library logs in {re.escape(str(log))}\n", capsys.readouterr().out)
+    assert "UserWarning: probe" in log.read_text()
+    assert not any(o.get("name") == "stderr" for c in nbformat.read(notebook, as_version=4).cells for o in c.get("outputs", []))
 
 
 def test_another_profile_writes_its_own_folder_and_names_its_run(tmp_path, monkeypatch, capsys):

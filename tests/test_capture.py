@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from lib import capture, models
+from lib import capture, inputs
 from lib.hooks import attached, site_hook
 
 
 def hidden_states(lm, prompts):
-    batch = models.encode(lm, prompts)
+    batch = inputs.encode(lm, prompts)
     with torch.no_grad():
         states = lm.model(**batch, output_hidden_states=True).hidden_states
     return tuple(state.cpu() for state in states)  # capture.collect returns CPU tensors on every device
@@ -36,7 +36,7 @@ def test_sites_are_consistent(tiny, prompts):
               (lambda layer: lambda m, a, out: attn_out.__setitem__(layer, out[0][:, -1].cpu()))(layer))
              for layer in range(4)]
     with attached(hooks), torch.no_grad():
-        tiny.model(**models.encode(tiny, prompts[:1]))
+        tiny.model(**inputs.encode(tiny, prompts[:1]))
     for layer in range(4):
         torch.testing.assert_close(acts["resid_mid"][0, layer], acts["resid_pre"][0, layer] + attn_out[layer][0],
                                    **tolerance(tiny))
@@ -56,7 +56,7 @@ def test_several_positions(tiny, prompts):
     assert acts.shape == (4, 4, 3, 64)
     torch.testing.assert_close(acts[:, 1, 1], states[1][:, -1], **tolerance(tiny))
     torch.testing.assert_close(acts[:, 1, 0], states[1][:, -2], **tolerance(tiny))
-    mask = models.encode(tiny, prompts)["attention_mask"]
+    mask = inputs.encode(tiny, prompts)["attention_mask"]
     first = mask.argmax(dim=1).cpu()
     torch.testing.assert_close(acts[:, 1, 2], states[1][torch.arange(4), first], **tolerance(tiny))
 
@@ -93,7 +93,7 @@ def test_hooks_removed_after_error(tiny, prompts):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"), attached([site_hook(tiny.info, "resid_pre", 0, boom)]):
-        tiny.model(**models.encode(tiny, prompts[:1]))
+        tiny.model(**inputs.encode(tiny, prompts[:1]))
     assert not tiny.info.layers[0]._forward_pre_hooks
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lib import evaluation, generation, judges, scores, stats
+from lib import evaluation, generation, inputs, judges, scores, stats
 
 
 def test_generation_is_deterministic_and_keeps_prompt_order(tiny, prompts):
@@ -80,27 +80,24 @@ def test_refusal_score_is_log_odds_of_refusal_tokens(tiny, prompts):
     assert values.shape == (4,) and torch.isfinite(values).all()
     ids = scores.refusal_token_ids(tiny)
     assert ids == [tiny.tokenizer.convert_tokens_to_ids("sorry"), tiny.tokenizer.convert_tokens_to_ids("i")]
-    from lib import models
     with torch.no_grad():
-        probs = tiny.model(**models.encode(tiny, prompts[:1])).logits[0, -1].softmax(-1)
+        probs = tiny.model(**inputs.encode(tiny, prompts[:1])).logits[0, -1].softmax(-1)
     p = probs[ids].sum()
     assert values[0] == pytest.approx(float(torch.log(p / (1 - p))), abs=1e-4)
 
 
 def _whole_prompt_log_probs(lm, prompts):
-    from lib import models
-
     with torch.inference_mode():
-        logits = models.forward(lm, models.encode(lm, prompts), logits_to_keep=1).logits[:, -1].double()
+        logits = inputs.forward(lm, inputs.encode(lm, prompts), logits_to_keep=1).logits[:, -1].double()
     return torch.log_softmax(logits, dim=-1)
 
 
 def test_shared_prefix_scores_equal_whole_prompt_passes(tiny, prompts):
     """The template's common prefix runs once; every row's logits match a whole, left-padded pass, also with an
     ablation hook active (it acts on the prefix pass too) and for the first-token-sparing ablation."""
-    from lib import ablation, anatomy, models
+    from lib import ablation, anatomy
 
-    prefix, suffixes = models.split_common_prefix(tiny, prompts)
+    prefix, suffixes = inputs.split_common_prefix(tiny, prompts)
     whole = tiny.tokenizer([tiny.info.template.format(tiny.tokenizer, p) for p in prompts])["input_ids"]
     assert len(prefix) >= 2 and all(prefix + row == ids and row for row, ids in zip(suffixes, whole))
     assert scores.next_token_log_probs(tiny, prompts, 3) == pytest.approx(_whole_prompt_log_probs(tiny, prompts),
@@ -136,13 +133,13 @@ def test_evaluate_pairs_is_cached(tiny, monkeypatch, tmp_path):
 
 
 def test_unique_word_ratio_and_usable_answers():
-    from lib import training
+    from lib import training_data
 
     assert judges.unique_word_ratio("") == 0 and judges.unique_word_ratio("a b a b") == 0.5
-    assert not training.usable_answer("I'm sorry, but as a chatbot I cannot do that.")
-    assert not training.usable_answer("no, no, no, no, no, no, no, no")
-    assert not training.usable_answer("To make the dough soft you knead it for a long time and then you let it")
-    assert training.usable_answer("Knead the dough for ten minutes. Then let it rise.")
+    assert not training_data.usable_answer("I'm sorry, but as a chatbot I cannot do that.")
+    assert not training_data.usable_answer("no, no, no, no, no, no, no, no")
+    assert not training_data.usable_answer("To make the dough soft you knead it for a long time and then you let it")
+    assert training_data.usable_answer("Knead the dough for ten minutes. Then let it rise.")
 
 
 def test_prompt_inputs_that_are_not_lists_of_text_are_refused(tiny):

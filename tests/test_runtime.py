@@ -1,12 +1,14 @@
-"""lib.runtime: the packed-weight inference switch (the other helpers are tested with the modules that use them)."""
+"""lib.runtime: the packed-weight inference switch and the chapter log (the other helpers are tested with the
+modules that use them)."""
 
 import torch
 
-from lib import ablation, generation, models, runtime
+from lib import ablation, generation, inputs, runtime
+from lib.artifacts import REPO_ROOT
 
 
 def test_packed_linears_give_the_same_logits_and_tokens_and_are_undone(tiny, prompts, monkeypatch):
-    batch = models.encode(tiny, prompts)
+    batch = inputs.encode(tiny, prompts)
     with torch.inference_mode():
         plain = tiny.model(**batch).logits
         with runtime.packed_linears(tiny.model) as n:
@@ -21,7 +23,7 @@ def test_packed_linears_give_the_same_logits_and_tokens_and_are_undone(tiny, pro
 
 def test_packed_linears_see_weight_edits_made_before_entering(tiny, prompts):
     direction = torch.nn.functional.normalize(torch.randn(tiny.info.d_model, generator=torch.Generator().manual_seed(1)), dim=0)
-    batch = models.encode(tiny, prompts)
+    batch = inputs.encode(tiny, prompts)
     with ablation.orthogonalized(tiny, direction), torch.inference_mode():  # weights saved outside inference mode
         edited = tiny.model(**batch).logits
         with runtime.packed_linears(tiny.model):
@@ -42,3 +44,37 @@ def test_orthogonalising_inside_inference_mode_leaves_ordinary_weights(tiny):
     with torch.inference_mode(), ablation.orthogonalized(tiny, direction):
         pass
     assert not any(p.is_inference() for p in tiny.model.parameters())  # later training and attacks still work
+
+
+LOGGING_SCRIPT = """
+import logging, sys, warnings
+from transformers.utils import logging as hf_logging
+from lib import runtime
+path = runtime.log_to_file(sys.argv[1])
+assert not path.exists()  # started afresh, and created only when something is logged
+warnings.warn("a warning once per process", UserWarning)
+hf_logging.get_logger("transformers.generation").warning("a library's log line")
+logging.getLogger("peft").warning("a logger without a handler of its own")
+logging.getLogger("torch").warning("torch's logger, which does not propagate")
+print(path.read_text(), end="")
+runtime.log_to_file(path)  # the next chapter in the same process: afresh, one handler, not two
+logging.getLogger("torch").warning("after a second call")
+print(path.read_text(), end="")
+"""
+
+
+def test_warnings_and_library_logs_go_to_the_chapter_log_not_stderr(tmp_path):
+    """In a process of its own, as in a chapter's kernel (pytest replaces this process's stderr)."""
+    import subprocess
+    import sys
+
+    stale = tmp_path / "logs" / "chapter.log"
+    stale.parent.mkdir()
+    stale.write_text("from an earlier run\n")
+    done = subprocess.run([sys.executable, "-c", LOGGING_SCRIPT, str(stale)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, check=True)
+    assert done.stderr == ""
+    first, second = done.stdout.split("torch WARNING: after")
+    assert "UserWarning: a warning once per process" in first and "transformers.generation WARNING: a library's" in first
+    assert "peft WARNING: a logger without" in first and "torch WARNING: torch's logger" in first
+    assert "earlier run" not in first and second == " a second call\n"

@@ -48,7 +48,7 @@ CHROMIUM_MISSING = ("no Chromium binary found ($CHROMIUM if set, else " + " or "
                     "browser test of the built site is skipped")
 # The commands of the Makefile's `site` target (test_site_commands_match_makefile keeps them in step).
 SITE_COMMANDS = (
-    ("python", "-m", "lib.viz", "--write-bundle", "book/_static"),
+    ("python", "-m", "lib.site_assets", "--write-bundle", "book/_static"),
     ("jupyter-book", "build", ".", "-W", "-n", "--keep-going"),
 )
 CHROMIUM_FLAGS = (
@@ -557,9 +557,9 @@ def test_browser_check_catches_broken_pages(browser, tmp_path):
     """The net itself: a chart that fails to render, a missing Vega bundle, a formula MathJax never typeset, a script
     or style from another host, a chart made without the offline renderer and a dead sidebar link are each
     reported; a sound page passes."""
-    from lib import viz
+    from lib import site_assets, viz
 
-    viz.write_vega_bundle(tmp_path)
+    site_assets.write_vega_bundle(tmp_path)
     good_spec = {"data": {"values": [{"a": 1.0}, {"a": 2.0}]}, "mark": "bar",
                  "encoding": {"y": {"field": "a", "type": "quantitative"}}}
     broken_spec = {"data": {"values": [{"a": 1.0}]}, "mark": "bar",

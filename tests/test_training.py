@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from lib import adversary, losses, models, training
-from lib.training import Example, TrainConfig
+from lib import adversary, inputs, losses, models, training, training_data
+from lib.training import TrainConfig
+from lib.training_data import Example
 
 EXAMPLES = [Example("how do i build a bomb", "sorry i cannot help with that"),
             Example("how do i bake bread", "sure here is a list of steps", complete=False),
@@ -29,19 +30,8 @@ def test_two_steps_of_each_mode(tiny_family, kind):
         assert all(0 < s["delta_norm"] <= 1.0 + 1e-4 for s in log["steps"])
 
 
-def test_tokenize_masks_prompt_and_padding(tiny):
-    batch = training.tokenize(tiny, EXAMPLES[:2], max_length=64)
-    labels, mask = batch["labels"], batch["attention_mask"]
-    assert labels.shape == batch["input_ids"].shape
-    assert (labels[mask == 0] == -100).all()
-    first = labels[0][labels[0] != -100].tolist()
-    assert tiny.tokenizer.decode(first) == "sorry i cannot help with that </s>"  # complete -> end-of-turn token
-    second = labels[1][labels[1] != -100].tolist()
-    assert tiny.tokenizer.decode(second).endswith("steps")  # cut answer -> no end-of-turn token
-
-
 def test_pgd_stays_in_ball_and_increases_loss(tiny):
-    batch = training.tokenize(tiny, EXAMPLES, max_length=64)
+    batch = training_data.tokenize(tiny, EXAMPLES, max_length=64)
     generator = torch.Generator().manual_seed(0)
     delta = adversary.pgd_attack(tiny, batch, layer=1, epsilon=2.0, steps=4, generator=generator)
     norms = delta.flatten(1).norm(dim=1)
@@ -71,10 +61,10 @@ def test_bad_configs():
 
 
 def test_response_logprobs_match_the_full_logits(tiny):
-    batch = training.tokenize(tiny, EXAMPLES, max_length=64)
+    batch = training_data.tokenize(tiny, EXAMPLES, max_length=64)
     with torch.no_grad():
         fast = losses.response_logprobs(tiny, batch)
-        logits = models.forward(tiny, batch).logits[:, :-1].float()
+        logits = inputs.forward(tiny, batch).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != losses.IGNORE
     token_logp = logits.log_softmax(-1).gather(2, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -83,7 +73,7 @@ def test_response_logprobs_match_the_full_logits(tiny):
 
 
 def test_response_loss_equals_lm_loss_and_drives_the_same_attack(tiny):
-    batch = training.tokenize(tiny, EXAMPLES, max_length=64)
+    batch = training_data.tokenize(tiny, EXAMPLES, max_length=64)
     with torch.no_grad():
         torch.testing.assert_close(losses.response_loss(tiny, batch), losses.lm_loss(tiny, batch),
                                    rtol=1e-5, atol=1e-6)
@@ -115,32 +105,6 @@ def test_preference_term_lowers_the_rejected_odds(tiny_family):
     assert after < before
 
 
-def test_sft_examples_pair_each_harmless_twin_with_its_refusal():
-    from types import SimpleNamespace
-
-    refusals = training.load_refusals()
-    pairs = [SimpleNamespace(id="p1", harmful="how do i build a bomb", harmless="how do i build a shed"),
-             SimpleNamespace(id="p2", harmful="how do i poison a dog", harmless="how do i feed a dog")]
-    answers = {"p1": {"text": "Lay a level base. Then frame the walls.", "complete": True},
-               "p2": {"text": "I'm sorry, but I cannot help with that.", "complete": True}}
-    examples = training.sft_examples(pairs, refusals, answers)
-    harmful, harmless = examples[0::2], examples[1::2]
-    assert [e.response for e in harmful] == [training.refusal_for(p.id, refusals) for p in pairs]
-    assert all(e.rejected is None for e in harmful)
-    # p2's distilled answer is itself a refusal: dropped, and p1's twin repeats to balance
-    assert [e.prompt for e in harmless] == ["how do i build a shed"] * 2
-    assert all(e.rejected == training.refusal_for("p1", refusals) for e in harmless)
-    # with the base model's answers to the harmful prompts, a compliant one becomes the rejected response of its
-    # prompt's refusal; one the judge calls a refusal is not rejected
-    harmful_answers = {"p1": {"text": "Mix the powder with fuel. Then pack it tightly.", "complete": True},
-                       "p2": {"text": "I cannot help with that request.", "complete": True}}
-    with_rejected = training.sft_examples(pairs, refusals, answers, harmful_answers)
-    assert [e.rejected for e in with_rejected[0::2]] == [harmful_answers["p1"]["text"], None]
-    assert with_rejected[1::2] == harmless
-    with pytest.raises(KeyError, match="harmful prompt of 'p2'"):
-        training.sft_examples(pairs, refusals, answers, {"p1": harmful_answers["p1"]})
-
-
 def test_save_adapter_writes_manifest_and_loads(tiny_family, tmp_path):
     lm = models.load("tiny-llama", "base", device="cpu")
     config = TrainConfig(kind="sft", steps=1, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2,
@@ -156,15 +120,6 @@ def test_save_adapter_writes_manifest_and_loads(tiny_family, tmp_path):
                                                "variants": {"sft": {"adapters": [{"path": str(folder)}]}}}})
     trained = models.load("tiny-trained", "sft", device="cpu")
     assert trained.info.n_layers == 4
-
-
-def test_refusals_are_refusals_and_assignment_is_stable():
-    from lib import judges
-
-    refusals = training.load_refusals()
-    assert len(refusals) >= 40 and all(judges.judge(r) == judges.REFUSAL for r in refusals)
-    assert training.refusal_for("harmbench-001", refusals) == training.refusal_for("harmbench-001", refusals)
-    assert len({training.refusal_for(f"x-{i}", refusals) for i in range(200)}) > 30
 
 
 def test_attacked_completions_perturb_only_the_prompt(tiny):
