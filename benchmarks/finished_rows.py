@@ -37,8 +37,10 @@ def greedy_dropping_finished(lm, prompts: Sequence[str], max_new_tokens: int, ba
 def _greedy_batch(lm, batch, max_new_tokens: int, stop_ids: torch.Tensor) -> torch.Tensor:
     from transformers import DynamicCache
 
+    from lib.inputs import position_ids
+
     mask = batch["attention_mask"]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    positions = position_ids(mask)  # what generate() computes for left-padded rows
     new = torch.full((mask.shape[0], max_new_tokens), int(lm.tokenizer.pad_token_id), dtype=torch.long)
     alive = torch.arange(mask.shape[0])
     cache = DynamicCache(config=lm.model.config)
