@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from lib.ablation import check_directions, projection_fn
+from lib.ablation import ablated, check_directions, projection_fn
 from lib.hooks import WRITE_SITES, attached, write_site_hook
 from lib.linalg import unit
 from lib.models import LoadedModel
@@ -165,6 +165,25 @@ def ablated_except_first(lm: LoadedModel, direction: torch.Tensor) -> Iterator[N
               for site in WRITE_SITES]
     with attached(hooks):
         yield
+
+
+def dissection_conditions(directions: dict[str, torch.Tensor], target: str, means: torch.Tensor, mean: torch.Tensor,
+                          coordinate: int, seed: int = 0) -> dict:
+    """The anatomy chapter's ablation conditions in ``target``, for ``condition_scores``: none; then per source
+    direction zero and mean ablation (``means``: the target's site means), zero ablation with the first token
+    spared, and zero ablation of its matched control (``mean``: the harmless mean at the attack layer); then, for
+    each other source, the target's and that source's directions with their values on ``coordinate`` swapped."""
+    conditions = {"none": None}
+    for s, r in directions.items():
+        conditions[f"{s}: zero"] = lambda lm, r=r: ablated(lm, r)
+        conditions[f"{s}: mean"] = lambda lm, r=r: ablated(lm, r, mode="mean", means=means)
+        conditions[f"{s}: zero, first token spared"] = lambda lm, r=r: ablated_except_first(lm, r)
+        conditions[f"{s}: matched control"] = lambda lm, r=matched_control(r, mean, seed): ablated(lm, r)
+    for s in [s for s in directions if s != target]:
+        for a, b in ((target, s), (s, target)):
+            swapped = swap_coordinate(directions[a], directions[b], coordinate)
+            conditions[f"{a} with {b}'s coordinate"] = lambda lm, r=swapped: ablated(lm, r)
+    return conditions
 
 
 def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], harmless: Sequence[str] | None,

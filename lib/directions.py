@@ -190,6 +190,33 @@ def check_current(metadata: dict, family: str, variants, device: str = "auto", d
         _check_fingerprint(metadata, family, variant, fingerprint(family, variant, device, dtype))
 
 
+def load_current(family: str, variants, device: str = "auto", dtype: str = "auto"):
+    """``load_directions`` after ``check_current`` for ``variants``: what a chapter that reads the directions calls
+    first, so that nothing it computes comes from directions of weights since retrained."""
+    stored, metadata = load_directions(family)
+    check_current(metadata, family, variants, device, dtype)
+    return stored, metadata
+
+
+LAYER_RULES = ("chosen", "paper")
+
+
+def attack_layers(metadata: dict, variants, layer_rule: str = "chosen") -> dict[str, int]:
+    """Each variant's attack layer: the directions chapter's choice (``"chosen"``) or the paper's relative layer
+    (``"paper"``) for all."""
+    if layer_rule not in LAYER_RULES:
+        raise ValueError(f"layer_rule = {layer_rule!r}: use one of {LAYER_RULES}.")
+    return {v: metadata["chosen_layers"][v] if layer_rule == "chosen" else metadata["paper_layer"] for v in variants}
+
+
+def layer_table(metadata: dict, layers: dict[str, int], layer_rule: str = "chosen"):
+    """A DataFrame, one row per source: its attack layer (``attack_layers``) and why it is that layer."""
+    import pandas as pd
+
+    why = {v: metadata["reasons"][v] if layer_rule == "chosen" else "the paper's relative layer" for v in layers}
+    return pd.DataFrame([{"source": v, "layer": layer, "why": why[v]} for v, layer in layers.items()]).set_index("source")
+
+
 def layer_directions(mean_differences: torch.Tensor) -> torch.Tensor:
     """Unit directions per layer from ``[layers, d]`` mean differences, with an all-zero row wherever the two
     classes' means coincide (e.g. layer 0 at a template token, where every prompt has the same input); ablating

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from lib.artifacts import artifact_path, cache_key, cached_json, sha256_text
 from lib import generation
 from lib.judges import judge_all
-from lib.models import LoadedModel
+from lib.models import LoadedModel, load
 
 
 def judged_completions(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 32,
@@ -36,6 +36,21 @@ def evaluate(lm: LoadedModel, prompts: Sequence[str], intervention=None, max_new
     return cached_generation(lm, prompts, intervention,
                              lambda: judged_completions(lm, list(prompts), max_new_tokens, batch_size, desc=desc),
                              max_new_tokens=max_new_tokens)
+
+
+def evaluate_models(family: str, conditions: dict[str, dict], prompts: Sequence[str], max_new_tokens: int = 64,
+                    batch_size: int = 32, device: str = "auto", dtype: str = "auto") -> dict[tuple[str, str], dict]:
+    """``evaluate`` of ``prompts`` in several models, each loaded once: ``conditions`` maps a variant to
+    ``{condition name: intervention or None}``. Returns ``{(variant, condition name): {"completions", "labels"}}``
+    in the order given."""
+    runs = {}
+    for variant, interventions in conditions.items():
+        lm = load(family, variant, device=device, dtype=dtype)
+        for name, intervention in interventions.items():
+            runs[(variant, name)] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
+                                             desc=f"{variant}: {name}")
+        del lm
+    return runs
 
 
 def cached_generation(lm: LoadedModel, prompts: Sequence[str], intervention, compute, kind: str = "", **settings):

@@ -146,6 +146,17 @@ def available_variants(family: str) -> list[str]:
                    for a in variant_spec(family, v).get("adapters", []))]
 
 
+def resolve_variants(family: str, requested) -> list[str]:
+    """A chapter's ``variants`` parameter as a list: ``"available"`` means every variant whose weights are present
+    (``available_variants``); a list is taken as given."""
+    if isinstance(requested, str):
+        if requested != "available":
+            raise ValueError(f"variants = {requested!r}: give 'available' or a list of variants of {family}, "
+                             f"e.g. {variants(family)}.")
+        return available_variants(family)
+    return list(requested)
+
+
 # --- adapters ------------------------------------------------------------------------------------------------------
 
 def _adapter_source(adapter: dict[str, Any], family: str, variant: str) -> tuple[str, str | None]:

@@ -6,10 +6,13 @@ The paper's "explained variance" of component k is s_k^2 / sum_j s_j^2 of the UN
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 
-from lib.directions import refusal_directions
+from lib.capture import norms_frame, pair_activations
+from lib.directions import refusal_directions, separation
 from lib.linalg import pca_basis, pca_project, project_out
+from lib.parameters import shown_layers
 from lib.stats import basic_interval, bootstrap_indices
 
 
@@ -203,3 +206,21 @@ def svd_directions(matrix: torch.Tensor, k: int) -> torch.Tensor:
     signs = torch.sign(axes @ x.mean(0))
     signs[signs == 0] = 1
     return (axes * signs.unsqueeze(1)).float()
+
+
+def activation_overview(lm, pairs, dataset: str, layers=None, sites=("resid_pre",), position: int = -1,
+                        pca_layers=None, batch_size: int = 16) -> dict:
+    """The activation-collection chapter's view of one model: its pairs' activations (``pair_activations``, cached)
+    summarised as ``{"norms": norms_frame, "pca": pca_frame at the shown layers, "separation": Series by layer,
+    "summary": one row describing the artifact}``, all at ``resid_pre``."""
+    info = lm.info
+    chosen = list(range(info.n_layers)) if layers is None else list(layers)
+    tensors, meta = pair_activations(lm, pairs, dataset, chosen, sites, position, batch_size)
+    harmful, harmless = tensors["harmful/resid_pre"], tensors["harmless/resid_pre"]
+    shown = shown_layers(info.n_layers, chosen, pca_layers)
+    summary = {"variant": info.variant, "pairs": meta["n_pairs"], "layers": len(chosen), "d_model": info.d_model,
+               "sites": ", ".join(meta["sites"]), "dtype": meta["dtype"], "template": meta["template"],
+               "data sha256": meta["data_sha256"][:12]}
+    return {"norms": norms_frame(tensors, info.variant, "resid_pre", chosen),
+            "pca": pca_frame(harmful, harmless, [chosen.index(l) for l in shown], shown, info.variant),
+            "separation": pd.Series(separation(harmful, harmless).numpy(), index=chosen), "summary": summary}

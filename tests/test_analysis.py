@@ -1,12 +1,12 @@
 """The analysis stages: spectra tables and bootstrap intervals, direction diagnostics (convergence, top-PC removal,
-probes, artifact round trip), the layer sweep and selection rule, cached interventions, the transfer matrix and
+probes, artifact round trip), cached interventions, the transfer matrix and
 the claim-3 contrasts. Uses the tiny random Llama with the paper's template (the llama2-7b code path)."""
 
 import pandas as pd
 import pytest
 import torch
 
-from lib import ablation, artifacts, directions, judges, linalg, models, scores, spectra, stats, transfer, viz
+from lib import ablation, artifacts, directions, judges, layer_selection, linalg, models, scores, spectra, stats, transfer, viz
 
 
 @pytest.fixture
@@ -199,6 +199,24 @@ def test_directions_artifact_round_trip_and_staleness(artifact_root, tiny):
         directions.load_directions("no-such-family")
 
 
+def test_load_current_checks_and_attack_layers_follow_the_rule(artifact_root, tiny, tiny_family):
+    unit = directions.layer_directions(gaussian(4, 64, 19))
+    meta = {"chosen_layers": {"base": 2, "lora": 1}, "paper_layer": 3, "reasons": {"base": "b", "lora": "l"},
+            "fingerprints": {"base": tiny.info.fingerprint, "lora": "0" * 16}}
+    directions.save_directions("tiny-llama", {v: {"unit": unit.clone(), "mean_difference": 2 * unit} for v in ("base", "lora")},
+                               meta)
+    stored, loaded = directions.load_current("tiny-llama", ["base"], device="cpu")
+    assert torch.equal(stored["base"]["unit"], unit) and loaded["chosen_layers"] == meta["chosen_layers"]
+    with pytest.raises(artifacts.ArtifactError, match="tiny-llama/lora"):
+        directions.load_current("tiny-llama", ["base", "lora"], device="cpu")
+    assert directions.attack_layers(meta, ["lora", "base"]) == {"lora": 1, "base": 2}
+    assert directions.attack_layers(meta, ["lora", "base"], "paper") == {"lora": 3, "base": 3}
+    with pytest.raises(ValueError, match="layer_rule = 'best'"):
+        directions.attack_layers(meta, ["base"], "best")
+    assert directions.layer_table(meta, {"base": 2}).loc["base"].tolist() == [2, "b"]
+    assert directions.layer_table(meta, {"base": 3}, "paper").loc["base", "why"] == "the paper's relative layer"
+
+
 # --- judges: scores, bootstrap, contrasts ------------------------------------------------------------------------
 
 def test_next_token_log_probs_agree_with_refusal_score(tiny, prompts):
@@ -235,38 +253,6 @@ def test_intervention_keys_and_application(tiny, prompts):
     with ablation.ablated(tiny, d1):
         hooked = scores.next_token_log_probs(tiny, prompts)
     assert (baked - hooked).abs().max() < 1e-4
-
-
-def test_layer_sweep_and_selection(tiny, prompts):
-    candidates = directions.layer_directions(gaussian(tiny.info.n_layers, 64, 21))
-    sweep = ablation.layer_sweep(tiny, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2)
-    assert sweep["layer"].tolist() == [-1, 1, 2]
-    assert sweep.loc[0, "KL"] == 0 and (sweep["KL"] >= -1e-9).all()
-    frame = pd.DataFrame({"layer": [-1, 0, 1, 2, 3], "refusal score": [5, 1, -2, -3, -9], "KL": [0, .05, .05, .5, 0]})
-    assert ablation.select_layer(frame, 3, fallback=2)[0] == 1  # layer 2 breaks the KL bound, 3 is too deep
-    layer, why = ablation.select_layer(frame.assign(KL=1.0), 3, fallback=2)
-    assert layer == 2 and "paper" in why
-
-
-def test_coarse_sweep_is_refined_around_its_best_layer(tiny, prompts):
-    assert tiny.info.n_layers >= 3
-    candidates = directions.layer_directions(gaussian(tiny.info.n_layers, 64, 22))
-    full = ablation.layer_sweep(tiny, candidates, prompts[:2], prompts[2:], batch_size=2)
-    sweep, layer, why = ablation.sweep_and_select(tiny, candidates, prompts[:2], prompts[2:], fallback=1, stride=2,
-                                                  max_kl=float("inf"), max_depth=1.0, batch_size=2)
-    coarse = set(range(1, tiny.info.n_layers, 2))
-    best_coarse = ablation.select_layer(full[full["layer"].isin(coarse | {-1})], tiny.info.n_layers, 1,
-                                        float("inf"), 1.0)[0]
-    expected = coarse | {n for n in (best_coarse - 1, best_coarse + 1) if 1 <= n < tiny.info.n_layers}
-    assert set(sweep["layer"]) - {-1} == expected and sweep["layer"].is_monotonic_increasing
-    by_layer = full.set_index("layer")
-    assert sweep.set_index("layer")["refusal score"].to_dict() == pytest.approx(
-        by_layer.loc[sweep["layer"], "refusal score"].to_dict())
-    assert layer == ablation.select_layer(full[full["layer"].isin(expected | {-1})], tiny.info.n_layers, 1,
-                                          float("inf"), 1.0)[0]
-    assert ("stride 2" in why) == (expected != coarse)
-    with pytest.raises(ValueError, match="stride"):
-        ablation.sweep_and_select(tiny, candidates, prompts[:2], prompts[2:], fallback=1, stride=0)
 
 
 def test_transfer_matrix_caches_every_condition(artifact_root, tiny_family, prompts, monkeypatch):
@@ -422,8 +408,8 @@ def test_mean_mode_reaches_sweeps_matrices_and_transfer(artifact_root, tiny_fami
     lm = models.load("tiny-llama", "base", device="cpu")
     reference = prompts[2:]
     candidates = directions.layer_directions(gaussian(lm.info.n_layers, 64, 28))
-    zero = ablation.layer_sweep(lm, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2)
-    mean = ablation.layer_sweep(lm, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2, mode="mean",
+    zero = layer_selection.layer_sweep(lm, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2)
+    mean = layer_selection.layer_sweep(lm, candidates, prompts[:2], prompts[2:], [1, 2], batch_size=2, mode="mean",
                                 reference=reference)
     assert mean.loc[0].tolist() == zero.loc[0].tolist()  # the unablated row
     assert (mean["refusal score"][1:] - zero["refusal score"][1:]).abs().max() > 1e-3
@@ -432,7 +418,7 @@ def test_mean_mode_reaches_sweeps_matrices_and_transfer(artifact_root, tiny_fami
         direct = float(scores.refusal_score(lm, prompts[:2], 2).mean())
         direct_all = float(scores.refusal_score(lm, prompts, 2).double().mean())
     assert mean.loc[1, "refusal score"] == pytest.approx(direct, abs=1e-5)
-    sweep, layer, _ = ablation.sweep_and_select(lm, candidates, prompts[:2], prompts[2:], fallback=1, batch_size=2,
+    sweep, layer, _ = layer_selection.sweep_and_select(lm, candidates, prompts[:2], prompts[2:], fallback=1, batch_size=2,
                                                 max_kl=float("inf"), mode="mean", reference=reference)
     assert sweep.set_index("layer").loc[[1, 2], "refusal score"].tolist() == pytest.approx(
         mean.set_index("layer").loc[[1, 2], "refusal score"].tolist(), abs=1e-6)

@@ -89,6 +89,28 @@ def test_condition_scores(tiny, prompts, tmp_path, monkeypatch):
     torch.testing.assert_close(push.double(), means.double() @ unit_of(direction), atol=1e-5, rtol=1e-5)
 
 
+def test_dissection_conditions_name_and_apply_each_experiment(tiny, prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
+    generator = torch.Generator().manual_seed(6)
+    units = {name: unit_of(torch.randn(64, generator=generator)).float() for name in ("t", "s")}
+    means = capture.site_statistics(tiny, prompts[2:], batch_size=2)["mean"]
+    conditions = anatomy.dissection_conditions(units, "t", means, means[1, 0], coordinate=3, seed=1)
+    per_source = ["zero", "mean", "zero, first token spared", "matched control"]
+    assert list(conditions) == ["none", *[f"{s}: {c}" for s in units for c in per_source],
+                                "t with s's coordinate", "s with t's coordinate"]
+    table = anatomy.condition_scores(tiny, conditions, prompts[:2], None, batch_size=2, n_boot=20)
+    expected = {"t: zero": lambda lm: ablation.ablated(lm, units["t"]),
+                "t: mean": lambda lm: ablation.ablated(lm, units["t"], mode="mean", means=means),
+                "s with t's coordinate": lambda lm: ablation.ablated(
+                    lm, anatomy.swap_coordinate(units["s"], units["t"], 3)),
+                "t: matched control": lambda lm: ablation.ablated(
+                    lm, anatomy.matched_control(units["t"], means[1, 0], 1))}
+    for name, condition in expected.items():
+        with condition(tiny):
+            score = float(scores.refusal_score(tiny, prompts[:2]).mean())
+        assert table.loc[name, "refusal score"] == pytest.approx(score, abs=1e-5), name
+
+
 def unit_of(direction):
     return (direction / direction.norm()).double()
 

@@ -160,6 +160,8 @@ def test_judges_rates_under_both_keeps_any_keys_and_each_completions_prompt():
     assert list(table.columns) == ["key0", "key1", "n", "refusal %", "refusal low", "refusal high", "valid %", "valid low", "valid high",
                                    "compliance %", "compliance low", "compliance high", "off-task %", "broken %",
                                    "degenerate %", "same refusals"]
+    named = judges.rates_under_both({("ssft", "lat"): ([answer], [BREAD])}, keys=("source", "target"))
+    assert list(named.columns[:3]) == ["source", "target", "n"] and named.iloc[0]["compliance %"] == 100
 
 
 def test_is_refusal_is_the_refusal_test_of_both_judges():

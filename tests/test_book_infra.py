@@ -259,6 +259,23 @@ def _code_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
 
 
+MAX_CELL_LINES = 12
+
+
+def test_chapter_code_cells_are_short():
+    """Chapters are prose with short code cells that call lib: every code cell but the parameters cells holds at
+    most MAX_CELL_LINES non-blank lines."""
+    long = []
+    for path in sorted((REPO_ROOT / "book").glob("*.ipynb")):
+        for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type != "code" or {"parameters", "injected-parameters"} & set(cell.metadata.get("tags", [])):
+                continue
+            lines = [line for line in cell.source.splitlines() if line.strip()]
+            if len(lines) > MAX_CELL_LINES:
+                long.append(f"{path.name} cell {index}: {len(lines)} lines")
+    assert not long, f"Code cells over {MAX_CELL_LINES} lines; move their code into a named lib helper: {long}"
+
+
 def test_rerun_page_comes_last_before_references():
     import yaml
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lib import evaluation, generation, inputs, judges, scores, stats
+from lib import evaluation, generation, inputs, judges, models, scores, stats
 
 
 def test_generation_is_deterministic_and_keeps_prompt_order(tiny, prompts):
@@ -119,6 +119,8 @@ def test_rate_table_has_wilson_intervals():
     low, high = stats.wilson_interval(1, 2)
     assert row["refusal CI low"] == pytest.approx(100 * low) and row["refusal CI high"] == pytest.approx(100 * high)
     assert table.set_index(["key0", "key1"]).loc[("b", "x"), "broken %"] == 100
+    named = judges.rate_table({("a", "x"): ["refusal", "valid"]}, ["refusal"], keys=("model", "prompts"))
+    assert list(named.columns[:2]) == ["model", "prompts"] and named.iloc[0]["refusal %"] == 50
 
 
 def test_evaluate_pairs_is_cached(tiny, monkeypatch, tmp_path):
@@ -130,6 +132,23 @@ def test_evaluate_pairs_is_cached(tiny, monkeypatch, tmp_path):
     assert set(first) == {"harmful", "harmless"} and len(first["harmful"]["labels"]) == 1
     monkeypatch.setattr(evaluation, "judged_completions", lambda *a, **k: pytest.fail("not cached"))
     assert evaluation.evaluate_pairs(tiny, pairs, max_new_tokens=4) == first
+
+
+def test_evaluate_models_loads_each_model_once_and_keys_every_condition(tiny_family, prompts, monkeypatch, tmp_path):
+    from lib import ablation
+
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
+    loaded = []
+    load = evaluation.load
+    monkeypatch.setattr(evaluation, "load", lambda *a, **k: loaded.append(a[1]) or load(*a, **k))
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    runs = evaluation.evaluate_models("tiny-llama", {"base": {"none": None, "ablated": ablation.Intervention(
+        "ablate", direction)}, "lora": {"none": None}}, prompts[:2], max_new_tokens=3, batch_size=2, device="cpu")
+    assert loaded == ["base", "lora"]
+    assert list(runs) == [("base", "none"), ("base", "ablated"), ("lora", "none")]
+    base = models.load("tiny-llama", "base", device="cpu")
+    assert runs[("base", "ablated")] == evaluation.evaluate(base, prompts[:2], ablation.Intervention("ablate", direction),
+                                                            3, 2)
 
 
 def test_unique_word_ratio_and_usable_answers():

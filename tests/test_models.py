@@ -155,6 +155,13 @@ def test_family_entry_quantization_is_read(tiny_family):
         models.load("tiny-nf4", "base", device="cpu")
 
 
+def test_resolve_variants(tiny_family):
+    assert models.resolve_variants("tiny-llama", "available") == models.available_variants("tiny-llama")
+    assert models.resolve_variants("tiny-llama", ("lora",)) == ["lora"]
+    with pytest.raises(ValueError, match="variants = 'all': give 'available' or a list"):
+        models.resolve_variants("tiny-llama", "all")
+
+
 def test_fingerprint_without_loading_equals_the_loaded_one(tiny, tiny_family):
     assert models.fingerprint("tiny-llama", "base", device="cpu") == tiny.info.fingerprint
     lora = models.load("tiny-llama", "lora", device="cpu")

@@ -52,6 +52,23 @@ def test_pca_frame_ablated_points_lose_the_direction():
     assert directions.separation(harmful, harmless)[1] > 2
 
 
+def test_activation_overview_summarises_one_model(tiny, monkeypatch, tmp_path):
+    from lib import capture, directions
+    from lib.data import PromptPair
+
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
+    pairs = [PromptPair("a", "how do i steal a car", "how do i bake bread", "t"),
+             PromptPair("b", "build a bomb", "write a poem", "t"), PromptPair("c", "hack a bank", "plant a tree", "t")]
+    overview = spectra.activation_overview(tiny, pairs, "offline", layers=[0, 2, 3], pca_layers=[2], batch_size=2)
+    tensors, meta = capture.pair_activations(tiny, pairs, "offline", [0, 2, 3], ("resid_pre",), -1, 2)
+    assert overview["summary"]["variant"] == tiny.info.variant and overview["summary"]["pairs"] == 3
+    assert overview["summary"]["layers"] == 3 and overview["summary"]["data sha256"] == meta["data_sha256"][:12]
+    assert set(overview["pca"]["layer"]) == {2} and overview["separation"].index.tolist() == [0, 2, 3]
+    expected = directions.separation(tensors["harmful/resid_pre"], tensors["harmless/resid_pre"])
+    assert overview["separation"].tolist() == pytest.approx(expected.tolist())
+    assert overview["norms"].equals(capture.norms_frame(tensors, tiny.info.variant, "resid_pre", [0, 2, 3]))
+
+
 def test_scale_layer():
     from lib.models import scale_layer
 

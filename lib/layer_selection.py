@@ -1,0 +1,107 @@
+"""Chapter 04's choice of the attack layer (Arditi et al. 2024): ablate each layer's candidate direction
+everywhere, score refusal on harmful prompts and the first-token KL on harmless ones without generating, and take
+the layer that lowers refusal most while the KL stays small and the layer is not too deep."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from lib.ablation import ablation_means, orthogonalized
+from lib.hooks import check_layers
+from lib.models import LoadedModel, load
+from lib.runtime import progress
+from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
+
+
+def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
+                layers: Sequence[int] | None = None, batch_size: int = 16, desc: str = "sweep",
+                baseline: bool = True, mode: str = "zero", reference: Sequence[str] | None = None):
+    """Arditi et al.'s generation-free layer sweep: for each candidate layer's direction (``candidates`` is
+    [n_layers, d]), ablate it everywhere and measure the mean refusal score on ``harmful`` prompts and the mean
+    KL divergence of the first-token distribution on ``harmless`` prompts from the unablated model's.
+
+    Returns a DataFrame (layer, refusal score, KL), with a first row for the unablated model (layer -1) when
+    ``baseline``. ``mode``/``reference``: the ablation mode and, for "mean", its harmless reference prompts."""
+    layers = check_layers(lm.info, layers)
+    means = ablation_means(lm, mode, reference, batch_size)
+    clean_harmless = next_token_log_probs(lm, harmless, batch_size)
+    rows = []
+    if baseline:
+        rows.append({"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
+            lm, harmful, batch_size)).mean()), "KL": 0.0})
+    for layer in progress(layers, desc=desc):
+        with orthogonalized(lm, candidates[layer], mode, means):
+            score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
+            kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
+        rows.append({"layer": layer, "refusal score": float(score), "KL": float(kl)})
+    return pd.DataFrame(rows, columns=["layer", "refusal score", "KL"])
+
+
+def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_depth: float = 0.8) -> tuple[int, str]:
+    """Arditi et al.'s rule: among layers below ``max_depth`` of the depth whose ablation keeps the harmless
+    first-token KL under ``max_kl``, the one whose ablation lowers the refusal score most. Where no layer qualifies,
+    ``fallback`` (the paper's relative layer) is returned. Returns (layer, the reason in words)."""
+    ok = sweep[(sweep["layer"] >= 0) & (sweep["layer"] < max_depth * n_layers) & (sweep["KL"] < max_kl)]
+    if ok.empty:
+        return int(fallback), f"no layer kept the harmless KL under {max_kl}: the paper's relative layer"
+    best = int(ok.sort_values(["refusal score", "layer"], kind="stable").iloc[0]["layer"])
+    return best, f"lowest refusal score among layers with KL < {max_kl} below {max_depth:.0%} depth"
+
+
+def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
+                     fallback: int, stride: int = 1, max_kl: float = 0.1, max_depth: float = 0.8,
+                     batch_size: int = 16, desc: str = "sweep", mode: str = "zero",
+                     reference: Sequence[str] | None = None):
+    """``layer_sweep`` of every ``stride``-th layer from layer 1, then of the unvisited layers within ``stride`` of
+    the best one, and ``select_layer`` on all of them: a coarse sweep whose choice is still the best of its
+    immediate neighbours (with stride 2, at about half the cost of visiting every layer).
+
+    Returns (sweep DataFrame sorted by layer, chosen layer, the reason in words)."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}.")
+    n_layers = lm.info.n_layers
+    sweep = layer_sweep(lm, candidates, harmful, harmless, range(1, n_layers, stride), batch_size, desc,
+                        mode=mode, reference=reference)
+    layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
+    visited = set(sweep["layer"])
+    near = [n for n in range(layer - stride + 1, layer + stride) if 1 <= n < n_layers and n not in visited]
+    if stride > 1 and layer in visited and near:
+        extra = layer_sweep(lm, candidates, harmful, harmless, near, batch_size, f"{desc} (refine)", baseline=False,
+                            mode=mode, reference=reference)
+        sweep = pd.concat([sweep, extra], ignore_index=True).sort_values("layer", kind="stable").reset_index(drop=True)
+        layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
+        reason += f" (a sweep at stride {stride}, then the layers next to the best)"
+    return sweep, layer, reason
+
+
+def select_layers(family: str, variants: Sequence[str], candidates: dict[str, torch.Tensor], harmful: Sequence[str],
+                  harmless: Sequence[str], fallback: int, stride: int = 1, max_kl: float = 0.1,
+                  max_depth: float = 0.8, batch_size: int = 16, device: str = "auto", dtype: str = "auto"):
+    """``sweep_and_select`` in each of ``variants`` (loaded one at a time) with its own ``candidates[variant]``.
+
+    Returns (one sweep DataFrame with a ``variant`` column, ``{variant: chosen layer}``, ``{variant: reason}``)."""
+    sweeps, chosen, reasons = [], {}, {}
+    for variant in variants:
+        lm = load(family, variant, device=device, dtype=dtype)
+        sweep, chosen[variant], reasons[variant] = sweep_and_select(
+            lm, candidates[variant], harmful, harmless, fallback, stride, max_kl, max_depth, batch_size,
+            f"sweep {variant}")
+        sweeps.append(sweep.assign(variant=variant))
+        del lm
+    return pd.concat(sweeps, ignore_index=True), chosen, reasons
+
+
+def selection_table(sweeps, chosen: dict[str, int], reasons: dict[str, str]):
+    """One row per variant: its unablated refusal score, the chosen layer, the score and KL with that layer's
+    direction ablated, and why that layer was chosen (``sweeps`` as ``select_layers`` returns them)."""
+    rows = []
+    for variant, layer in chosen.items():
+        own = sweeps[sweeps["variant"] == variant]
+        at = own[own["layer"] == layer]
+        rows.append({"variant": variant, "unablated refusal score": own[own["layer"] == -1]["refusal score"].item(),
+                     "chosen layer": layer, "score when ablated": at["refusal score"].item(),
+                     "KL at chosen layer": at["KL"].item(), "why": reasons[variant]})
+    return pd.DataFrame(rows)
