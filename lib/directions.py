@@ -214,7 +214,8 @@ def layer_table(metadata: dict, layers: dict[str, int], layer_rule: str = "chose
     import pandas as pd
 
     why = {v: metadata["reasons"][v] if layer_rule == "chosen" else "the paper's relative layer" for v in layers}
-    return pd.DataFrame([{"source": v, "layer": layer, "why": why[v]} for v, layer in layers.items()]).set_index("source")
+    rows = [{"source": v, "layer": layer, "why": why[v]} for v, layer in layers.items()]
+    return pd.DataFrame(rows).set_index("source")
 
 
 def layer_directions(mean_differences: torch.Tensor) -> torch.Tensor:

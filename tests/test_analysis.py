@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import ablation, artifacts, directions, judges, layer_selection, linalg, models, scores, spectra, stats, transfer, viz
+from lib import (ablation, artifacts, directions, judges, layer_selection, linalg, models, scores, spectra, stats,
+                 transfer, viz)
 
 
 @pytest.fixture
@@ -203,8 +204,8 @@ def test_load_current_checks_and_attack_layers_follow_the_rule(artifact_root, ti
     unit = directions.layer_directions(gaussian(4, 64, 19))
     meta = {"chosen_layers": {"base": 2, "lora": 1}, "paper_layer": 3, "reasons": {"base": "b", "lora": "l"},
             "fingerprints": {"base": tiny.info.fingerprint, "lora": "0" * 16}}
-    directions.save_directions("tiny-llama", {v: {"unit": unit.clone(), "mean_difference": 2 * unit} for v in ("base", "lora")},
-                               meta)
+    directions.save_directions("tiny-llama", {v: {"unit": unit.clone(), "mean_difference": 2 * unit}
+                                              for v in ("base", "lora")}, meta)
     stored, loaded = directions.load_current("tiny-llama", ["base"], device="cpu")
     assert torch.equal(stored["base"]["unit"], unit) and loaded["chosen_layers"] == meta["chosen_layers"]
     with pytest.raises(artifacts.ArtifactError, match="tiny-llama/lora"):
@@ -331,21 +332,21 @@ def test_test_and_sweep_prompts(monkeypatch):
 
 
 def test_profiles_validate_against_the_chapters(tmp_path):
-    from lib import runner
+    from lib import chapters, runner
     from lib.artifacts import REPO_ROOT
 
-    notebooks = runner.read_toc_notebooks(REPO_ROOT)
+    notebooks = chapters.read_toc_notebooks(REPO_ROOT)
     for name in ("default", "llama2-7b"):
-        plan = runner.plan_runs(runner.load_profile(REPO_ROOT / "params" / f"{name}.yaml"), notebooks, REPO_ROOT)
+        plan = chapters.plan_runs(runner.load_profile(REPO_ROOT / "params" / f"{name}.yaml"), notebooks, REPO_ROOT)
         assert plan
-    llama = dict(runner.plan_runs(runner.load_profile(REPO_ROOT / "params" / "llama2-7b.yaml"), notebooks, REPO_ROOT))
+    llama = dict(chapters.plan_runs(runner.load_profile(REPO_ROOT / "params" / "llama2-7b.yaml"), notebooks, REPO_ROOT))
     assert not any(nb.stem == "01_organisms" for nb in llama)  # skipped: it trains the offline family
     transfer = next(params for nb, params in llama.items() if nb.stem == "06_transfer")
     assert transfer["family"] == "llama2-7b" and transfer["dataset"] == "paper" and transfer["layer_rule"] == "paper"
     bad = tmp_path / "bad.yaml"
     bad.write_text("skip: [book/nope]\n", encoding="utf-8")
     with pytest.raises(runner.ProfileError, match="book/nope"):
-        runner.plan_runs(runner.load_profile(bad), notebooks, REPO_ROOT)
+        chapters.plan_runs(runner.load_profile(bad), notebooks, REPO_ROOT)
     bad.write_text("skip: book/01_organisms\n", encoding="utf-8")
     with pytest.raises(runner.ProfileError, match="'skip' must be a list"):
         runner.load_profile(bad)

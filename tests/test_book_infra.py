@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from lib import runner, site_assets, viz
+from lib import chapters, parameters, runner, site_assets, viz
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def _profile(tmp_path: Path, text: str, name: str = "default") -> Path:
 
 def test_read_toc_notebooks_skips_markdown(tmp_path):
     notebook = _book(tmp_path, [_parameters_cell()])
-    assert runner.read_toc_notebooks(tmp_path) == [notebook]
+    assert chapters.read_toc_notebooks(tmp_path) == [notebook]
 
 
 def test_runner_rejects_unknown_parameters(tmp_path):
@@ -300,8 +300,8 @@ def test_rerun_page_examples_match_the_code(monkeypatch, tmp_path, capsys):
     profiles = set(re.findall(r"params/[\w.-]+\.yaml", text))
     assert "params/llama2-7b.yaml" in profiles
     for profile in profiles:
-        plan = runner.plan_runs(runner.load_profile(REPO_ROOT / profile), runner.read_toc_notebooks(REPO_ROOT),
-                                REPO_ROOT)
+        plan = chapters.plan_runs(runner.load_profile(REPO_ROOT / profile), chapters.read_toc_notebooks(REPO_ROOT),
+                                  REPO_ROOT)
         assert plan, profile
 
     for block in _code_blocks(text, "bash"):
@@ -310,7 +310,7 @@ def test_rerun_page_examples_match_the_code(monkeypatch, tmp_path, capsys):
                 notebook = REPO_ROOT / line.split()[1]
                 names = set(re.findall(r"-p (\w+)", line))
                 names |= {key for value in re.findall(r'-y "([^"]+)"', line) for key in yaml.safe_load(value)}
-                assert names <= set(runner.declared_in(notebook)), (line, sorted(names))
+                assert names <= set(parameters.declared_in(notebook)), (line, sorted(names))
 
     with pytest.raises(SystemExit):
         runner.main(["--help"])

@@ -72,10 +72,10 @@ def test_shown_layers_names_both_lists_when_none_was_collected():
 
 def test_notebook_defaults_equal_the_default_profile():
     """One source per setting: a reader of a chapter sees, in its parameters cell, the values `make book` ran."""
-    from lib import runner
+    from lib import chapters, runner
 
-    plan = runner.plan_runs(runner.load_profile(parameters.REPO_ROOT / "params" / "default.yaml"),
-                            runner.read_toc_notebooks(parameters.REPO_ROOT), parameters.REPO_ROOT)
+    plan = chapters.plan_runs(runner.load_profile(parameters.REPO_ROOT / "params" / "default.yaml"),
+                              chapters.read_toc_notebooks(parameters.REPO_ROOT), parameters.REPO_ROOT)
     drift = {f"{nb.stem}: {name}": (defaults(nb.stem)[name], value)
              for nb, params in plan for name, value in params.items() if defaults(nb.stem)[name] != value}
     assert not drift, f"parameters cell default != params/default.yaml: {drift}"
@@ -95,10 +95,10 @@ def test_a_chapter_run_with_other_parameters_is_a_run_of_its_own(monkeypatch, ca
     assert capsys.readouterr().out.count("results are stored as run") == 2
     llama = parameters.REPO_ROOT / "params" / "llama2-7b.yaml"
     monkeypatch.setenv("REFUSAL_BOOK_PROFILE", str(llama))
-    from lib import profiles, runner
+    from lib import chapters, profiles
 
-    plan = runner.plan_runs(profiles.load_profile(llama), runner.read_toc_notebooks(parameters.REPO_ROOT),
-                            parameters.REPO_ROOT)
+    plan = chapters.plan_runs(profiles.load_profile(llama), chapters.read_toc_notebooks(parameters.REPO_ROOT),
+                              parameters.REPO_ROOT)
     params = dict((nb.stem, p) for nb, p in plan)["06_transfer"]
     assert parameters.check({**defaults("06_transfer"), **params}, "06_transfer") == "llama2-7b"
     assert parameters.check(defaults("09_conclusions"), "09_conclusions") == "llama2-7b"

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from benchmarks import standin
-from lib import data, models, runner
+from lib import chapters, data, models, runner
 from lib.artifacts import REPO_ROOT
 
 
@@ -59,7 +59,7 @@ def rehearsed(paper_world, tmp_path_factory):
         for name, value in environment.items():
             patch.setenv(name, str(value))
         patch.delenv("REFUSAL_BOOK_PROFILE", raising=False)
-        before = {nb: nb.read_bytes() for nb in runner.read_toc_notebooks(REPO_ROOT)}
+        before = {nb: nb.read_bytes() for nb in chapters.read_toc_notebooks(REPO_ROOT)}
         path = standin.paper_profile(here)
         plan = runner.run_profile(path)
         yield root, path, here / "artifacts", plan, before, patch
