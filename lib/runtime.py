@@ -64,6 +64,10 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, show: b
     return iter(tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False))
 
 
+class ChapterLogHandler(logging.FileHandler):
+    """The file handler ``log_to_file`` installs: a later call (the chapter re-run in the same kernel) replaces it."""
+
+
 def log_to_file(path: str | Path) -> Path:
     """From now on in this process, send Python warnings and every library's log records to ``path``, started
     afresh, instead of stderr: every logger's stderr handler (torch's, and transformers' and huggingface_hub's, made
@@ -76,12 +80,11 @@ def log_to_file(path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, delay=True, encoding="utf-8")  # created at the first record only
+    handler = ChapterLogHandler(path, delay=True, encoding="utf-8")  # created at the first record only
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
-    handler.chapter_log = True
     root = logging.getLogger()
     for logger in [root] + [logger for logger in root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]:
-        replaced = [h for h in logger.handlers if getattr(h, "chapter_log", False) or _writes_to_stderr(h)]
+        replaced = [h for h in logger.handlers if isinstance(h, ChapterLogHandler) or _writes_to_stderr(h)]
         for old in replaced:
             logger.removeHandler(old)
             old.close()
