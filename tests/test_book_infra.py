@@ -276,6 +276,14 @@ def test_chapter_code_cells_are_short():
     assert not long, f"Code cells over {MAX_CELL_LINES} lines; move their code into a named lib helper: {long}"
 
 
+def test_chapter_code_compiles():
+    """A syntax error in a chapter fails here in a second, not after the chapters before it have run under nbval."""
+    for path in sorted((REPO_ROOT / "book").glob("*.ipynb")):
+        for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type == "code":
+                compile(cell.source, f"{path.name} cell {index}", "exec")
+
+
 def test_rerun_page_comes_last_before_references():
     import yaml
 
