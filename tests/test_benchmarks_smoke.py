@@ -44,10 +44,24 @@ def test_gpu_script_smoke_path(tmp_path):
     assert transfer["conditions_run"] == transfer["conditions"] and transfer["projected_total_s"] > 0
 
 
-def test_profile_timing_stops_at_its_budget_and_leaves_no_kernel_behind(tmp_path):
+def test_profile_timing_stops_at_its_budget_and_leaves_no_kernel_behind(tmp_path, monkeypatch):
     """The whole-profile timing on the tiny stand-in with a budget that runs out in the first chapter: that chapter
-    is stopped (the runner and its kernel killed), the rest are reported as not reached, and the report is written."""
+    is stopped (the runner and its kernel killed), the rest are reported as not reached, and the report is written.
+    The stand-in's build is stretched to leave the first chapter 3 s of the budget, less than a runner needs to start
+    and run it on any host (a fixed budget let a fast host finish the chapter in time)."""
+    import time
+
     import psutil
+
+    budget, left_for_chapter = 25.0, 3.0
+    build_world, start = profile_timing.build_world, time.perf_counter()
+
+    def build_then_wait(*args, **kwargs):
+        environment = build_world(*args, **kwargs)
+        time.sleep(max(0.0, budget - left_for_chapter - (time.perf_counter() - start)))
+        return environment
+
+    monkeypatch.setattr(profile_timing, "build_world", build_then_wait)
 
     def kernels():  # the timing's own (its artifacts folder is under a "profile-timing-" temporary folder)
         found = set()
@@ -61,7 +75,7 @@ def test_profile_timing_stops_at_its_budget_and_leaves_no_kernel_behind(tmp_path
         return found
 
     before = kernels()
-    results = profile_timing.main(["--smoke", "--budget-s", "12", "--out", str(tmp_path)])
+    results = profile_timing.main(["--smoke", "--budget-s", str(budget), "--out", str(tmp_path)])
     statuses = [row["status"] for row in results["chapters"]]
     assert statuses[0] == profile_timing.STOPPED and set(statuses[1:]) == {profile_timing.NOT_REACHED}
     assert results["chapters"][0]["chapter"] == "02_activations" and len(statuses) == 7
