@@ -58,8 +58,8 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
                          "prompt_kind": kind, "prompt_id": prompt_id, "max_new_tokens": limit,
                          "completion": completion})
 
-    for variant in models.available_variants(family):
-        lm = models.load(family, variant, device=device, dtype=dtype)
+    def add_completions_of(lm) -> None:
+        variant = lm.info.variant
         for kind in ("harmful", "harmless"):
             run = evaluation.evaluate(lm, texts[kind][:n_test], None, max_new_tokens, batch_size)
             add(kind, n_test, run["completions"], variant, NONE, "", max_new_tokens)
@@ -89,7 +89,8 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
             for label, completions in attacks.items():
                 layer = organisms.attack_sites(family)[label]
                 add("harmful", attack_prompts, completions, variant, PGD, f"layer {layer}", attack_tokens)
-        del lm
+
+    models.for_each_model(family, models.available_variants(family), add_completions_of, device, dtype)
     return rows
 
 

@@ -225,13 +225,11 @@ def variant_activations(family: str, variants: Sequence[str], pairs: Sequence, d
     """The activation-collection chapter's artifacts for several variants (each computed if absent):
     ``{variant: {"harmful": [n, layers, d], "harmless": [n, layers, d], "fingerprint": str}}`` at ``site`` and the
     last prompt token, every layer. Each model is loaded only to check (or compute) its artifact."""
-    from lib.models import load
+    from lib.models import for_each_model
 
-    out = {}
-    for variant in variants:
-        lm = load(family, variant, device=device, dtype=dtype)
+    def activations(lm: LoadedModel) -> dict:
         tensors, _ = pair_activations(lm, pairs, dataset, None, SITES, -1, batch_size)
-        out[variant] = {"harmful": tensors[f"harmful/{site}"], "harmless": tensors[f"harmless/{site}"],
-                        "fingerprint": lm.info.fingerprint, "n_layers": lm.info.n_layers}
-        del lm
-    return out
+        return {"harmful": tensors[f"harmful/{site}"], "harmless": tensors[f"harmless/{site}"],
+                "fingerprint": lm.info.fingerprint, "n_layers": lm.info.n_layers}
+
+    return for_each_model(family, variants, activations, device, dtype)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from lib.artifacts import artifact_path, cache_key, cached_json, sha256_text
 from lib import generation
 from lib.judges import judge_all
-from lib.models import LoadedModel, load
+from lib.models import LoadedModel, for_each_model
 
 
 def judged_completions(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 32,
@@ -43,14 +43,13 @@ def evaluate_models(family: str, conditions: dict[str, dict], prompts: Sequence[
     """``evaluate`` of ``prompts`` in several models, each loaded once: ``conditions`` maps a variant to
     ``{condition name: intervention or None}``. Returns ``{(variant, condition name): {"completions", "labels"}}``
     in the order given."""
-    runs = {}
-    for variant, interventions in conditions.items():
-        lm = load(family, variant, device=device, dtype=dtype)
-        for name, intervention in interventions.items():
-            runs[(variant, name)] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
-                                             desc=f"{variant}: {name}")
-        del lm
-    return runs
+    def evaluate_conditions(lm: LoadedModel) -> dict:
+        return {name: evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
+                               desc=f"{lm.info.variant}: {name}")
+                for name, intervention in conditions[lm.info.variant].items()}
+
+    runs = for_each_model(family, list(conditions), evaluate_conditions, device, dtype)
+    return {(variant, name): run for variant, by_name in runs.items() for name, run in by_name.items()}
 
 
 def cached_generation(lm: LoadedModel, prompts: Sequence[str], intervention, compute, kind: str = "", **settings):

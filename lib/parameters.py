@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from lib.artifacts import REPO_ROOT, artifact_path
+from lib.data import DATASETS
+from lib.directions import LAYER_RULES
+from lib.hooks import SITES
 
 BOOK = REPO_ROOT / "book"
 KERNEL_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})  # IPython's own globals
@@ -61,8 +64,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                  '"all" or a list of family names (with -y)'),
     "runs": (_optional(_list_of(lambda x: isinstance(x, str) and bool(x))),
              "None (the run of the profile the chapter runs under) or a list of run names, e.g. [default, llama2-7b]"),
-    "dataset": (lambda v: v in ("offline", "paper"), '"offline" or "paper"'),
-    "layer_rule": (lambda v: v in ("chosen", "paper"), '"chosen" or "paper"'),
+    "dataset": (lambda v: v in DATASETS, " or ".join(f'"{name}"' for name in DATASETS)),
+    "layer_rule": (lambda v: v in LAYER_RULES, " or ".join(f'"{name}"' for name in LAYER_RULES)),
     "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
                '"auto", "cpu" or "cuda[:i]"'),
     "dtype": (lambda v: v in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
@@ -76,8 +79,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                                 "probe_stride", "n_examples")},
     "layers": LAYER_LIST, "pca_layers": LAYER_LIST,
     "layer": (_optional(_index), "None (the paper's relative layer) or a layer index, e.g. 13"),
-    "sites": (_list_of(lambda v: v in ("resid_pre", "resid_mid", "resid_post")),
-              "a list of sites from resid_pre, resid_mid, resid_post"),
+    "sites": (_list_of(lambda v: v in SITES), f"a list of sites from {', '.join(SITES)}"),
     "position": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a prompt position, e.g. -1 (the last)"),
     "ks": (_list_of(_count), "a list of subspace dimensions, e.g. [1, 2, 3]"),
     "max_kl": (_number(0, float("inf")), "a positive number, e.g. 0.1"),

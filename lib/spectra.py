@@ -214,10 +214,13 @@ def activation_overview(lm, pairs, dataset: str, layers=None, sites=("resid_pre"
     summarised as ``{"norms": norms_frame, "pca": pca_frame at the shown layers, "separation": Series by layer,
     "summary": one row describing the artifact}``, all at ``resid_pre``."""
     info = lm.info
+    if "resid_pre" not in sites:
+        raise ValueError(f"sites = {list(sites)}: the overview summarises resid_pre, so sites must include it "
+                         "(add \"resid_pre\" to sites).")
     chosen = list(range(info.n_layers)) if layers is None else list(layers)
+    shown = shown_layers(info.n_layers, chosen, pca_layers)  # before the capture: a bad pca_layers fails at once
     tensors, meta = pair_activations(lm, pairs, dataset, chosen, sites, position, batch_size)
     harmful, harmless = tensors["harmful/resid_pre"], tensors["harmless/resid_pre"]
-    shown = shown_layers(info.n_layers, chosen, pca_layers)
     summary = {"variant": info.variant, "pairs": meta["n_pairs"], "layers": len(chosen), "d_model": info.d_model,
                "sites": ", ".join(meta["sites"]), "dtype": meta["dtype"], "template": meta["template"],
                "data sha256": meta["data_sha256"][:12]}

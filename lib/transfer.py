@@ -25,20 +25,19 @@ def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequ
     paper's) or "mean" (each target's own means over the harmless ``reference`` prompts). Every condition is cached
     (``lib.evaluation.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
     from lib.evaluation import evaluate
-    from lib.models import load
+    from lib.models import for_each_model
 
-    results = {}
-    for target in targets:
-        lm = load(family, target, device=device, dtype=dtype)
-        if baseline:
-            results[("none", target)] = evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")
+    def one_target(lm) -> dict:
+        target = lm.info.variant
+        runs = {"none": evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")} if baseline else {}
         means = ablation_means(lm, mode, reference)
         for source, direction in sources.items():
             intervention = Intervention("ablate", direction, label=f"{source} direction", mode=mode, means=means)
-            results[(source, target)] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size,
-                                                 desc=f"{source} -> {target}")
-        del lm
-    return results
+            runs[source] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size, desc=f"{source} -> {target}")
+        return runs
+
+    by_target = for_each_model(family, targets, one_target, device, dtype)
+    return {(source, target): run for target, runs in by_target.items() for source, run in runs.items()}
 
 
 def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
@@ -53,19 +52,18 @@ def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequenc
     import pandas as pd
 
     from lib.anatomy import condition_scores
-    from lib.models import load
+    from lib.models import for_each_model
 
-    frames = []
-    for target in targets:
-        lm = load(family, target, device=device, dtype=dtype)
+    def one_target(lm):
         means = ablation_means(lm, mode, reference, batch_size)
         conditions = {**({"none": None} if baseline else {}),
                       **{source: Intervention("ablate", subspace, mode=mode, means=means).applied
                          for source, subspace in sources.items()}}
         scores = condition_scores(lm, conditions, prompts, None, batch_size, n_boot, seed)
-        frames.append(scores.rename(columns={"refusal score": "score"}).rename_axis("source").reset_index()
-                      .assign(target=target))
-        del lm
+        return (scores.rename(columns={"refusal score": "score"}).rename_axis("source").reset_index()
+                .assign(target=lm.info.variant))
+
+    frames = for_each_model(family, targets, one_target, device, dtype).values()
     return pd.concat(frames, ignore_index=True)[["source", "target", "score", "low", "high", "n", "per_prompt"]]
 
 
@@ -143,11 +141,9 @@ def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str,
     import pandas as pd
 
     from lib.anatomy import condition_scores, matched_control
-    from lib.models import load
+    from lib.models import for_each_model
 
-    frames = []
-    for target in targets:
-        lm = load(family, target, device=device, dtype=dtype)
+    def one_target(lm):
         means = ablation_means(lm, "mean", reference, batch_size)
         conditions = {("none", "none"): None}
         for source, direction in sources.items():
@@ -159,8 +155,9 @@ def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str,
         scores = condition_scores(lm, conditions, harmful, harmless, batch_size, n_boot, seed)
         frame = scores.reset_index().rename(columns={"refusal score": "score", "harmless KL": "KL"})
         frame[["source", "condition"]] = pd.DataFrame(frame.pop("condition").tolist(), index=frame.index)
-        frames.append(frame.assign(target=target))
-        del lm
+        return frame.assign(target=lm.info.variant)
+
+    frames = for_each_model(family, targets, one_target, device, dtype).values()
     columns = ["source", "target", "condition", "score", "low", "high", "KL", "n", "per_prompt"]
     return pd.concat(frames, ignore_index=True)[columns]
 

@@ -139,8 +139,8 @@ def test_evaluate_models_loads_each_model_once_and_keys_every_condition(tiny_fam
 
     monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
     loaded = []
-    load = evaluation.load
-    monkeypatch.setattr(evaluation, "load", lambda *a, **k: loaded.append(a[1]) or load(*a, **k))
+    load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loaded.append(a[1]) or load(*a, **k))
     direction = torch.randn(64, generator=torch.Generator().manual_seed(5))
     runs = evaluation.evaluate_models("tiny-llama", {"base": {"none": None, "ablated": ablation.Intervention(
         "ablate", direction)}, "lora": {"none": None}}, prompts[:2], max_new_tokens=3, batch_size=2, device="cpu")

@@ -177,3 +177,27 @@ def test_stale_directions_are_caught_before_any_model_loads(tiny, tiny_family):
     directions.check_current(meta, "tiny-llama", ["base"], device="cpu")
     with pytest.raises(ArtifactError, match=r"tiny-llama/lora were computed from other weights.*04_directions"):
         directions.check_current(meta, "tiny-llama", ["base", "lora"], device="cpu")
+
+
+def test_for_each_model_holds_one_model_at_a_time(monkeypatch):
+    import gc
+    import weakref
+
+    class Model:
+        def __init__(self, variant):
+            self.variant = variant
+
+    alive = []
+
+    def fake_load(family, variant, device="auto", dtype="auto"):
+        gc.collect()
+        assert not [ref for ref in alive if ref() is not None], "the previous model is still in memory"
+        model = Model(variant)
+        alive.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(models, "load", fake_load)
+    results = models.for_each_model("fam", ["b", "a", "c"], lambda lm: lm.variant * 2)
+    assert list(results.items()) == [("b", "bb"), ("a", "aa"), ("c", "cc")]
+    with pytest.raises(AssertionError, match="still in memory"):
+        models.for_each_model("fam", ["x", "y"], lambda lm: lm)  # work that keeps the model is caught

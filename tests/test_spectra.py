@@ -69,6 +69,21 @@ def test_activation_overview_summarises_one_model(tiny, monkeypatch, tmp_path):
     assert overview["norms"].equals(capture.norms_frame(tensors, tiny.info.variant, "resid_pre", [0, 2, 3]))
 
 
+def test_activation_overview_checks_its_arguments_before_capturing(tiny, monkeypatch, tmp_path):
+    from lib import capture
+    from lib.data import PromptPair
+    from lib.parameters import ParameterError
+
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
+    monkeypatch.setattr(capture, "pair_activations", lambda *a, **k: pytest.fail("captured before checking"))
+    monkeypatch.setattr(spectra, "pair_activations", capture.pair_activations)
+    pairs = [PromptPair("a", "how do i steal a car", "how do i bake bread", "t")]
+    with pytest.raises(ValueError, match="sites must include it"):
+        spectra.activation_overview(tiny, pairs, "offline", layers=[0, 2], sites=("resid_post",), pca_layers=[2])
+    with pytest.raises(ParameterError, match="None of the layers to plot"):
+        spectra.activation_overview(tiny, pairs, "offline", layers=[0, 2], pca_layers=[3])
+
+
 def test_scale_layer():
     from lib.models import scale_layer
 
