@@ -28,6 +28,7 @@ from pathlib import Path
 
 import nbformat
 import papermill
+from jupyter_client.manager import KernelManager
 
 from lib.artifacts import REPO_ROOT, artifact_path
 from lib.chapters import chapter_key, plan_runs, read_toc_notebooks, select_chapters
@@ -36,6 +37,14 @@ from lib.profiles import PROFILE_ENV, ProfileError, load_profile, profile_name
 from lib.runtime import PROGRESS_ENV
 
 KERNEL_NAME = "python3"
+
+
+class LocalKernelManager(KernelManager):
+    """A kernel reached over local IPC sockets (POSIX) instead of TCP ports: ipykernel warns on the terminal about
+    unencrypted TCP at every start, and a chapter has no business listening on the network."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**({"transport": "ipc"} if os.name == "posix" else {}), **kwargs)
 INJECTED_TAG = "injected-parameters"
 # myst-nb renders a `hide-cell` cell as a collapsed toggle: readers can open it to see the effective parameters.
 INJECTED_HIDE_TAG = "hide-cell"
@@ -156,7 +165,7 @@ def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Pat
         with _kernel_environment(repo_root, None if profile is None else Path(profile).resolve()):
             papermill.execute_notebook(
                 str(tmp), str(tmp), parameters=parameters or None, kernel_name=KERNEL_NAME, progress_bar=False,
-                request_save_on_cell_execute=False, cwd=str(notebook.parent),
+                request_save_on_cell_execute=False, cwd=str(notebook.parent), kernel_manager_class=LocalKernelManager,
             )
         executed = nbformat.read(tmp, as_version=4)
         slowest = slowest_cells(executed)

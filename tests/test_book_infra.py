@@ -374,3 +374,12 @@ def test_when_something_goes_wrong_quotes_messages_lib_really_gives():
     fragments = [f.strip(" .'") for q in quoted for f in re.split(r"\.\.\.|<chapter>|N tokens", q)]
     missing = [f for f in fragments if len(f) > 4 and f not in source]
     assert len(quoted) >= 10 and not missing, missing
+
+
+def test_runner_writes_nothing_to_stderr(tmp_path, capfd):
+    """The kernels the runner starts say nothing on the terminal (ipykernel warns on stderr about unencrypted TCP
+    sockets; the runner's kernels use local IPC sockets)."""
+    _book(tmp_path, [_parameters_cell(), new_code_cell("print(x)")])
+    runner.run_profile(_profile(tmp_path, "defaults:\n  x: 1\nchapters:\n  book/ch:\n    label: b\n"), repo_root=tmp_path)
+    captured = capfd.readouterr()
+    assert "book/ch: done" in captured.out and captured.err == ""
