@@ -50,48 +50,48 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
     layers = meta["chosen_layers"]
     refusing = [v for v in ("ssft", "at", "lat") if v in stored]
     reference = data.reference_prompts("offline", 64, seed)
-    rows: list[dict] = []
 
-    def add(kind, n, completions, model, condition, source, limit):
-        for prompt_id, completion in zip(ids[kind][:n], completions):
-            rows.append({"family": family, "model": model, "condition": condition, "source": source,
-                         "prompt_kind": kind, "prompt_id": prompt_id, "max_new_tokens": limit,
-                         "completion": completion})
+    def rows_of(kind, n, completions, model, condition, source, limit) -> list[dict]:
+        return [{"family": family, "model": model, "condition": condition, "source": source, "prompt_kind": kind,
+                 "prompt_id": prompt_id, "max_new_tokens": limit, "completion": completion}
+                for prompt_id, completion in zip(ids[kind][:n], completions)]
 
-    def add_completions_of(lm) -> None:
+    def completions_of(lm) -> list[dict]:
         variant = lm.info.variant
+        rows: list[dict] = []
         for kind in ("harmful", "harmless"):
             run = evaluation.evaluate(lm, texts[kind][:n_test], None, max_new_tokens, batch_size)
-            add(kind, n_test, run["completions"], variant, NONE, "", max_new_tokens)
+            rows += rows_of(kind, n_test, run["completions"], variant, NONE, "", max_new_tokens)
         if variant in stored:
             directions.check_matches(meta, lm.info)
         for source in refusing if variant != "base" else ():
             run = evaluation.evaluate(lm, texts["harmful"][:n_test],
                                   ablation.Intervention("ablate", stored[source]["unit"][layers[source]]),
                                   max_new_tokens, batch_size)
-            add("harmful", n_test, run["completions"], variant, ZERO, source, max_new_tokens)
+            rows += rows_of("harmful", n_test, run["completions"], variant, ZERO, source, max_new_tokens)
         if variant in refusing:
             unit = stored[variant]["unit"][layers[variant]]
             run = evaluation.evaluate(lm, texts["harmless"][:n_side], ablation.Intervention("ablate", unit),
                                   max_new_tokens, batch_size)
-            add("harmless", n_side, run["completions"], variant, ZERO, variant, max_new_tokens)
+            rows += rows_of("harmless", n_side, run["completions"], variant, ZERO, variant, max_new_tokens)
             added = ablation.Intervention("add", stored[variant]["mean_difference"][layers[variant]],
                                           layers[variant])
             run = evaluation.evaluate(lm, texts["harmless"][:n_side], added, max_new_tokens, batch_size)
-            add("harmless", n_side, run["completions"], variant, ADD, variant, max_new_tokens)
+            rows += rows_of("harmless", n_side, run["completions"], variant, ADD, variant, max_new_tokens)
             means = ablation.ablation_means(lm, "mean", reference)
             mean_ablated = ablation.Intervention("ablate", unit, mode="mean", means=means)
             for kind, n in (("harmful", n_mean), ("harmless", n_side)):
                 run = evaluation.evaluate(lm, texts[kind][:n], mean_ablated, max_new_tokens, batch_size)
-                add(kind, n, run["completions"], variant, MEAN, variant, max_new_tokens)
+                rows += rows_of(kind, n, run["completions"], variant, MEAN, variant, max_new_tokens)
         if variant != "base":
             attacks = organisms.robustness_completions(lm, pairs[:attack_prompts], attack_steps, attack_tokens, seed)
             for label, completions in attacks.items():
                 layer = organisms.attack_sites(family)[label]
-                add("harmful", attack_prompts, completions, variant, PGD, f"layer {layer}", attack_tokens)
+                rows += rows_of("harmful", attack_prompts, completions, variant, PGD, f"layer {layer}", attack_tokens)
+        return rows
 
-    models.for_each_model(family, models.available_variants(family), add_completions_of, device, dtype)
-    return rows
+    by_variant = models.for_each_model(family, models.available_variants(family), completions_of, device, dtype)
+    return [row for rows in by_variant.values() for row in rows]
 
 
 def stratified_sample(pool: Sequence[dict], per_stratum: int = PER_STRATUM, seed: int = SAMPLE_SEED) -> list[dict]:

@@ -45,6 +45,11 @@ def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: value is None or test(value)
 
 
+def _one_of(choices) -> tuple[Callable[[Any], bool], str]:
+    """A rule accepting exactly one of ``choices``, and its description, e.g. '"offline" or "paper"'."""
+    return (lambda value: isinstance(value, str) and value in choices), " or ".join(f'"{name}"' for name in choices)
+
+
 def _number(low: float, high: float) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and low < value <= high
 
@@ -64,8 +69,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                  '"all" or a list of family names (with -y)'),
     "runs": (_optional(_list_of(lambda x: isinstance(x, str) and bool(x))),
              "None (the run of the profile the chapter runs under) or a list of run names, e.g. [default, llama2-7b]"),
-    "dataset": (lambda v: v in DATASETS, " or ".join(f'"{name}"' for name in DATASETS)),
-    "layer_rule": (lambda v: v in LAYER_RULES, " or ".join(f'"{name}"' for name in LAYER_RULES)),
+    "dataset": _one_of(DATASETS),
+    "layer_rule": _one_of(LAYER_RULES),
     "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
                '"auto", "cpu" or "cuda[:i]"'),
     "dtype": (lambda v: v in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
