@@ -47,17 +47,33 @@ def claim2_rows(pairwise, focus: str = "lat"):
     return rows
 
 
-def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: str = "lat") -> dict:
+def _differences(rows, others: Sequence[str]) -> str:
+    by_other = rows.set_index("versus")
+    return ", ".join(f"{o} {by_other.loc[o, 'difference']:+.3f} [{by_other.loc[o, 'low']:+.3f}, "
+                     f"{by_other.loc[o, 'high']:+.3f}]" for o in others)
+
+
+def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: str = "lat",
+           top1_pairwise=None) -> dict:
     """Claim 2: ``focus``'s top-2 share of the uncentred paired-difference matrix is higher than that of SSFT, AT
     and the control (those present) beyond the 95% interval; the same test on centred D is reported beside it.
-    Returns the stored verdict (with a one-sentence ``statement``)."""
+    The ``statement`` gives the differences with their intervals and, from ``top1_pairwise`` (the same table for
+    the top-1 share), the top-1 differences: the paper's claim is about the *second* component, so a top-2 excess
+    that is all top-1 excess does not carry it. Returns the stored verdict."""
     lat_rows = claim2_rows(pairwise, focus)
     others = [v for v in ("ssft", "at", "ssft-control") if v in set(lat_rows["versus"])]
     holds = bool(len(others)) and all(lat_rows.set_index("versus").loc[others, "verdict"] == "higher")
     centred_holds = (all(claim2_rows(centred_pairwise, focus).set_index("versus").loc[others, "verdict"] == "higher")
                      if others else False)
     statement = (f"LAT's top-2 share at layer {layer} is {'' if holds else 'not '}higher than that of "
-                 f"{', '.join(others)} beyond the 95% interval (uncentred, {n_pairs} pairs)")
+                 f"{', '.join(others)} beyond the 95% interval (uncentred, {n_pairs} pairs; LAT minus "
+                 f"{_differences(lat_rows, others)})")
+    if top1_pairwise is not None and others:
+        top1 = claim2_rows(top1_pairwise, focus)
+        second = (lat_rows.set_index("versus")["difference"] - top1.set_index("versus")["difference"]).loc[others]
+        statement += (f". Its top-1 share alone differs by {_differences(top1, others)}, which leaves the second "
+                      f"component's own share differing by {', '.join(f'{o} {d:+.3f}' for o, d in second.items())} "
+                      f"(top-2 minus top-1 difference, point estimates)")
     return {"statement": statement, "verdict": "supported" if holds else "not supported", "layer": layer,
             "n_pairs": n_pairs, "centred_verdict": "supported" if centred_holds else "not supported",
             "shares": {r.variant: [round(r.share, 4), round(r.low, 4), round(r.high, 4)] for r in single.itertuples()}}
@@ -114,6 +130,24 @@ def robustness(under_attack: dict, sites: Sequence[str], trained: Sequence[str] 
     return pd.DataFrame(rows)
 
 
+def robustness_statement(robust) -> str:
+    """The answer of a ``robustness`` table in words: each trained variant's verdict against each reference, with
+    the difference in refusal (points) and its interval, and whether any variant came out more robust than every
+    reference, the property that adversarial training is meant to give."""
+    parts, gained = [], []
+    for (variant, site), group in robust.groupby(["variant", "attack site"], sort=False):
+        against = ", ".join(f"{r.verdict} than {r.versus} ({r.difference:+.1f} points [{r.low:+.1f}, {r.high:+.1f}])"
+                            for r in group.itertuples())
+        parts.append(f"{variant.upper()} under the attack at {site}: {against}")
+        if (group["verdict"] == ROBUSTNESS_WORDS[0]).all():
+            gained.append(variant.upper())
+    closing = (f"{' and '.join(gained)} came out more robust than every reference model" if gained else
+               "no adversarially trained variant came out more robust than every reference model")
+    return f"{'; '.join(parts)}. So {closing}."
+
+
 def organisms(robust, acceptance) -> dict:
-    """The stored verdict of the organisms chapter: the robustness table and the acceptance table."""
-    return {"robustness": robust.round(2).to_dict("records"), "acceptance": acceptance.to_dict("records")}
+    """The stored verdict of the organisms chapter: the robustness table (and its statement) and the acceptance
+    table."""
+    return {"robustness": robust.round(2).to_dict("records"), "statement": robustness_statement(robust),
+            "acceptance": acceptance.to_dict("records")}

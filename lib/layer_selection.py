@@ -40,11 +40,15 @@ def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str
     return pd.DataFrame(rows, columns=["layer", "refusal score", "KL"])
 
 
+def _qualifying(sweep, n_layers: int, max_kl: float, max_depth: float):
+    return sweep[(sweep["layer"] >= 0) & (sweep["layer"] < max_depth * n_layers) & (sweep["KL"] < max_kl)]
+
+
 def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_depth: float = 0.8) -> tuple[int, str]:
     """Arditi et al.'s rule: among layers below ``max_depth`` of the depth whose ablation keeps the harmless
     first-token KL under ``max_kl``, the one whose ablation lowers the refusal score most. Where no layer qualifies,
     ``fallback`` (the paper's relative layer) is returned. Returns (layer, the reason in words)."""
-    ok = sweep[(sweep["layer"] >= 0) & (sweep["layer"] < max_depth * n_layers) & (sweep["KL"] < max_kl)]
+    ok = _qualifying(sweep, n_layers, max_kl, max_depth)
     if ok.empty:
         return int(fallback), f"no layer kept the harmless KL under {max_kl}: the paper's relative layer"
     best = int(ok.sort_values(["refusal score", "layer"], kind="stable").iloc[0]["layer"])
@@ -57,7 +61,8 @@ def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequenc
                      reference: Sequence[str] | None = None):
     """``layer_sweep`` of every ``stride``-th layer from layer 1, then of the unvisited layers within ``stride`` of
     the best one, and ``select_layer`` on all of them: a coarse sweep whose choice is still the best of its
-    immediate neighbours (with stride 2, at about half the cost of visiting every layer).
+    immediate neighbours (with stride 2, at about half the cost of visiting every layer). Where no layer of the
+    coarse sweep qualifies, there is no best to refine: the fallback is returned without the extra layers.
 
     Returns (sweep DataFrame sorted by layer, chosen layer, the reason in words)."""
     if stride < 1:
@@ -68,7 +73,7 @@ def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequenc
     layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
     visited = set(sweep["layer"])
     near = [n for n in range(layer - stride + 1, layer + stride) if 1 <= n < n_layers and n not in visited]
-    if stride > 1 and layer in visited and near:
+    if stride > 1 and layer in visited and near and not _qualifying(sweep, n_layers, max_kl, max_depth).empty:
         extra = layer_sweep(lm, candidates, harmful, harmless, near, batch_size, f"{desc} (refine)", baseline=False,
                             mode=mode, reference=reference)
         sweep = pd.concat([sweep, extra], ignore_index=True).sort_values("layer", kind="stable").reset_index(drop=True)

@@ -124,6 +124,8 @@ def gain_modes(gains_by_mode: dict) -> tuple:
 
 
 MODE_CONDITIONS = ("zero", "mean", "control")
+SCORE, CHANGE = "score", "change from unablated"  # the two readings of the claim-3 contrasts (``mode_contrasts``)
+SAME = "same in all four"
 
 
 def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str, int], targets: Sequence[str],
@@ -166,7 +168,11 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
                    seed: int = 0) -> dict:
     """Claims 1 and 3 from a ``mode_matrix``, under zero and under mean ablation, on the same prompts:
 
-    - ``claim3``: the three contrasts of ``lib.claims.transfer_contrasts`` on mean refusal scores, per mode;
+    - ``claim3``: the three contrasts of ``lib.claims.transfer_contrasts`` per mode, in two readings: on the
+      refusal scores themselves (``reading`` "score", the paper's form: how much refusal is left) and on each
+      prompt's change from its target's unablated score ("change from unablated": how much was removed). The
+      paper's rates start near 100% in every model, so the two agree there; scores do not start level, and a
+      verdict that holds in one reading only rests on the targets' different starting points;
     - ``claim1``: per model, the drop in mean refusal score when its own direction is ablated (unablated minus
       ablated; paired bootstrap), per mode, with the verdict "refusal drops" / "refusal rises" / "not resolved";
     - ``controls``: per cell, the source's zero-ablation score minus its matched control's (paired bootstrap):
@@ -185,7 +191,10 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
     claim3, claim1, controls = [], [], []
     for mode in ("zero", "mean"):
         values = {(s, t): scores[(s, t, mode)] for s, t, c in scores.index if c == mode}
-        claim3 += [{"mode": mode, **row} for row in transfer_contrasts(values, focus, others, n_boot, seed)]
+        changes = {(s, t): [a - b for a, b in zip(v, scores[("none", t, "none")])] for (s, t), v in values.items()}
+        for reading, cells in ((SCORE, values), (CHANGE, changes)):
+            claim3 += [{"mode": mode, "reading": reading, **row}
+                       for row in transfer_contrasts(cells, focus, others, n_boot, seed)]
         for model in [m for m in (focus, *others) if m in targets]:
             drop = bootstrap_mean_difference(scores[("none", model, "none")], scores[(model, model, mode)], n_boot,
                                              seed)
@@ -202,21 +211,27 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
 
 
 def surviving(claim3, claim1) -> tuple:
-    """Which verdicts survive both ablation modes: per claim-3 contrast and for claim 1 (every model's refusal
-    drops), the verdict under zero and under mean ablation and whether they agree. Returns (DataFrame, one
-    sentence that names every verdict that flips, or says none does)."""
+    """Which verdicts survive both ablation modes and both readings of ``mode_contrasts``: per claim-3 contrast
+    and for claim 1 (every model's refusal drops; a change already, so the same in both readings), the verdict in
+    each of the four columns (zero or mean ablation; score or change from unablated) and whether all four agree.
+    Returns (DataFrame, a statement that names every verdict that is not the same in all four, or says none is)."""
     import pandas as pd
 
-    verdicts = {claim: dict(zip(group["mode"], group["verdict"]))
+    columns = {(mode, reading): f"{mode} ablation" + ("" if reading == SCORE else ", change")
+               for reading in (SCORE, CHANGE) for mode in ("zero", "mean")}
+    verdicts = {claim: {columns[(r.mode, r.reading)]: r.verdict for r in group.itertuples()}
                 for claim, group in claim3.groupby("claim", sort=False)}
+    claim1_verdicts = {mode: "supported" if (group["verdict"] == "refusal drops").all() else "not supported"
+                       for mode, group in claim1.groupby("mode", sort=False)}
     verdicts["Claim 1: every model's own direction lowers its refusal"] = {
-        mode: "supported" if (group["verdict"] == "refusal drops").all() else "not supported"
-        for mode, group in claim1.groupby("mode", sort=False)}
-    table = pd.DataFrame([{"claim": claim, "zero ablation": v["zero"], "mean ablation": v["mean"]}
-                          for claim, v in verdicts.items()]).set_index("claim")
-    table["same under both"] = table["zero ablation"] == table["mean ablation"]
-    flips = [f"{claim} ({row['zero ablation']} under zero ablation, {row['mean ablation']} under mean ablation)"
-             for claim, row in table.iterrows() if not row["same under both"]]
+        column: claim1_verdicts[mode] for (mode, _), column in columns.items()}
+    table = pd.DataFrame([{"claim": claim, **v} for claim, v in verdicts.items()]).set_index("claim")
+    table = table[list(columns.values())]
+    table[SAME] = table.nunique(axis=1) == 1
+    flips = [f"{claim}: " + ", ".join(f"{row[column]} under {column.replace(', change', ' (change)')}"
+                                      for column in columns.values())
+             for claim, row in table.iterrows() if not row[SAME]]
+    where = "under zero and mean ablation, read as scores and as changes from the unablated score"
     if not flips:
-        return table, "Every verdict is the same under zero and mean ablation."
-    return table, f"{len(flips)} of {len(table)} verdicts change between zero and mean ablation: {'; '.join(flips)}."
+        return table, f"Every verdict is the same {where}."
+    return table, f"{len(flips)} of {len(table)} verdicts are not the same {where}. {'. '.join(flips)}."

@@ -463,32 +463,35 @@ def test_mode_matrix_scores_both_modes_and_a_matched_control(artifact_root, tiny
         direct = scores.refusal_score(lm, prompts[:2], 2).double().mean()
     assert cells[("at", "ssft", "zero")] == pytest.approx(float(direct), abs=1e-5)
     result = transfer.mode_contrasts(frame, "lat", ("ssft", "at"), n_boot=50)
-    assert set(result["claim3"]["mode"]) == {"zero", "mean"} and len(result["claim3"]) == 6
+    assert set(result["claim3"]["mode"]) == {"zero", "mean"} and len(result["claim3"]) == 12
+    assert set(result["claim3"]["reading"]) == {transfer.SCORE, transfer.CHANGE}
     assert len(result["claim1"]) == 6 and len(result["controls"]) == 9
     table, sentence = transfer.surviving(result["claim3"], result["claim1"])
     assert len(table) == 4 and sentence
 
 
-def synthetic_mode_frame(lat_self_drop: dict, control_shift: float):
-    """A mode_matrix frame for lat/ssft/at on 40 prompts: unablated scores ~5; every foreign direction lowers the
-    score by 2, ssft's and at's own directions by 4, lat's by ``lat_self_drop[mode]``; each control lies
-    ``control_shift`` above its zero-ablation cell."""
+def synthetic_mode_frame(lat_self_drop: dict, control_shift: float, lat_start: float = 5.0):
+    """A mode_matrix frame for lat/ssft/at on 40 prompts: unablated scores ~5 (lat's ~``lat_start``); every
+    foreign direction lowers the score by 2, ssft's and at's own directions by 4, lat's by
+    ``lat_self_drop[mode]``; each control lies ``control_shift`` above its zero-ablation cell."""
     noise = torch.linspace(-0.5, 0.5, 40).tolist()
     rows = []
     for t in ("lat", "ssft", "at"):
-        rows.append({"source": "none", "target": t, "condition": "none", "per_prompt": tuple(5 + x for x in noise)})
+        start = lat_start if t == "lat" else 5.0
+        rows.append({"source": "none", "target": t, "condition": "none",
+                     "per_prompt": tuple(start + x for x in noise)})
         for s in ("lat", "ssft", "at"):
             drops = {mode: (lat_self_drop[mode] if s == "lat" else 4.0) if s == t else 2.0 for mode in ("zero", "mean")}
             for condition, drop in (*drops.items(), ("control", drops["zero"] - control_shift)):
                 rows.append({"source": s, "target": t, "condition": condition,
-                             "per_prompt": tuple(5 - drop + x for x in noise)})
+                             "per_prompt": tuple(start - drop + x for x in noise)})
     return pd.DataFrame(rows)
 
 
 def test_mode_contrasts_name_the_verdicts_that_flip():
     steady = transfer.mode_contrasts(synthetic_mode_frame({"zero": 8.0, "mean": 8.0}, 3.0), n_boot=200)
     table, sentence = transfer.surviving(steady["claim3"], steady["claim1"])
-    assert table["same under both"].all() and sentence == "Every verdict is the same under zero and mean ablation."
+    assert table[transfer.SAME].all() and sentence.startswith("Every verdict is the same under zero and mean")
     assert table.loc["LAT vulnerable to its own direction", "zero ablation"] == "supported"
     assert (steady["claim1"]["verdict"] == "refusal drops").all()
     assert (steady["controls"]["verdict"] == "direction beats its control").all()
@@ -496,10 +499,25 @@ def test_mode_contrasts_name_the_verdicts_that_flip():
     table, sentence = transfer.surviving(flipping["claim3"], flipping["claim1"])
     vulnerable = table.loc["LAT vulnerable to its own direction"]
     assert (vulnerable["zero ablation"], vulnerable["mean ablation"]) == ("supported", "contradicted")
-    assert not table.loc["Claim 1: every model's own direction lowers its refusal", "same under both"]
-    assert sentence.startswith(f"{(~table['same under both']).sum()} of 4 verdicts change")
-    assert "LAT vulnerable to its own direction (supported under zero ablation, contradicted" in sentence
+    assert not table.loc["Claim 1: every model's own direction lowers its refusal", transfer.SAME]
+    assert sentence.startswith(f"{(~table[transfer.SAME]).sum()} of 4 verdicts are not the same")
+    assert "LAT vulnerable to its own direction: supported under zero ablation, contradicted under mean" in sentence
     assert (flipping["controls"]["verdict"] == "no difference: the push alone").all()
+
+
+def test_a_verdict_that_rests_on_a_higher_start_is_not_the_same_as_a_change():
+    """LAT starts 3 points higher and loses exactly what the others lose: its refusal left under foreign directions
+    is higher (the score reading supports "robust"), but nothing less was removed (the change reading does not)."""
+    frame = synthetic_mode_frame({"zero": 8.0, "mean": 8.0}, 3.0, lat_start=8.0)
+    result = transfer.mode_contrasts(frame, n_boot=200)
+    robust = result["claim3"].set_index(["claim", "mode", "reading"]).loc["LAT robust to foreign directions"]
+    assert (robust.loc[("zero", transfer.SCORE), "verdict"], robust.loc[("mean", transfer.SCORE), "verdict"]) == (
+        "supported", "supported")
+    assert robust.loc[("zero", transfer.CHANGE), "difference"] == pytest.approx(0.0, abs=1e-9)
+    assert robust.loc[("zero", transfer.CHANGE), "verdict"] != "supported"
+    table, sentence = transfer.surviving(result["claim3"], result["claim1"])
+    assert not table.loc["LAT robust to foreign directions", transfer.SAME]
+    assert "LAT robust to foreign directions: supported under zero ablation" in sentence
 
 
 def test_score_matrix_without_the_baseline_scores_only_the_sources(tiny_family, prompts):

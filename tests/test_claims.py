@@ -33,9 +33,21 @@ def test_claim2_needs_lat_higher_than_every_other_variant():
     stored = claims.claim2(above, mixed, single, 13, 100)
     assert stored["verdict"] == "supported" and stored["centred_verdict"] == "not supported"
     assert stored["statement"] == ("LAT's top-2 share at layer 13 is higher than that of ssft, at beyond the 95% "
-                                   "interval (uncentred, 100 pairs)")
+                                   "interval (uncentred, 100 pairs; LAT minus ssft +0.200 [+0.100, +0.300], "
+                                   "at +0.125 [+0.050, +0.200])")
     assert stored["shares"]["lat"] == [0.7, 0.65, 0.75]
     assert claims.claim2(mixed, above, single, 13, 100)["verdict"] == "not supported"
+
+
+def test_claim2_says_how_much_of_the_top2_excess_is_the_first_component():
+    single = pd.DataFrame([{"variant": v, "share": s, "low": s - 0.05, "high": s + 0.05}
+                           for v, s in (("ssft", 0.5), ("at", 0.5), ("lat", 0.7))])
+    top2 = _pairwise({"ssft": (0.1, 0.3), "at": (0.05, 0.2)})
+    top1 = _pairwise({"ssft": (0.1, 0.3), "at": (0.0, 0.1)}).assign(k="top-1")
+    statement = claims.claim2(top2, top2, single, 13, 100, top1_pairwise=top1)["statement"]
+    assert statement.endswith("Its top-1 share alone differs by ssft +0.200 [+0.100, +0.300], at +0.050 [+0.000, "
+                              "+0.100], which leaves the second component's own share differing by ssft +0.000, "
+                              "at +0.075 (top-2 minus top-1 difference, point estimates)")
 
 
 def synthetic_matrix(lat_foreign, lat_self, other_self, other_foreign, lat_to_others, n=40):
@@ -75,3 +87,17 @@ def test_robustness_compares_each_trained_variant_with_each_reference_at_its_own
     assert table["verdict"].tolist() == ["more robust", "more robust", "not resolved", "less robust"]
     stored = claims.organisms(table, pd.DataFrame([{"variant": "at", "all met": True}]))
     assert len(stored["robustness"]) == 4 and stored["acceptance"] == [{"variant": "at", "all met": True}]
+
+
+def test_the_robustness_statement_says_whether_adversarial_training_gave_robustness():
+    attacked = {("at", "layer 0"): [COMPLY] * 30 + [REFUSE] * 10, ("lat", "layer 4"): [REFUSE] * 40,
+                ("ssft", "layer 0"): [REFUSE] * 30 + [COMPLY] * 10, ("ssft", "layer 4"): [COMPLY] * 20 + [REFUSE] * 20}
+    robust = claims.robustness(attacked, ["layer 0", "layer 4"], ("at", "lat"), ("ssft",), seed=0)
+    statement = claims.robustness_statement(robust)
+    assert statement.startswith("AT under the attack at layer 0: less robust than ssft (-50.0 points [")
+    assert "LAT under the attack at layer 4: more robust than ssft (+50.0 points [" in statement
+    assert statement.endswith("So LAT came out more robust than every reference model.")
+    robust["verdict"] = "not resolved"
+    assert claims.robustness_statement(robust).endswith(
+        "So no adversarially trained variant came out more robust than every reference model.")
+    assert claims.organisms(robust, pd.DataFrame())["statement"] == claims.robustness_statement(robust)

@@ -43,6 +43,15 @@ def test_coarse_sweep_is_refined_around_its_best_layer(tiny, prompts):
         layer_selection.sweep_and_select(tiny, candidates, prompts[:2], prompts[2:], fallback=1, stride=0)
 
 
+def test_a_fallback_layer_is_not_refined(tiny, prompts):
+    """No layer meets a negative KL bound: the paper's layer is returned, and no layers are swept next to it."""
+    candidates = directions.layer_directions(gaussian(tiny.info.n_layers, 64, 22))
+    sweep, layer, why = layer_selection.sweep_and_select(tiny, candidates, prompts[:2], prompts[2:], fallback=1,
+                                                         stride=2, max_kl=-1.0, max_depth=1.0, batch_size=2)
+    assert layer == 1 and set(sweep["layer"]) == {-1, *range(1, tiny.info.n_layers, 2)}
+    assert why == "no layer kept the harmless KL under -1.0: the paper's relative layer"
+
+
 def test_select_layers_sweeps_each_variant_in_its_own_weights(tiny_family, prompts):
     lm = models.load("tiny-llama", "base", device="cpu")
     candidates = {v: directions.layer_directions(gaussian(lm.info.n_layers, 64, 30 + i))
