@@ -314,9 +314,10 @@ def judge_dependence(both, acceptance_by_judge: dict) -> str:
     name -> ``lib.judges.acceptance`` frame)."""
     n = int(both["n"].sum())
     if bool(both["same refusals"].all()):
-        refusal = (f"the two judges give the same refusal label to all {n} completions the book generated, so the "
-                   f"refusal-based verdicts (claims 1 and 3, robustness, the refusal criteria) do not depend on the "
-                   f"judge")
+        refusal = (f"both judges find refusals with the paper's keyword rule (the content judge applies it first), "
+                   f"so they agree on refusal for all {n} completions of the audit's pool, and the refusal-based "
+                   f"verdicts (claims 1 and 3, robustness, the refusal criteria) are the same under either; the gold "
+                   f"labels test the rule itself")
     else:
         refusal = (f"the two judges disagree on refusal in {int((~both['same refusals']).sum())} conditions, so "
                    f"refusal-based verdicts may depend on the judge")

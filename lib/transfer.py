@@ -2,7 +2,7 @@
 
 Measured two ways. ``transfer_matrix`` generates and judges (the paper's measure, zero ablation by default).
 ``mode_matrix`` scores without generation (the refusal score on harmful prompts, the first-token KL on harmless
-ones) under both ablation modes of ``lib.ablation`` and a damage-matched control per source (``lib.anatomy``), and
+ones) under both ablation modes of ``lib.ablation`` and a push-matched control per source (``lib.anatomy``), and
 ``mode_contrasts`` turns it into the claim-1 and claim-3 verdicts under each mode, with the rule that says which
 verdicts survive both. ``score_matrix``, ``subspace_gains`` and ``gain_modes`` serve the subspace attacks of "Beyond
 the paper".
@@ -70,7 +70,7 @@ def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequenc
 def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: int = 2000, seed: int = 0):
     """How much each extra dimension adds to a subspace attack: for every source, target and consecutive k -> k', the
     change in mean refusal score when ``"<source>, k=<k>"`` grows to ``"<source>, k=<k'>"`` (negative: the larger
-    subspace removes more refusal), with a 95% paired bootstrap interval over prompts. ``scores`` as made by
+    subspace lowers the refusal score more), with a 95% paired bootstrap interval over prompts. ``scores`` as made by
     ``score_matrix``. A DataFrame (source, target, from, to, change, low, high, n)."""
     import pandas as pd
 
@@ -88,15 +88,16 @@ def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: in
     return pd.DataFrame(rows)
 
 
-GAIN_WORDS = ("removes less refusal", "removes more refusal", "no difference")
+GAIN_WORDS = ("score falls less", "score falls more", "no difference")  # the refusal score, not refusal itself
 
 
 def gain_modes(gains_by_mode: dict) -> tuple:
     """Which subspace-growth verdicts survive both ablation modes. ``gains_by_mode`` maps a mode ("zero", "mean") to
     a ``subspace_gains`` frame of the same sources, targets and steps. Per (source, step, target): the verdict under
-    each mode (the larger subspace "removes more refusal" when the interval lies below 0, "removes less refusal"
-    above, else "no difference") and whether they agree. Returns (DataFrame, one sentence counting the verdicts
-    that change and naming, per source and step, how many targets each verdict had under each mode)."""
+    each mode ("score falls more": the larger subspace lowers the refusal score more, the interval lies below 0;
+    "score falls less" above 0; else "no difference") and whether they agree. Returns (DataFrame, one sentence
+    counting the verdicts that change and naming, per source and step, how many targets each verdict had under
+    each mode)."""
     from lib.stats import verdict
 
     if set(gains_by_mode) != {"zero", "mean"}:
@@ -131,7 +132,7 @@ SAME = "same in all four"
 def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str, int], targets: Sequence[str],
                 harmful: Sequence[str], harmless: Sequence[str], reference: Sequence[str], batch_size: int = 16,
                 device: str = "auto", dtype: str = "auto", n_boot: int = 2000, seed: int = 0):
-    """The transfer matrix scored without generation, under both ablation modes, with a damage-matched control.
+    """The transfer matrix scored without generation, under both ablation modes, with a push-matched control.
 
     For every target (loaded once) and source direction: ``zero`` (the paper's ablation), ``mean`` (coordinates set
     to the target's harmless means at the last token of ``reference``) and ``control`` (zero ablation of a random

@@ -383,11 +383,11 @@ def test_gain_modes_names_the_steps_whose_verdict_flips():
 
     table, statement = transfer.gain_modes({"zero": gains([(5.0, 9.0), (-1.0, 1.0)]),
                                             "mean": gains([(-3.0, -1.0), (-1.0, 1.0)])})
-    assert table.loc[("lat", "k=2", "k=3", "a")].tolist() == ["removes less refusal", "removes more refusal", False]
+    assert table.loc[("lat", "k=2", "k=3", "a")].tolist() == ["score falls less", "score falls more", False]
     assert table.loc[("lat", "k=2", "k=3", "b"), "same under both"]
     assert statement == ("1 of 2 subspace-growth verdicts change between zero and mean ablation: lat k=2 to k=3 "
-                         "(removes less refusal in 1, no difference in 1 of 2 targets under zero ablation; "
-                         "removes more refusal in 1, no difference in 1 under mean ablation).")
+                         "(score falls less in 1, no difference in 1 of 2 targets under zero ablation; "
+                         "score falls more in 1, no difference in 1 under mean ablation).")
     same, sentence = transfer.gain_modes({"zero": gains([(1.0, 2.0)] * 2), "mean": gains([(1.0, 3.0)] * 2)})
     assert sentence == "0 of 2 subspace-growth verdicts change between zero and mean ablation."
     with pytest.raises(ValueError, match="'zero' and 'mean'"):

@@ -129,10 +129,11 @@ def test_acceptance_reads_the_damage_label_of_the_judge():
     same = pd.DataFrame([{"n": 3, "same refusals": True}, {"n": 2, "same refusals": True}])
     sentence = audit.judge_dependence(same, {"the paper's judge": judges.acceptance(rates, ["a", "b"]),
                                              "the content judge": content.reset_index()})
-    assert sentence == ("The two judges give the same refusal label to all 5 completions the book generated, so "
-                        "the refusal-based verdicts (claims 1 and 3, robustness, the refusal criteria) do not depend "
-                        "on the judge; the organisms' acceptance differs between the paper's judge and the content "
-                        "judge for a.")
+    assert sentence == ("Both judges find refusals with the paper's keyword rule (the content judge applies it "
+                        "first), so they agree on refusal for all 5 completions of the audit's pool, and the "
+                        "refusal-based verdicts (claims 1 and 3, robustness, the refusal criteria) are the same under "
+                        "either; the gold labels test the rule itself; the organisms' acceptance differs between the "
+                        "paper's judge and the content judge for a.")
 
 
 def test_rates_under_both_judges_the_same_completions_twice():
