@@ -136,8 +136,8 @@ def robustness_statement(robust) -> str:
     reference, the property that adversarial training is meant to give."""
     parts, gained = [], []
     for (variant, site), group in robust.groupby(["variant", "attack site"], sort=False):
-        against = ", ".join(f"{r.verdict} than {r.versus} ({r.difference:+.1f} points [{r.low:+.1f}, {r.high:+.1f}])"
-                            for r in group.itertuples())
+        against = ", ".join(f"{r.verdict} {'against' if r.verdict == ROBUSTNESS_WORDS[2] else 'than'} {r.versus} "
+                            f"({r.difference:+.1f} points [{r.low:+.1f}, {r.high:+.1f}])" for r in group.itertuples())
         parts.append(f"{variant.upper()} under the attack at {site}: {against}")
         if (group["verdict"] == ROBUSTNESS_WORDS[0]).all():
             gained.append(variant.upper())

@@ -98,6 +98,7 @@ def test_the_robustness_statement_says_whether_adversarial_training_gave_robustn
     assert "LAT under the attack at layer 4: more robust than ssft (+50.0 points [" in statement
     assert statement.endswith("So LAT came out more robust than every reference model.")
     robust["verdict"] = "not resolved"
+    assert "AT under the attack at layer 0: not resolved against ssft (-50.0 points [" in claims.robustness_statement(robust)
     assert claims.robustness_statement(robust).endswith(
         "So no adversarially trained variant came out more robust than every reference model.")
     assert claims.organisms(robust, pd.DataFrame())["statement"] == claims.robustness_statement(robust)
