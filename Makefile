@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.11, no GPU):
 #   make book   set up .venv, run every chapter with papermill on the offline default, build _build/html
-#   make test   set up .venv, run the whole suite (unit tests + nbval on the executed chapters)
+#   make test   set up .venv, run the whole suite (unit tests + nbval on the executed chapters, lib.suite)
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
@@ -8,6 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= params/default.yaml
+# Lanes for `make chapters`/`make test`: chapters that do not need each other run side by side (lib.lanes); `auto` is
+# 2 on a CPU-only machine with 2 or more cores (each lane gets its share of the threads), 1 with a GPU.
+JOBS ?= auto
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" REFUSAL_BOOK_PROGRESS=0
 
 .PHONY: setup book chapters site test test-avx2 browser organisms lock clean bench
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-data.txt
 	touch $@
 
 chapters: setup
-	$(RUN) $(PY) -m lib.runner --profile $(PROFILE)
+	$(RUN) $(PY) -m lib.runner --profile $(PROFILE) --jobs $(JOBS)
 
 site: setup
 	$(PY) -m lib.site_assets --write-bundle book/_static
@@ -32,12 +35,12 @@ site: setup
 book: chapters site
 
 test: setup browser
-	$(RUN) $(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(RUN) $(PY) -m lib.suite --jobs $(JOBS)
 
 # nbval of every chapter as an AVX2-only CPU computes it (torch's AVX2 kernels, MKL's AVX2 code path), on a host
 # with AVX-512 or AMX: a second CPU generation for the committed outputs without a second machine (Re-run page).
 test-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 $(RUN) $(PY) -m pytest book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 $(RUN) $(PY) -m lib.suite --jobs $(JOBS) --chapters-only
 
 # Debian's chromium for tests/test_site_browser.py (apt-get update only when the package lists lack it). A failure
 # is tolerated: the browser test then skips and says why.

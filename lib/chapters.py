@@ -4,6 +4,7 @@ it)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,31 @@ def select_chapters(plan: list[tuple[Path, dict]], only: list[str] | None, repo_
                            f"{[chapter_key(nb, repo_root) for nb, _ in plan]}")
     wanted = {names[name] for name in only}
     return [(nb, params) for nb, params in plan if nb in wanted]
+
+
+NEEDS_KEY = "refusal_book"  # notebook metadata: {"refusal_book": {"needs": ["02_activations", ...]}}
+
+
+def chapter_needs(notebooks: list[Path]) -> dict[Path, list[Path]]:
+    """The chapters each chapter reads the results of (its notebook metadata ``refusal_book.needs``: stems of earlier
+    chapters), so that ``lib.lanes`` may run the others beside it; a chapter that declares nothing needs every
+    chapter before it. A need that is not an earlier chapter is an error."""
+    needs: dict[Path, list[Path]] = {}
+    by_stem: dict[str, Path] = {}
+    for nb in notebooks:
+        declared = notebook_metadata(nb).get(NEEDS_KEY, {}).get("needs")
+        if declared is None:
+            needs[nb] = list(by_stem.values())
+        else:
+            unknown = [stem for stem in declared if stem not in by_stem]
+            if unknown:
+                raise ValueError(f"{nb}: metadata {NEEDS_KEY}.needs names {unknown}, which are not chapters before it "
+                                 f"in _toc.yml; earlier chapters are {sorted(by_stem)}")
+            needs[nb] = [by_stem[stem] for stem in declared]
+        by_stem[nb.stem] = nb
+    return needs
+
+
+def notebook_metadata(notebook: Path) -> dict:
+    """A notebook's top-level metadata."""
+    return json.loads(Path(notebook).read_text(encoding="utf-8")).get("metadata", {})

@@ -1,6 +1,6 @@
 """Run the book's chapters with papermill: in place for the book's own profile, else into artifacts/runs/<profile>/.
 
-``python -m lib.runner --profile params/default.yaml [--only NAME ...] [--dry-run]``
+``python -m lib.runner --profile params/default.yaml [--only NAME ...] [--jobs N|auto] [--dry-run]``
 
 Chapters are the notebooks listed in ``_toc.yml``, in its order; a profile (``params/*.yaml``, its format in
 ``lib.profiles``) sets their parameters.
@@ -31,7 +31,8 @@ import papermill
 from jupyter_client.manager import KernelManager
 
 from lib.artifacts import REPO_ROOT, artifact_path
-from lib.chapters import chapter_key, plan_runs, read_toc_notebooks, select_chapters
+from lib.chapters import chapter_key, chapter_needs, plan_runs, read_toc_notebooks, select_chapters
+from lib.lanes import Job, lane_count, python_command, run_jobs, summary
 from lib.parameters import chapter_log
 from lib.profiles import PROFILE_ENV, ProfileError, load_profile, profile_name
 from lib.runtime import PROGRESS_ENV
@@ -39,12 +40,19 @@ from lib.runtime import PROGRESS_ENV
 KERNEL_NAME = "python3"
 
 
+_SOCKETS = tempfile.TemporaryDirectory(prefix="refusal-book-kernels-")  # removed when the runner exits
+
+
 class LocalKernelManager(KernelManager):
     """A kernel reached over local IPC sockets (POSIX) instead of TCP ports: ipykernel warns on the terminal about
-    unencrypted TCP at every start, and a chapter has no business listening on the network."""
+    unencrypted TCP at every start, and a chapter has no business listening on the network. The sockets live in
+    this process's private folder, not the chapter's: two runners on lanes would otherwise pick the same socket
+    names in ``book/`` and talk to each other's kernels."""
 
     def __init__(self, **kwargs):
-        super().__init__(**({"transport": "ipc"} if os.name == "posix" else {}), **kwargs)
+        if os.name == "posix":
+            kwargs = {"transport": "ipc", "ip": os.path.join(_SOCKETS.name, "kernel"), **kwargs}
+        super().__init__(**kwargs)
 INJECTED_TAG = "injected-parameters"
 # myst-nb renders a `hide-cell` cell as a collapsed toggle: readers can open it to see the effective parameters.
 INJECTED_HIDE_TAG = "hide-cell"
@@ -192,10 +200,26 @@ def output_folder(profile_path: str | Path, repo_root: str | Path, in_place: boo
     return repo_root if in_place else artifact_path("runs", profile_name(profile_path))
 
 
+def chapter_jobs(plan: list[tuple[Path, dict]], profile_path: str | Path, repo_root: Path,
+                 in_place: bool | None) -> list[Job]:
+    """One ``python -m lib.runner --only CHAPTER`` job per planned chapter, needing the planned chapters it reads
+    (``lib.chapters.chapter_needs``; a need outside the plan is taken as already run)."""
+    planned = [nb for nb, _ in plan]
+    needs = chapter_needs(read_toc_notebooks(repo_root))
+    flags = ["--in-place"] if in_place else []
+    return [Job(chapter_key(nb, repo_root),
+                python_command("-m", "lib.runner", "--profile", str(Path(profile_path).resolve()), "--only",
+                               chapter_key(nb, repo_root), "--root", str(repo_root), *flags),
+                tuple(chapter_key(need, repo_root) for need in needs[nb] if need in planned))
+            for nb in planned]
+
+
 def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run: bool = False,
-                repo_root: str | Path = REPO_ROOT, in_place: bool | None = None) -> list[tuple[Path, dict]]:
+                repo_root: str | Path = REPO_ROOT, in_place: bool | None = None, jobs: str | int = 1
+                ) -> list[tuple[Path, dict]]:
     """Validate the profile, then execute the selected chapters in order (or only print the plan), writing them to
-    ``output_folder``."""
+    ``output_folder``. ``jobs`` > 1 (or "auto") runs chapters that do not need each other side by side, each in its
+    own process with its share of the cores (``lib.lanes``); a failed chapter stops the chapters that need it."""
     repo_root = Path(repo_root).resolve()
     profile = load_profile(profile_path)
     plan = plan_runs(profile, read_toc_notebooks(repo_root), repo_root)
@@ -203,6 +227,16 @@ def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run
     folder = output_folder(profile_path, repo_root, in_place)
     print(f"run {profile_name(profile_path)!r}: executed chapters go to "
           f"{'the book (in place)' if folder == repo_root else folder}", flush=True)
+    lanes = lane_count(jobs)
+    if lanes > 1 and not dry_run and len(plan) > 1:
+        outcome = run_jobs(chapter_jobs(plan, profile_path, repo_root, in_place), lanes, cwd=str(repo_root),
+                           echo=lambda line: print(line, flush=True))
+        print(summary(outcome), flush=True)
+        failed = [name for name, value in outcome.items() if value != "passed"]
+        if failed:
+            raise ChapterError(f"chapter(s) {failed} did not run to the end; their notebooks were left unchanged "
+                               "(the output above says why).")
+        return plan
     total = time.perf_counter()
     for index, (nb, params) in enumerate(plan, start=1):
         key = chapter_key(nb, repo_root)
@@ -234,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-place", action="store_true",
                         help="replace the book's chapters even for a profile other than params/default.yaml "
                              "(default: such a profile writes to artifacts/runs/<profile>/)")
+    parser.add_argument("--jobs", default="1", metavar="N",
+                        help="chapters run side by side when they do not need each other: an integer or 'auto' "
+                             "(2 lanes on 2 or more cores; default 1: one chapter at a time, as on a GPU)")
     args = parser.parse_args(argv)
     try:
         run_profile(args.profile, only=args.only, dry_run=args.dry_run, repo_root=args.root,
-                    in_place=True if args.in_place else None)
-    except (ProfileError, ChapterError, FileNotFoundError) as exc:
+                    in_place=True if args.in_place else None, jobs=args.jobs)
+    except (ProfileError, ChapterError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -96,9 +96,15 @@ def _run_nbval(notebook: Path) -> tuple[int, str, dict[str, bool]]:
     return done.returncode, output, outcomes
 
 
-def test_makefile_runs_nbval_with_these_flags():
-    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
-    assert "--nbval --nbval-sanitize-with tests/nbval_sanitize.cfg" in makefile
+def test_make_test_runs_nbval_with_these_flags():
+    """`make test` runs lib.suite, whose chapter jobs are `pytest` with these flags (the sanitizer relative to the
+    repo root, where the jobs run)."""
+    from lib import suite
+
+    assert "-m lib.suite" in (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    chapter = suite.suite_jobs(REPO_ROOT)[0]
+    flags = [*NBVAL_FLAGS[:-1], str(SANITIZE.relative_to(REPO_ROOT))]
+    assert list(chapter.command[3:6]) == flags and chapter.command[1:3] == ("-m", "pytest")
 
 
 def test_nbval_fails_on_one_changed_number(executed_notebook, tmp_path):

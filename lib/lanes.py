@@ -1,0 +1,146 @@
+"""Dependent jobs on a few worker lanes: `make book` and `make test` run the chapters that do not need each other at
+the same time.
+
+On a 2-core CPU one process at 2 threads keeps the cores about 80% busy (model loads, Python, the kernels' own
+overheads), and torch's matrix products gain only ~1.5x from a second thread; two processes at 1 thread each do
+~1.3x the work of one at 2 (BENCHMARKS.md, "Two lanes"). A job is a command with the names of the jobs it needs;
+a job starts once they have all passed, in the order given, on the first free lane. Every job gets
+``$OMP_NUM_THREADS`` and ``$MKL_NUM_THREADS`` set to its share of the cores (unless the caller set them), and its
+output is printed whole when it ends, so lanes never interleave lines. A job whose need failed does not run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One command (an argv list) and the names of the jobs that must pass before it starts."""
+
+    name: str
+    command: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers set), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def lane_count(jobs: str | int, cores: int | None = None, gpu: bool | None = None) -> int:
+    """``jobs`` as a number of lanes: an integer >= 1, or ``"auto"``: 2 on a CPU-only machine with 2 or more cores,
+    else 1 (with a GPU the chapters run on it, one model in its memory at a time)."""
+    if jobs == "auto":
+        if gpu is None:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        cores = available_cores() if cores is None else cores
+        return 2 if cores >= 2 and not gpu else 1
+    try:
+        count = int(jobs)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise ValueError(f"jobs must be 'auto' or an integer >= 1, got {jobs!r}.")
+    return count
+
+
+def lane_environment(lanes: int, base: Mapping[str, str] | None = None, cores: int | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with each thread variable set to the lane's share of the
+    cores, ``max(1, cores // lanes)``, where the caller has not set it; one lane changes nothing."""
+    env = dict(os.environ if base is None else base)
+    if lanes > 1:
+        share = str(max(1, (available_cores() if cores is None else cores) // lanes))
+        for name in THREAD_VARIABLES:
+            env.setdefault(name, share)
+    return env
+
+
+def check_jobs(jobs: Sequence[Job]) -> None:
+    """Every name is unique and every need names a job listed before it (so the plan has no cycle)."""
+    seen: set[str] = set()
+    for job in jobs:
+        if job.name in seen:
+            raise ValueError(f"job {job.name!r} is listed twice.")
+        unknown = [need for need in job.needs if need not in seen]
+        if unknown:
+            raise ValueError(f"job {job.name!r} needs {unknown}, which no job listed before it is named; list a "
+                             "job after the jobs it needs.")
+        seen.add(job.name)
+
+
+def run_jobs(jobs: Sequence[Job], lanes: int, cwd: str | None = None, env: Mapping[str, str] | None = None,
+             echo: Callable[[str], None] = print, poll_s: float = 0.2) -> dict[str, str]:
+    """Run ``jobs`` on ``lanes`` lanes (``Job.needs`` respected, list order otherwise); return each job's outcome,
+    ``"passed"``, ``"failed (exit N)"`` or ``"not run: needs X"``. Ctrl-C stops every running job."""
+    check_jobs(jobs)
+    environment = lane_environment(lanes, env)
+    pending, running, outcome = list(jobs), {}, {}
+    threads = environment.get(THREAD_VARIABLES[0], "default")
+    echo(f"{len(jobs)} job(s) on {lanes} lane(s), {threads} thread(s) each")
+    try:
+        while pending or running:
+            for job in [j for j in pending if any(outcome.get(n, "passed") != "passed" for n in j.needs)]:
+                failed = [n for n in job.needs if outcome.get(n, "passed") != "passed"]
+                outcome[job.name] = f"not run: needs {', '.join(failed)}"
+                pending.remove(job)
+                echo(f"[{job.name}] {outcome[job.name]}")
+            for job in [j for j in pending if all(outcome.get(n) == "passed" for n in j.needs)]:
+                if len(running) >= lanes:
+                    break
+                log = tempfile.TemporaryFile(mode="w+b")
+                process = subprocess.Popen(job.command, cwd=cwd, env=environment, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+                running[job.name] = (job, process, log, time.perf_counter())
+                pending.remove(job)
+                echo(f"[{job.name}] started: {' '.join(job.command)}")
+            for name, (job, process, log, start) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[name]
+                outcome[name] = "passed" if process.returncode == 0 else f"failed (exit {process.returncode})"
+                log.seek(0)
+                text = log.read().decode(errors="replace").rstrip()
+                log.close()
+                echo(f"[{name}] {outcome[name]} in {time.perf_counter() - start:.0f} s" + (f"\n{text}" if text else ""))
+            time.sleep(poll_s)
+    except BaseException:
+        for _, process, log, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            log.close()
+        raise
+    return outcome
+
+
+def summary(outcome: Mapping[str, str]) -> str:
+    """One line per job, then how many passed."""
+    passed = sum(value == "passed" for value in outcome.values())
+    lines = [f"  {name}: {value}" for name, value in outcome.items()]
+    return "\n".join([*lines, f"{passed}/{len(outcome)} job(s) passed"])
+
+
+def exit_code(outcome: Mapping[str, str]) -> int:
+    """0 when every job passed, else 1."""
+    return 0 if all(value == "passed" for value in outcome.values()) else 1
+
+
+def python_command(*arguments: str) -> tuple[str, ...]:
+    """This interpreter running ``arguments`` (``-m module ...``)."""
+    return (sys.executable, *arguments)
