@@ -310,7 +310,7 @@ def bench_scoring(lm, args, device, results: dict) -> None:
 
 GENERATE_LIB = "lib generate (default)"
 GENERATE_PACKED = "lib generate, packed linears (REFUSAL_BOOK_PACKED_LINEAR=1)"
-GENERATE_DROPPING = "greedy loop dropping finished rows (benchmarks/finished_rows.py)"
+GENERATE_KEEPING = "transformers generate, keeping finished rows (lib before 2026-12-01; benchmarks/finished_rows.py)"
 GENERATE_BF16 = "lib generate, bfloat16 weights (changes the numbers; off in the book)"
 
 
@@ -321,7 +321,7 @@ def bench_levers(args, device, results: dict) -> None:
     interleaved; every lever's completions and keyword-judge labels are compared with the default's. On a CPU in
     float32, one lever that changes the numbers runs too: the same model in bfloat16 (native on CPUs with AVX512-BF16
     or AMX, emulated and slow elsewhere)."""
-    from benchmarks.finished_rows import greedy_dropping_finished
+    from benchmarks.finished_rows import generate_keeping_finished_rows
     from lib.ablation import orthogonalized
     from lib.generation import generate
     from lib.judges import judge_all
@@ -342,7 +342,7 @@ def bench_levers(args, device, results: dict) -> None:
         return go
 
     methods = {GENERATE_LIB: run(False), GENERATE_PACKED: run(True),
-               GENERATE_DROPPING: run(False, greedy_dropping_finished)}
+               GENERATE_KEEPING: run(False, generate_keeping_finished_rows)}
     if device.type == "cpu" and lm.info.dtype == torch.float32:
         methods[GENERATE_BF16] = run(False, model=load(args.family, target, device=args.device, dtype="bfloat16"))
     times, outputs = common.interleaved(methods, args.repeats, None, device, log)
@@ -439,9 +439,10 @@ TARGETS = [  # (what, numerator row, denominator row, section, target ratio)
     ("hooks vs TransformerLens hooks", "lib hooks + KV cache", "TransformerLens hooks + KV cache", "generation", 1.5),
     ("capture vs bare forward", "lib.capture.collect", "bare forward pass (no capture)", "capture", 0.9),
     ("refusal score: shared prefix vs whole prompts", SCORE_LIB, SCORE_REFERENCE, "scoring", 1.5),
-    ("greedy generation vs today's lib generate (issue 22)", GENERATE_PACKED, GENERATE_LIB, "levers", 2.0),
-    ("greedy generation dropping finished rows vs today's lib generate", GENERATE_DROPPING, GENERATE_LIB, "levers", 2.0),
-    ("greedy generation in bfloat16 vs today's lib generate (changes the numbers)", GENERATE_BF16, GENERATE_LIB,
+    ("greedy generation: lib (drops finished rows) vs lib before 2026-12-01 (issue 22)", GENERATE_LIB,
+     GENERATE_KEEPING, "levers", 2.0),
+    ("greedy generation with packed linears vs lib generate", GENERATE_PACKED, GENERATE_LIB, "levers", 2.0),
+    ("greedy generation in bfloat16 vs lib generate (changes the numbers)", GENERATE_BF16, GENERATE_LIB,
      "levers", 2.0),
 ]
 

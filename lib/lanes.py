@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -87,46 +88,83 @@ def check_jobs(jobs: Sequence[Job]) -> None:
 def run_jobs(jobs: Sequence[Job], lanes: int, cwd: str | None = None, env: Mapping[str, str] | None = None,
              echo: Callable[[str], None] = print, poll_s: float = 0.2) -> dict[str, str]:
     """Run ``jobs`` on ``lanes`` lanes (``Job.needs`` respected, list order otherwise); return each job's outcome,
-    ``"passed"``, ``"failed (exit N)"`` or ``"not run: needs X"``. Ctrl-C stops every running job."""
+    ``"passed"``, ``"failed (exit N)"`` or ``"not run: needs X"``. Ctrl-C or SIGTERM stops every running job and
+    everything it started (kernels included)."""
     check_jobs(jobs)
     environment = lane_environment(lanes, env)
     pending, running, outcome = list(jobs), {}, {}
     threads = environment.get(THREAD_VARIABLES[0], "default")
     echo(f"{len(jobs)} job(s) on {lanes} lane(s), {threads} thread(s) each")
-    try:
-        while pending or running:
-            for job in [j for j in pending if any(outcome.get(n, "passed") != "passed" for n in j.needs)]:
-                failed = [n for n in job.needs if outcome.get(n, "passed") != "passed"]
-                outcome[job.name] = f"not run: needs {', '.join(failed)}"
-                pending.remove(job)
-                echo(f"[{job.name}] {outcome[job.name]}")
-            for job in [j for j in pending if all(outcome.get(n) == "passed" for n in j.needs)]:
-                if len(running) >= lanes:
-                    break
-                log = tempfile.TemporaryFile(mode="w+b")
-                process = subprocess.Popen(job.command, cwd=cwd, env=environment, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
-                running[job.name] = (job, process, log, time.perf_counter())
-                pending.remove(job)
-                echo(f"[{job.name}] started: {' '.join(job.command)}")
-            for name, (job, process, log, start) in list(running.items()):
-                if process.poll() is None:
-                    continue
-                del running[name]
-                outcome[name] = "passed" if process.returncode == 0 else f"failed (exit {process.returncode})"
-                log.seek(0)
-                text = log.read().decode(errors="replace").rstrip()
+    with _terminate_raises():
+        try:
+            while pending or running:
+                for job in [j for j in pending if any(outcome.get(n, "passed") != "passed" for n in j.needs)]:
+                    failed = [n for n in job.needs if outcome.get(n, "passed") != "passed"]
+                    outcome[job.name] = f"not run: needs {', '.join(failed)}"
+                    pending.remove(job)
+                    echo(f"[{job.name}] {outcome[job.name]}")
+                for job in [j for j in pending if all(outcome.get(n) == "passed" for n in j.needs)]:
+                    if len(running) >= lanes:
+                        break
+                    log = tempfile.TemporaryFile(mode="w+b")
+                    process = subprocess.Popen(job.command, cwd=cwd, env=environment, stdout=log,
+                                               stderr=subprocess.STDOUT)
+                    running[job.name] = (process, log, time.perf_counter())
+                    pending.remove(job)
+                    echo(f"[{job.name}] started: {' '.join(job.command)}")
+                for name, (process, log, start) in list(running.items()):
+                    if process.poll() is None:
+                        continue
+                    del running[name]
+                    outcome[name] = "passed" if process.returncode == 0 else f"failed (exit {process.returncode})"
+                    log.seek(0)
+                    text = log.read().decode(errors="replace").rstrip()
+                    log.close()
+                    seconds = time.perf_counter() - start
+                    echo(f"[{name}] {outcome[name]} in {seconds:.0f} s" + (f"\n{text}" if text else ""))
+                time.sleep(poll_s)
+        except BaseException:
+            for process, log, _ in running.values():
+                stop_tree(process.pid)
                 log.close()
-                echo(f"[{name}] {outcome[name]} in {time.perf_counter() - start:.0f} s" + (f"\n{text}" if text else ""))
-            time.sleep(poll_s)
-    except BaseException:
-        for _, process, log, _ in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
-            log.close()
-        raise
+            raise
     return outcome
+
+
+def stop_tree(pid: int, grace_s: float = 10.0) -> None:
+    """Terminate a process and all its descendants (a Jupyter kernel runs in a session of its own, so signalling
+    the job's process group would leave it running), killing what is left after ``grace_s``."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        tree = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """SIGTERM (a CI timeout, ``kill``) raises SystemExit in the main thread, so the jobs are stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def summary(outcome: Mapping[str, str]) -> str:

@@ -52,13 +52,37 @@ def verify_manifest(folder: Path, what: str, fix: str) -> dict[str, Any]:
 
 def dequantised_gguf_folder(gguf: dict[str, str]) -> Path:
     """Dequantise a GGUF model to float32 safetensors once (about 20 s) and return the cached folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = cache_dir() / "models" / f"{Path(gguf['file']).stem}-{gguf['sha256'][:12]}"
     fix = f"Delete {folder} and load again to rebuild it."
-    if folder.exists():
-        verify_manifest(folder, "Cached dequantised model", fix)
-        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder.with_name(folder.name + ".lock")):  # chapters on two lanes start at the same time
+        if folder.exists():
+            verify_manifest(folder, "Cached dequantised model", fix)
+            return folder
+        return _dequantise(gguf, folder)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """Hold an exclusive lock on ``lock`` (created if absent; POSIX ``flock``, released when the block ends or the
+    process dies): a second process waits here instead of writing the same folder."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no other process shares this cache in the book's own runs
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _dequantise(gguf: dict[str, str], folder: Path) -> Path:
+    """Read the GGUF file, write float32 safetensors and a manifest to a staging folder, then rename it into place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = package_file(gguf["package"], gguf["file"], ModelUnavailableError)
     actual = sha256_file(path)
     if actual != gguf["sha256"]:

@@ -13,6 +13,34 @@ def test_generation_is_deterministic_and_keeps_prompt_order(tiny, prompts):
     assert len(first) == 4 and all(isinstance(t, str) for t in first)
 
 
+@pytest.mark.parametrize("ablate", [False, True])
+def test_dropping_finished_rows_gives_the_tokens_of_transformers_generate(tiny, prompts, ablate):
+    """A stop token that some rows reach at different steps (the 2nd, 4th, ... of the first row's answer): lib's
+    loop, which drops finished rows, returns what ``generate`` returns, with and without an ablation hook."""
+    from lib import ablation
+
+    batch = inputs.encode(tiny, prompts)
+    width = batch["input_ids"].shape[1]
+    direction = torch.nn.functional.normalize(torch.randn(tiny.info.d_model, generator=torch.Generator().manual_seed(0)), dim=0)
+    hooks = ablation.ablated(tiny, direction) if ablate else torch.no_grad()
+    config = tiny.model.generation_config
+    saved = config.eos_token_id
+    try:
+        with hooks, torch.inference_mode():
+            config.eos_token_id = None
+            free = tiny.model.generate(**batch, do_sample=False, max_new_tokens=8, pad_token_id=tiny.tokenizer.pad_token_id)
+            stops = sorted({int(t) for t in free[0, width + 1::2]} - {int(free[0, width])})[:2]
+            assert stops, "the first answer should have tokens to stop at"
+            config.eos_token_id = stops
+            reference = tiny.model.generate(**batch, do_sample=False, max_new_tokens=8,
+                                            pad_token_id=tiny.tokenizer.pad_token_id)[:, width:]
+            ours = generation.greedy_tokens(tiny, batch, 8, torch.tensor(stops))
+        ended = torch.isin(reference, torch.tensor(stops)).any(dim=1)
+        assert ended.any() and torch.equal(ours, reference)
+    finally:
+        config.eos_token_id = saved
+
+
 def test_generation_bad_input(tiny):
     with pytest.raises(ValueError, match="empty"):
         generation.generate(tiny, [])

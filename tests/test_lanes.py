@@ -132,3 +132,33 @@ def test_runner_runs_chapters_on_lanes_and_a_failure_stops_the_chapters_that_nee
     out = capsys.readouterr().out
     assert "[book/third] not run: needs book/first" in out and "boom" in out
     assert json.loads(first.read_text())["cells"][0]["outputs"] == []
+
+
+def test_sigterm_stops_every_job_and_what_it_started_in_a_session_of_its_own(tmp_path):
+    """A CI timeout sends SIGTERM to `make test`: the lanes stop their jobs and the jobs' kernels, which run in
+    sessions of their own, instead of leaving them running."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    pid_file = tmp_path / "grandchild.pid"
+    job = ("import subprocess, sys, pathlib, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+           f"time.sleep(300)'], start_new_session=True); pathlib.Path({str(pid_file)!r}).write_text(str(p.pid)); "
+           "time.sleep(300)")
+    runner_code = ("import sys; from lib import lanes; "
+                   f"lanes.run_jobs([lanes.Job('kernel-like', (sys.executable, '-c', {job!r}))], 2)")
+    lanes_process = subprocess.Popen([sys.executable, "-c", runner_code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    grandchild = psutil.Process(int(pid_file.read_text()))
+    lanes_process.send_signal(signal.SIGTERM)
+    assert lanes_process.wait(timeout=60) == 128 + signal.SIGTERM
+    try:
+        grandchild.wait(timeout=20)
+    except psutil.TimeoutExpired:
+        grandchild.kill()
+        pytest.fail("the job's grandchild outlived the lanes")

@@ -2,10 +2,13 @@
 missing or the hub cannot be reached."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from lib import carriers, models, sources
+from lib.artifacts import REPO_ROOT
 from lib.sources import CorruptModelError, ModelUnavailableError
 
 
@@ -33,8 +36,16 @@ def test_dequantising_the_offline_model_writes_nothing_to_stderr(monkeypatch, tm
     to load the model would store it as an output (and nbval would fail on a fresh machine)."""
     monkeypatch.setenv("REFUSAL_BOOK_CACHE", str(tmp_path))
     gguf = models.family_spec("smollm2-135m")["base"]["gguf"]
+    # a second process (a chapter on the other lane) asks for the same folder at the same time: it waits, then reads
+    other = subprocess.Popen([sys.executable, "-c", "from lib import models, sources; print(sources.dequantised_gguf_folder("
+                              "models.family_spec('smollm2-135m')['base']['gguf']))"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     folder = sources.dequantised_gguf_folder(gguf)
-    assert (folder / "manifest.json").exists()
+    out, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err[-2000:]
+    assert out.strip() == str(folder) and (folder / "manifest.json").exists()
+    sources.verify_manifest(folder, "test", "")
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, folder.name + ".lock"]
     captured = capfd.readouterr()
     assert captured.err == "", captured.err[:500]
 
