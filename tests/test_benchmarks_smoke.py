@@ -1,9 +1,12 @@
 """benchmarks/: `make bench` and the GPU script's Python part run end to end on tiny models (seconds), and the
-methods they time produce the same greedy tokens."""
+methods they time produce the same greedy tokens; the lanes benchmark on the offline model (its units are separate
+processes, which cannot see the tiny family)."""
 
 import importlib.util
 import json
 import sys
+
+import pytest
 
 from lib.artifacts import REPO_ROOT
 
@@ -93,3 +96,13 @@ def test_hook_variants_compute_the_same_projection():
     bodies = {name: row for name, row in rows.items() if "plain" not in name and "noop" not in name}
     assert len(bodies) == 5 and {row["same tokens as lib"] for row in bodies.values()} == {1.0}
     assert rows["noop hooks (dispatch only)"]["same tokens as lib"] < 1.0  # the bodies do ablate
+
+
+@pytest.mark.slow
+def test_lanes_benchmark_runs_both_arrangements_and_compares_their_numbers(capsys):
+    from benchmarks import lanes
+
+    result = lanes.main(["--rounds", "1", "--prompts", "2", "--tokens", "2"])
+    assert result["rows"][0]["one lane s"] > 0 and result["rows"][0]["two lanes s"] > 0
+    assert result["same numbers in every unit"] is True
+    assert "same completions and scores in every unit: True" in capsys.readouterr().out
