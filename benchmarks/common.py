@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from lib.lanes import available_cores
+
 
 def log(message: str) -> None:
     """Progress lines go to stderr, so that stdout holds only the report."""
@@ -132,7 +134,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     import transformers
 
     info = {"date": _dt.date.today().isoformat(), "host": platform.node(), "cpu": _cpu_model(),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cores": available_cores(),
             "torch_threads": torch.get_num_threads(),
             "ram_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,

@@ -35,13 +35,14 @@ import torch
 
 from benchmarks import common
 from lib import runtime
+from lib.lanes import available_cores
 
 PROFILE_TARGETS = ("ssft", "ssft-control", "at", "lat")
 
 
 def idle_threads() -> int:
     """Threads for torch: the cores not busy with other processes (1-minute load average), within 1..default."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     return max(1, min(torch.get_num_threads(), cores - int(round(os.getloadavg()[0]))))
 
 
