@@ -17,7 +17,9 @@ site). A failing chapter leaves its output notebook untouched.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import functools
 import os
 import stat
 import sys
@@ -32,7 +34,7 @@ from jupyter_client.manager import KernelManager
 
 from lib.artifacts import REPO_ROOT, artifact_path
 from lib.chapters import chapter_key, chapter_needs, plan_runs, read_toc_notebooks, select_chapters
-from lib.lanes import Job, lane_count, python_command, run_jobs, summary
+from lib.lanes import Job, lane_count, not_passed, python_command, run_jobs, summary
 from lib.parameters import chapter_log
 from lib.profiles import PROFILE_ENV, ProfileError, load_profile, profile_name
 from lib.runtime import PROGRESS_ENV
@@ -40,7 +42,13 @@ from lib.runtime import PROGRESS_ENV
 KERNEL_NAME = "python3"
 
 
-_SOCKETS = tempfile.TemporaryDirectory(prefix="refusal-book-kernels-")  # removed when the runner exits
+@functools.cache
+def _socket_folder() -> str:
+    """A private temporary folder for this process's kernel sockets, made at the first kernel start and removed
+    when the process exits."""
+    folder = tempfile.TemporaryDirectory(prefix="refusal-book-kernels-")
+    atexit.register(folder.cleanup)
+    return folder.name
 
 
 class LocalKernelManager(KernelManager):
@@ -51,8 +59,17 @@ class LocalKernelManager(KernelManager):
 
     def __init__(self, **kwargs):
         if os.name == "posix":
-            kwargs = {"transport": "ipc", "ip": os.path.join(_SOCKETS.name, "kernel"), **kwargs}
+            kwargs = {"transport": "ipc", "ip": os.path.join(_socket_folder(), "kernel"), **kwargs}
         super().__init__(**kwargs)
+
+    async def _async_interrupt_kernel(self) -> None:
+        # jupyter_client interrupts a kernel before shutting it down, to stop code still running. papermill shuts
+        # the kernel down once the last cell has finished, and a SIGINT that lands while the kernel is still
+        # handling its last message makes ipykernel print "ERROR | KeyboardInterrupt caught in kernel." on the
+        # terminal. An idle kernel needs no interrupt: the shutdown request, then SIGTERM and SIGKILL, still follow.
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
 INJECTED_TAG = "injected-parameters"
 # myst-nb renders a `hide-cell` cell as a collapsed toggle: readers can open it to see the effective parameters.
 INJECTED_HIDE_TAG = "hide-cell"
@@ -200,12 +217,12 @@ def output_folder(profile_path: str | Path, repo_root: str | Path, in_place: boo
     return repo_root if in_place else artifact_path("runs", profile_name(profile_path))
 
 
-def chapter_jobs(plan: list[tuple[Path, dict]], profile_path: str | Path, repo_root: Path,
+def chapter_jobs(plan: list[tuple[Path, dict]], notebooks: list[Path], profile_path: str | Path, repo_root: Path,
                  in_place: bool | None) -> list[Job]:
     """One ``python -m lib.runner --only CHAPTER`` job per planned chapter, needing the planned chapters it reads
-    (``lib.chapters.chapter_needs``; a need outside the plan is taken as already run)."""
+    (``lib.chapters.chapter_needs`` of the book's ``notebooks``; a need outside the plan is taken as already run)."""
     planned = [nb for nb, _ in plan]
-    needs = chapter_needs(read_toc_notebooks(repo_root))
+    needs = chapter_needs(notebooks)
     flags = ["--in-place"] if in_place else []
     return [Job(chapter_key(nb, repo_root),
                 python_command("-m", "lib.runner", "--profile", str(Path(profile_path).resolve()), "--only",
@@ -222,17 +239,20 @@ def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run
     own process with its share of the cores (``lib.lanes``); a failed chapter stops the chapters that need it."""
     repo_root = Path(repo_root).resolve()
     profile = load_profile(profile_path)
-    plan = plan_runs(profile, read_toc_notebooks(repo_root), repo_root)
+    notebooks = read_toc_notebooks(repo_root)
+    plan = plan_runs(profile, notebooks, repo_root)
     plan = select_chapters(plan, only, repo_root, profile.get("skip", []))
     folder = output_folder(profile_path, repo_root, in_place)
     print(f"run {profile_name(profile_path)!r}: executed chapters go to "
           f"{'the book (in place)' if folder == repo_root else folder}", flush=True)
     lanes = lane_count(jobs)
     if lanes > 1 and not dry_run and len(plan) > 1:
-        outcome = run_jobs(chapter_jobs(plan, profile_path, repo_root, in_place), lanes, cwd=str(repo_root),
-                           echo=lambda line: print(line, flush=True))
+        # The chapter that most chapters wait for starts first: 04 (directions) before 03 (spectra), 06 (transfer)
+        # before 05 (anatomy), so the slow chapters overlap instead of queueing on one lane.
+        outcome = run_jobs(chapter_jobs(plan, notebooks, profile_path, repo_root, in_place), lanes,
+                           cwd=str(repo_root), echo=lambda line: print(line, flush=True), first="dependents")
         print(summary(outcome), flush=True)
-        failed = [name for name, value in outcome.items() if value != "passed"]
+        failed = not_passed(outcome)
         if failed:
             raise ChapterError(f"chapter(s) {failed} did not run to the end; their notebooks were left unchanged "
                                "(the output above says why).")

@@ -383,3 +383,26 @@ def test_runner_writes_nothing_to_stderr(tmp_path, capfd):
     runner.run_profile(_profile(tmp_path, "defaults:\n  x: 1\nchapters:\n  book/ch:\n    label: b\n"), repo_root=tmp_path)
     captured = capfd.readouterr()
     assert "book/ch: done" in captured.out and captured.err == ""
+
+
+def test_the_runners_kernels_are_shut_down_without_an_interrupt(monkeypatch):
+    """jupyter_client sends SIGINT before every shutdown; landing while the kernel handles its last message, it made
+    ipykernel print "ERROR | KeyboardInterrupt caught in kernel." in `make book`'s output. The runner's kernels
+    are still interrupted when asked, and not when shut down."""
+    import signal
+
+    manager = runner.LocalKernelManager(kernel_name=runner.KERNEL_NAME)
+    sent = []
+    send = manager._async_signal_kernel
+
+    async def recording(signum):
+        sent.append(signum)
+        await send(signum)
+
+    monkeypatch.setattr(manager, "_async_signal_kernel", recording)
+    manager.start_kernel()
+    try:
+        manager.interrupt_kernel()
+    finally:
+        manager.shutdown_kernel()
+    assert sent == [signal.SIGINT] and not manager.is_alive()
