@@ -188,9 +188,13 @@ def execute_chapter(notebook: str | Path, parameters: dict, repo_root: str | Pat
     try:
         nbformat.write(source, tmp)
         with _kernel_environment(repo_root, None if profile is None else Path(profile).resolve()):
+            # coalesce_streams: a print reaches the kernel's stdout as two writes (text, then "\n"), and under load
+            # ipykernel's flush timer can fall between them, storing one line as two outputs (nbval merges them,
+            # but the chapter file would differ from run to run).
             papermill.execute_notebook(
                 str(tmp), str(tmp), parameters=parameters or None, kernel_name=KERNEL_NAME, progress_bar=False,
                 request_save_on_cell_execute=False, cwd=str(notebook.parent), kernel_manager_class=LocalKernelManager,
+                coalesce_streams=True,
             )
         executed = nbformat.read(tmp, as_version=4)
         slowest = slowest_cells(executed)
@@ -247,10 +251,8 @@ def run_profile(profile_path: str | Path, only: list[str] | None = None, dry_run
           f"{'the book (in place)' if folder == repo_root else folder}", flush=True)
     lanes = lane_count(jobs)
     if lanes > 1 and not dry_run and len(plan) > 1:
-        # The chapter that most chapters wait for starts first: 04 (directions) before 03 (spectra), 06 (transfer)
-        # before 05 (anatomy), so the slow chapters overlap instead of queueing on one lane.
         outcome = run_jobs(chapter_jobs(plan, notebooks, profile_path, repo_root, in_place), lanes,
-                           cwd=str(repo_root), echo=lambda line: print(line, flush=True), first="dependents")
+                           cwd=str(repo_root), echo=lambda line: print(line, flush=True))
         print(summary(outcome), flush=True)
         failed = not_passed(outcome)
         if failed:

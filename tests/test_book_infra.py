@@ -180,6 +180,16 @@ def test_runner_executes_in_place(tmp_path, capsys):
     assert sorted(p.name for p in notebook.parent.iterdir()) == ["ch.ipynb", "intro.md"]
 
 
+def test_a_line_written_in_two_flushes_is_stored_as_one_output(tmp_path):
+    """ipykernel flushes stdout on a timer; a line whose two halves straddle a flush must not become two outputs
+    (the stored chapter would differ from run to run)."""
+    notebook = _book(tmp_path, [new_code_cell(
+        "import sys, time\nsys.stdout.write('one line'); sys.stdout.flush(); time.sleep(0.5); print(' of text')")])
+    runner.run_profile(_profile(tmp_path, "defaults: {}\n"), repo_root=tmp_path)
+    outputs = nbformat.read(notebook, as_version=4).cells[-1].outputs
+    assert [(o.output_type, o.name, o.text) for o in outputs] == [("stream", "stdout", "one line of text\n")]
+
+
 def test_runner_names_a_chapter_log_that_is_not_empty(tmp_path, monkeypatch, capsys):
     """A chapter's warnings go to its log, not its stderr (lib.runtime.log_to_file); the runner says where."""
     monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path / "artifacts"))
