@@ -35,6 +35,24 @@ def test_a_job_starts_after_its_needs_and_beside_the_others(tmp_path):
     assert lines[0] == f"3 job(s) on 2 lane(s), {lanes.lane_environment(2)['OMP_NUM_THREADS']} thread(s) each"
 
 
+def test_ready_jobs_start_in_listed_order_or_most_awaited_first(tmp_path):
+    """On one lane: 'quick' is listed first and nothing waits for it; 'root' unblocks 'leaf' and 'tail'."""
+    order = tmp_path / "order"
+    append = "import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.write_text((p.read_text() if p.exists() else '') + sys.argv[2])"
+    jobs = [lanes.Job("quick", (*_python(append), str(order), "q")),
+            lanes.Job("root", (*_python(append), str(order), "r")),
+            lanes.Job("leaf", (*_python(append), str(order), "l"), needs=("root",)),
+            lanes.Job("tail", (*_python(append), str(order), "t"), needs=("leaf", "quick"))]
+    assert lanes.dependent_counts(jobs) == {"quick": 1, "root": 2, "leaf": 1, "tail": 0}
+    assert [job.name for job in lanes.start_order(jobs, "dependents")] == ["root", "quick", "leaf", "tail"]
+    for first, expected in (("listed", "qrlt"), ("dependents", "rqlt")):
+        order.unlink(missing_ok=True)
+        assert lanes.exit_code(lanes.run_jobs(jobs, 1, first=first, echo=lambda line: None)) == 0
+        assert order.read_text() == expected, first
+    with pytest.raises(ValueError, match="first must be one of"):
+        lanes.start_order(jobs, "fastest")
+
+
 def test_a_failed_job_stops_what_needs_it_and_its_output_is_printed_whole(tmp_path):
     jobs = [lanes.Job("broken", _python("print('one'); print('two'); raise SystemExit(3)")),
             lanes.Job("after", _python(_write(tmp_path / "ran", "x")), needs=("broken",)),
