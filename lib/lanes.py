@@ -4,7 +4,7 @@ the same time.
 On a 2-core CPU one process at 2 threads keeps the cores about 80% busy (model loads, Python, the kernels' own
 overheads), and torch's matrix products gain only ~1.5x from a second thread; two processes at 1 thread each do
 ~1.3x the work of one at 2 (BENCHMARKS.md, "Two lanes"). A job is a command with the names of the jobs it needs;
-a job starts once they have all passed, in the order given, on the first free lane. Every job gets
+a job starts once they have all passed, on the first free lane. Every job gets
 ``$OMP_NUM_THREADS`` and ``$MKL_NUM_THREADS`` set to its share of the cores (unless the caller set them), and its
 output is printed whole when it ends, so lanes never interleave lines. A job whose need failed does not run.
 
