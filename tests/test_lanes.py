@@ -18,6 +18,10 @@ def _python(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
 
+# A job that appends its second argument to the file named by its first: the order in which jobs ran.
+APPEND = "import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.write_text((p.read_text() if p.exists() else '') + sys.argv[2])"
+
+
 def _write(path: Path, text: str) -> str:
     return f"import pathlib; pathlib.Path({str(path)!r}).write_text({text!r})"
 
@@ -25,10 +29,9 @@ def _write(path: Path, text: str) -> str:
 def test_a_job_starts_after_its_needs_and_beside_the_others(tmp_path):
     """'late' needs 'slow'; 'quick' needs nothing and runs beside 'slow' on the second lane, so it ends first."""
     order = tmp_path / "order"
-    append = "import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.write_text((p.read_text() if p.exists() else '') + sys.argv[2])"
-    jobs = [lanes.Job("slow", (*_python(f"import time; time.sleep(1.5); {append}"), str(order), "s")),
-            lanes.Job("late", (*_python(append), str(order), "l"), needs=("slow",)),
-            lanes.Job("quick", (*_python(append), str(order), "q"))]
+    jobs = [lanes.Job("slow", (*_python(f"import time; time.sleep(1.5); {APPEND}"), str(order), "s")),
+            lanes.Job("late", (*_python(APPEND), str(order), "l"), needs=("slow",)),
+            lanes.Job("quick", (*_python(APPEND), str(order), "q"))]
     lines = []
     assert lanes.run_jobs(jobs, 2, echo=lines.append) == {"quick": "passed", "slow": "passed", "late": "passed"}
     assert order.read_text() == "qsl"
@@ -38,11 +41,10 @@ def test_a_job_starts_after_its_needs_and_beside_the_others(tmp_path):
 def test_ready_jobs_start_in_listed_order_or_most_awaited_first(tmp_path):
     """On one lane: 'quick' is listed first and nothing waits for it; 'root' unblocks 'leaf' and 'tail'."""
     order = tmp_path / "order"
-    append = "import sys, pathlib; p = pathlib.Path(sys.argv[1]); p.write_text((p.read_text() if p.exists() else '') + sys.argv[2])"
-    jobs = [lanes.Job("quick", (*_python(append), str(order), "q")),
-            lanes.Job("root", (*_python(append), str(order), "r")),
-            lanes.Job("leaf", (*_python(append), str(order), "l"), needs=("root",)),
-            lanes.Job("tail", (*_python(append), str(order), "t"), needs=("leaf", "quick"))]
+    jobs = [lanes.Job("quick", (*_python(APPEND), str(order), "q")),
+            lanes.Job("root", (*_python(APPEND), str(order), "r")),
+            lanes.Job("leaf", (*_python(APPEND), str(order), "l"), needs=("root",)),
+            lanes.Job("tail", (*_python(APPEND), str(order), "t"), needs=("leaf", "quick"))]
     assert lanes.dependent_counts(jobs) == {"quick": 1, "root": 2, "leaf": 1, "tail": 0}
     assert [job.name for job in lanes.start_order(jobs, "dependents")] == ["root", "quick", "leaf", "tail"]
     for first, expected in (("listed", "qrlt"), ("dependents", "rqlt")):
