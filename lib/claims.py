@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lib.judges import REFUSAL, bootstrap_contrast, bootstrap_rate_difference
-from lib.stats import verdict
+from lib.stats import interval_text, verdict
 
 CLAIM1_WORDS = ("refusal drops", "refusal rises", "not resolved")
 CLAIM2_WORDS = ("higher", "lower", "not resolved")
@@ -49,8 +49,7 @@ def claim2_rows(pairwise, focus: str = "lat"):
 
 def _differences(rows, others: Sequence[str]) -> str:
     by_other = rows.set_index("versus")
-    return ", ".join(f"{o} {by_other.loc[o, 'difference']:+.3f} [{by_other.loc[o, 'low']:+.3f}, "
-                     f"{by_other.loc[o, 'high']:+.3f}]" for o in others)
+    return ", ".join(f"{o} " + interval_text(*by_other.loc[o, ["difference", "low", "high"]], "+.3f") for o in others)
 
 
 def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: str = "lat",
@@ -61,8 +60,9 @@ def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: 
     the top-1 share), the top-1 differences: the paper's claim is about the *second* component, so a top-2 excess
     that is all top-1 excess does not carry it. Returns the stored verdict."""
     lat_rows = claim2_rows(pairwise, focus)
-    others = [v for v in ("ssft", "at", "ssft-control") if v in set(lat_rows["versus"])]
-    holds = bool(len(others)) and all(lat_rows.set_index("versus").loc[others, "verdict"] == "higher")
+    by_versus = lat_rows.set_index("versus")
+    others = [v for v in ("ssft", "at", "ssft-control") if v in by_versus.index]
+    holds = bool(len(others)) and all(by_versus.loc[others, "verdict"] == "higher")
     centred_holds = (all(claim2_rows(centred_pairwise, focus).set_index("versus").loc[others, "verdict"] == "higher")
                      if others else False)
     statement = (f"LAT's top-2 share at layer {layer} is {'' if holds else 'not '}higher than that of "
@@ -70,7 +70,7 @@ def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: 
                  f"{_differences(lat_rows, others)})")
     if top1_pairwise is not None and others:
         top1 = claim2_rows(top1_pairwise, focus)
-        second = (lat_rows.set_index("versus")["difference"] - top1.set_index("versus")["difference"]).loc[others]
+        second = (by_versus["difference"] - top1.set_index("versus")["difference"]).loc[others]
         statement += (f". Its top-1 share alone differs by {_differences(top1, others)}, which leaves the second "
                       f"component's own share differing by {', '.join(f'{o} {d:+.3f}' for o, d in second.items())} "
                       f"(top-2 minus top-1 difference, point estimates)")

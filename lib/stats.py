@@ -57,3 +57,9 @@ def verdict(low: float, high: float, positive: str, negative: str, undecided: st
     """Words for a 95% interval of a difference: ``positive`` if it lies above 0, ``negative`` below, else
     ``undecided``."""
     return positive if low > 0 else negative if high < 0 else undecided
+
+
+def interval_text(value: float, low: float, high: float, spec: str = ".3f") -> str:
+    """An estimate and its interval as the book writes them, ``"value [low, high]"``, each number in format
+    ``spec`` (e.g. ``"+.1f"`` for signed differences)."""
+    return f"{value:{spec}} [{low:{spec}}, {high:{spec}}]"

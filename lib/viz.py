@@ -139,9 +139,10 @@ def interval_table(df: pd.DataFrame, value: str, index: list[str], columns: str 
     """A compact table of "value [low, high]" strings, rows ``index`` and (optionally) one column per value of
     ``columns``, in order of first appearance: intervals that fit a page instead of three numeric columns each."""
     _check_columns(df, [value, low, high, *index] + ([columns] if columns else []), "interval_table")
-    number = f"{{:{'+' if signed else ''}.{digits}f}}"
-    cells = [f"{number.format(v)} [{number.format(lo)}, {number.format(hi)}]"
-             for v, lo, hi in zip(df[value], df[low], df[high])]
+    from lib.stats import interval_text  # the one "value [low, high]" format (lib.stats imports torch: not at import)
+
+    spec = f"{'+' if signed else ''}.{digits}f"
+    cells = [interval_text(v, lo, hi, spec) for v, lo, hi in zip(df[value], df[low], df[high])]
     label = f"{value} [95% CI]"
     frame = df[index + ([columns] if columns else [])].assign(**{label: cells})
     if not columns:

@@ -98,11 +98,27 @@ def test_hook_variants_compute_the_same_projection():
     assert rows["noop hooks (dispatch only)"]["same tokens as lib"] < 1.0  # the bodies do ablate
 
 
-@pytest.mark.slow
-def test_lanes_benchmark_runs_both_arrangements_and_compares_their_numbers(capsys):
+# Units that stand in for the model's work in the lanes benchmark: one that always computes the same numbers, one
+# whose numbers differ from run to run (as a thread count that changed the products would make them).
+SAME_UNIT = ('import json, time; time.sleep(0.2); '
+             'print(json.dumps({{"seconds": 0.2, "digest": "{variant}-{prompts}-{tokens}"}}))')
+DIFFERENT_UNIT = 'import json, os, time; time.sleep(0.2); print(json.dumps({{"seconds": 0.2, "digest": str(os.getpid())}}))'
+
+
+@pytest.mark.parametrize("unit, same", [(SAME_UNIT, True), (DIFFERENT_UNIT, False)], ids=["same", "different"])
+def test_lanes_benchmark_runs_both_arrangements_and_compares_their_numbers(capsys, unit, same):
     from benchmarks import lanes
 
-    result = lanes.main(["--rounds", "1", "--prompts", "2", "--tokens", "2"])
-    assert result["rows"][0]["one lane s"] > 0 and result["rows"][0]["two lanes s"] > 0
-    assert result["same numbers in every unit"] is True
-    assert "same completions and scores in every unit: True" in capsys.readouterr().out
+    result = lanes.main(["--rounds", "2", "--prompts", "2", "--tokens", "2"], unit=unit)
+    assert [row["round"] for row in result["rows"]] == [1, 2]
+    assert all(row["one lane s"] > 0 and row["two lanes s"] > 0 for row in result["rows"])
+    assert result["same numbers in every unit"] is same
+    assert f"same completions and scores in every unit: {same}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_lanes_benchmarks_unit_of_work_runs_on_the_model():
+    from benchmarks import lanes
+
+    measured = lanes.finish(lanes.start_unit(lanes.UNIT.format(variant="ssft", prompts=2, tokens=2), 1))
+    assert measured["seconds"] > 0 and len(measured["digest"]) == 16

@@ -50,6 +50,32 @@ def test_dequantising_the_offline_model_writes_nothing_to_stderr(monkeypatch, tm
     assert captured.err == "", captured.err[:500]
 
 
+def test_a_gguf_file_is_parsed_once_while_the_model_is_read(monkeypatch):
+    """transformers opens the GGUF file for the tokenizer, the config and the weights: inside the dequantising
+    block they share one reader per file and one tensor-name map per architecture; outside it gguf is untouched."""
+    import gguf
+
+    parsed, built = [], []
+
+    class Reader:
+        def __init__(self, path):
+            parsed.append(path)
+
+    def name_map(arch, n_blocks):
+        built.append((arch, n_blocks))
+        return {"arch": arch}
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", name_map)
+    with sources._gguf_parsed_once():
+        from gguf import GGUFReader, get_tensor_name_map  # as transformers imports them, inside its functions
+
+        assert GGUFReader("a.gguf") is GGUFReader("a.gguf") and GGUFReader("b.gguf") is not GGUFReader("a.gguf")
+        assert get_tensor_name_map(1, 30) is get_tensor_name_map(1, 30)
+    assert parsed == ["a.gguf", "b.gguf"] and built == [(1, 30)]
+    assert gguf.GGUFReader is Reader and gguf.get_tensor_name_map is name_map
+
+
 def test_hub_snapshot_is_the_cached_commit_the_revision_resolves_to(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

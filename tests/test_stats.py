@@ -40,3 +40,10 @@ def test_wilson_interval_and_verdict_words():
         stats.wilson_interval(1, 0)
     assert [stats.verdict(lo, hi, "up", "down", "open") for lo, hi in ((0.1, 2), (-2, -0.1), (-1, 1))] == \
         ["up", "down", "open"]
+
+
+def test_interval_text_writes_estimate_then_interval_in_one_format():
+    from lib.stats import interval_text
+
+    assert interval_text(0.1234, -0.5, 1.0, "+.3f") == "+0.123 [-0.500, +1.000]"
+    assert interval_text(4.62, 3.9, 5.31, ".1f") == "4.6 [3.9, 5.3]"
