@@ -1,8 +1,9 @@
 """Install pinned packages into ``.venv`` with uv, configured as pip is, and with pip where uv is absent or fails.
 
-``make setup`` spent about 100 s of a fresh ``make test`` in pip, 60 s of it compiling bytecode one file at a time;
-uv installs the same versions (``requirements.lock`` pins every one) and compiles on every core: 36 s against 90 s
-measured side by side on a 2-core host, with identical ``pip freeze`` output (BENCHMARKS.md, "Setting up .venv").
+``make setup`` spent about 100 s of a fresh ``make test``, most of it in pip, which compiles bytecode one file at a
+time (67 s for the lock, 23 s without compiling); uv installs the same versions (``requirements.lock`` pins every
+one) and compiles on every core: 36 s on a 2-core host, with identical ``pip freeze`` output (BENCHMARKS.md,
+"Setting up .venv").
 uv does not read pip's configuration, so where packages come from (index, extra indexes, local wheel folders,
 constraint files: the files and ``PIP_*`` variables that ``pip config list`` shows) is handed to it as flags, with
 pip's precedence (environment over the ``install`` section over ``global``) and pip's rule of taking the best
