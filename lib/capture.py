@@ -13,7 +13,7 @@ import torch
 import lib
 from lib.artifacts import artifact_path, cache_key, cached_tensors
 from lib.hooks import SITES, WRITE_SITES, attached, check_layers, check_sites, site_hook, write_site_hook
-from lib.inputs import check_prompts, encode, forward
+from lib.inputs import LAST_POSITION, check_prompts, encode, forward
 from lib.models import LoadedModel
 from lib.runtime import auto_batch_size, progress
 
@@ -165,7 +165,7 @@ def _site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int, p
             state["rest"] = (seen > 1).double() if positions == "rest" else torch.zeros_like(mask).index_fill_(
                 1, torch.tensor([mask.shape[1] - 1]), 1.0)  # left padding: the last column is every last token
             n_rest += int(state["rest"].sum())
-            forward(lm, batch, logits_to_keep=1)
+            forward(lm, batch, logits_to_keep=LAST_POSITION)
     if n_rest == 0:
         raise ValueError("Every prompt is a single token long: there are no positions after the first to average; "
                          "use positions='last'.")

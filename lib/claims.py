@@ -47,8 +47,8 @@ def claim2_rows(pairwise, focus: str = "lat"):
     return rows
 
 
-def _differences(rows, others: Sequence[str]) -> str:
-    by_other = rows.set_index("versus")
+def _differences(by_other, others: Sequence[str]) -> str:
+    """``difference [low, high]`` per name in ``others``, from rows indexed by "versus"."""
     return ", ".join(f"{o} " + interval_text(*by_other.loc[o, ["difference", "low", "high"]], "+.3f") for o in others)
 
 
@@ -67,10 +67,10 @@ def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: 
                      if others else False)
     statement = (f"LAT's top-2 share at layer {layer} is {'' if holds else 'not '}higher than that of "
                  f"{', '.join(others)} beyond the 95% interval (uncentred, {n_pairs} pairs; LAT minus "
-                 f"{_differences(lat_rows, others)})")
+                 f"{_differences(by_versus, others)})")
     if top1_pairwise is not None and others:
-        top1 = claim2_rows(top1_pairwise, focus)
-        second = (by_versus["difference"] - top1.set_index("versus")["difference"]).loc[others]
+        top1 = claim2_rows(top1_pairwise, focus).set_index("versus")
+        second = (by_versus["difference"] - top1["difference"]).loc[others]
         statement += (f". Its top-1 share alone differs by {_differences(top1, others)}, which leaves the second "
                       f"component's own share differing by {', '.join(f'{o} {d:+.3f}' for o, d in second.items())} "
                       f"(top-2 minus top-1 difference, point estimates)")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from lib.capture import order_by_length, prompt_lengths
-from lib.inputs import check_prompts, encode, position_ids
+from lib.inputs import LAST_POSITION, check_prompts, encode, position_ids
 from lib.models import LoadedModel
 from lib.runtime import auto_batch_size, packed_linears, packed_linears_requested, progress
 
@@ -88,7 +88,7 @@ def greedy_tokens(lm: LoadedModel, batch: dict[str, torch.Tensor], max_new_token
                      device=mask.device)
     alive = torch.arange(mask.shape[0], device=mask.device)
     output = lm.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                      cache=DynamicCache(config=lm.model.config), use_cache=True, logits_to_keep=1)
+                      cache=DynamicCache(config=lm.model.config), use_cache=True, logits_to_keep=LAST_POSITION)
     for step in range(max_new_tokens):
         token = output.logits[:, -1, :].to(dtype=torch.float32).argmax(-1)
         new[alive, step] = token
@@ -102,5 +102,5 @@ def greedy_tokens(lm: LoadedModel, batch: dict[str, torch.Tensor], max_new_token
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
         output = lm.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=output.cache,
-                          use_cache=True, logits_to_keep=1)
+                          use_cache=True, logits_to_keep=LAST_POSITION)
     return new[:, :0]

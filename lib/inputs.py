@@ -11,6 +11,12 @@ from torch import nn
 
 from lib.models import LoadedModel
 
+# ``logits_to_keep`` for the last position only. transformers slices an int ``k`` as ``hidden[:, -k:, :]``, a strided
+# view that ``torch.matmul`` does not fold into one product: after a prompt, the output layer ran as one
+# vector-by-matrix product per row (6x to 9x slower on a CPU at 16 to 64 rows). An index tensor gathers a contiguous
+# copy first, so it is one matrix product (same logits up to float rounding; decode steps are unchanged).
+LAST_POSITION = torch.tensor([-1])
+
 
 def check_prompts(prompts) -> None:
     """Raise a clear error unless ``prompts`` is a non-empty sequence of strings (a bare string would otherwise be
@@ -82,7 +88,7 @@ def prefix_cache(lm: LoadedModel, prefix: list[int]):
     device = input_device(lm.model)
     ids = torch.tensor([prefix], device=device)
     return lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(
-        len(prefix), device=device)[None], use_cache=True, logits_to_keep=1).cache
+        len(prefix), device=device)[None], use_cache=True, logits_to_keep=LAST_POSITION).cache
 
 
 def forward_after_prefix(lm: LoadedModel, cache, prefix_length: int, suffixes: list[list[int]], **kwargs):

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lib.inputs import check_prompts, encode, forward, forward_after_prefix, prefix_cache, split_common_prefix
+from lib.inputs import (LAST_POSITION, check_prompts, encode, forward, forward_after_prefix, prefix_cache,
+                        split_common_prefix)
 from lib.models import LoadedModel
 
 
@@ -43,9 +44,10 @@ def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str], batch_size: in
         for start in range(0, len(prompts), batch_size):
             batch = order[start:start + batch_size]
             if cache is None:
-                output = forward(lm, encode(lm, [prompts[i] for i in batch]), logits_to_keep=1)
+                output = forward(lm, encode(lm, [prompts[i] for i in batch]), logits_to_keep=LAST_POSITION)
             else:
-                output = forward_after_prefix(lm, cache, len(prefix), [suffixes[i] for i in batch], logits_to_keep=1)
+                output = forward_after_prefix(lm, cache, len(prefix), [suffixes[i] for i in batch],
+                                              logits_to_keep=LAST_POSITION)
             parts.append((batch, torch.log_softmax(output.logits[:, -1].double(), dim=-1).cpu()))
     rows = torch.empty(len(prompts), parts[0][1].shape[1], dtype=torch.float64)
     for batch, log_probs in parts:

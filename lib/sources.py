@@ -12,6 +12,7 @@ import shutil
 import warnings
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -105,36 +106,26 @@ def _dequantise(gguf: dict[str, str], folder: Path) -> Path:
     return folder
 
 
-@contextlib.contextmanager
 def _silent_gguf_bar():
     """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors...") on stderr
     whatever its progress-bar setting; on a cold cache that bar would land in the first chapter's stored outputs
-    (and fail nbval). Silence exactly that bar while the model is read."""
-    from functools import partial
-
+    (and fail nbval). A context that silences exactly that bar while the model is read."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     bar = getattr(gguf_utils, "tqdm", None)
     if bar is None:
-        yield
-        return
-    gguf_utils.tqdm = partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = bar
+        return contextlib.nullcontext()
+    return mock.patch.object(gguf_utils, "tqdm", functools.partial(bar, disable=True))
 
 
-@contextlib.contextmanager
 def _gguf_parsed_once():
     """transformers parses the GGUF file three times (tokenizer, config, weights: ~6 s each, mostly the 49,152-token
-    vocabulary) and builds gguf's tensor-name map once per tensor (272 times, ~8 s); share one parse per file and
-    one map per architecture while the model is read. The same objects, so the same files (every SHA-256 equal,
-    checked): only the reading is done once, 22 s -> 11 s for SmolLM2 on one idle core."""
+    vocabulary) and builds gguf's tensor-name map once per tensor (272 times, ~8 s); a context that shares one parse
+    per file and one map per architecture while the model is read. The same objects, so the same files (every
+    SHA-256 equal, checked): only the reading is done once, 22 s -> 11 s for SmolLM2 on one idle core."""
     import gguf
 
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict = {}
+    reader, readers = gguf.GGUFReader, {}
 
     def shared_reader(path, *args, **kwargs):
         key = (str(path), args, tuple(sorted(kwargs.items())))
@@ -142,11 +133,8 @@ def _gguf_parsed_once():
             readers[key] = reader(path, *args, **kwargs)
         return readers[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.cache(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    return mock.patch.multiple(gguf, GGUFReader=shared_reader,
+                               get_tensor_name_map=functools.cache(gguf.get_tensor_name_map))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -140,6 +140,29 @@ def test_shared_prefix_scores_equal_whole_prompt_passes(tiny, prompts):
     assert one == pytest.approx(_whole_prompt_log_probs(tiny, prompts[:1]), abs=1e-5)
 
 
+def test_the_output_layer_gets_one_contiguous_row_per_prompt(tiny, prompts):
+    """Scores, generation and capture ask for the last position's logits as an index tensor
+    (``lib.inputs.LAST_POSITION``), so the output layer runs as one matrix product on a contiguous [rows, 1, d]
+    input (an int ``logits_to_keep`` slices a strided view, which torch runs as one product per row), and its logits
+    are those of the last position of a whole pass."""
+    seen = []
+    head = tiny.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append((tuple(args[0].shape),
+                                                                             args[0].is_contiguous())))
+    try:
+        scores.next_token_log_probs(tiny, prompts, 3)
+        generation.generate(tiny, prompts, max_new_tokens=3, batch_size=4)
+    finally:
+        handle.remove()
+    assert seen and all(contiguous and shape[1] == 1 for shape, contiguous in seen), seen
+    batch = inputs.encode(tiny, prompts)
+    with torch.inference_mode():
+        last = inputs.forward(tiny, batch, logits_to_keep=inputs.LAST_POSITION).logits
+        whole = inputs.forward(tiny, batch).logits
+    assert last.shape == (len(prompts), 1, whole.shape[-1])
+    assert torch.allclose(last[:, 0], whole[:, -1], atol=1e-5)
+
+
 def test_rate_table_has_wilson_intervals():
     table = judges.rate_table({("a", "x"): ["refusal", "valid"], ("b", "x"): ["broken"] * 4}, ["refusal", "broken"])
     row = table.set_index(["key0", "key1"]).loc[("a", "x")]
