@@ -273,13 +273,25 @@ def bench_capture(lm, args, peer, device, results: dict) -> None:
 
 SCORE_REFERENCE = "whole prompts, left-padded, in prompt order"
 SCORE_LIB = "lib.scores.next_token_log_probs (shared prefix, batched by length)"
+SCORE_ROW_BY_ROW = "lib.scores.next_token_log_probs, output layer row by row (int logits_to_keep: lib before 2026-12-02)"
+
+
+def output_layer_row_by_row() -> contextlib.ExitStack:
+    """lib as it was before 2026-12-02: the last position's logits asked for by ``logits_to_keep=1``, which slices a
+    strided view that torch runs through the output layer one row at a time (``lib.inputs.LAST_POSITION``)."""
+    from lib import capture, generation, inputs, scores
+
+    stack = contextlib.ExitStack()
+    for module in (capture, generation, inputs, scores):
+        stack.enter_context(mock.patch.object(module, "LAST_POSITION", 1))
+    return stack
 
 
 def bench_scoring(lm, args, device, results: dict) -> None:
     """The generation-free refusal score's forward passes (every layer sweep, score matrix and anatomy condition):
     lib's shared-prefix passes against whole-prompt passes, same prompts, same batch size."""
     from lib.scores import next_token_log_probs
-    from lib.inputs import encode, forward, split_common_prefix
+    from lib.inputs import LAST_POSITION, encode, forward, split_common_prefix
 
     prompts = test_prompts(args.score_prompts)
     prefix, _ = split_common_prefix(lm, prompts)
@@ -290,13 +302,18 @@ def bench_scoring(lm, args, device, results: dict) -> None:
             rows = []
             with torch.inference_mode():
                 for i in range(0, len(texts), args.score_batch):
-                    logits = forward(lm, encode(lm, texts[i:i + args.score_batch]), logits_to_keep=1).logits[:, -1]
+                    batch = encode(lm, texts[i:i + args.score_batch])
+                    logits = forward(lm, batch, logits_to_keep=LAST_POSITION).logits[:, -1]
                     rows.append(torch.log_softmax(logits.double(), dim=-1).cpu())
             return torch.cat(rows)
         return run
 
     def methods(texts):
-        return {SCORE_REFERENCE: whole(texts), SCORE_LIB: lambda: next_token_log_probs(lm, texts, args.score_batch)}
+        def before():
+            with output_layer_row_by_row():
+                return next_token_log_probs(lm, texts, args.score_batch)
+        return {SCORE_REFERENCE: whole(texts), SCORE_LIB: lambda: next_token_log_probs(lm, texts, args.score_batch),
+                SCORE_ROW_BY_ROW: before}
 
     times, outputs = common.interleaved(methods(prompts), args.repeats, methods(prompts[:2]), device, log)
     rows = [{"method": name, "runs": len(seconds), "median s": common.median(seconds),
@@ -313,6 +330,7 @@ GENERATE_LIB = "lib generate (default)"
 GENERATE_PACKED = "lib generate, packed linears (REFUSAL_BOOK_PACKED_LINEAR=1)"
 GENERATE_KEEPING = "transformers generate, keeping finished rows (lib before 2026-12-01; benchmarks/finished_rows.py)"
 GENERATE_BF16 = "lib generate, bfloat16 weights (changes the numbers; off in the book)"
+GENERATE_ROW_BY_ROW = "lib generate, output layer row by row after the prompt (lib before 2026-12-02)"
 
 
 def bench_levers(args, device, results: dict) -> None:
@@ -335,14 +353,15 @@ def bench_levers(args, device, results: dict) -> None:
     batch_size = args.transfer_batch or runtime.auto_batch_size(lm, 128, args.transfer_tokens, device)
     log(f"levers: {target}, {len(prompts)} prompts x {args.transfer_tokens} tokens, batch {batch_size}")
 
-    def run(packed: bool, generator=generate, model=lm):
+    def run(packed: bool, generator=generate, model=lm, before=contextlib.nullcontext):
         def go():
             with mock.patch.dict(os.environ, {runtime.PACKED_ENV: "1" if packed else "0"}), \
-                    orthogonalized(model, direction):
+                    orthogonalized(model, direction), before():
                 return generator(model, prompts, args.transfer_tokens, batch_size)
         return go
 
     methods = {GENERATE_LIB: run(False), GENERATE_PACKED: run(True),
+               GENERATE_ROW_BY_ROW: run(False, before=output_layer_row_by_row),
                GENERATE_KEEPING: run(False, generate_keeping_finished_rows)}
     if device.type == "cpu" and lm.info.dtype == torch.float32:
         methods[GENERATE_BF16] = run(False, model=load(args.family, target, device=args.device, dtype="bfloat16"))
@@ -440,8 +459,12 @@ TARGETS = [  # (what, numerator row, denominator row, section, target ratio)
     ("hooks vs TransformerLens hooks", "lib hooks + KV cache", "TransformerLens hooks + KV cache", "generation", 1.5),
     ("capture vs bare forward", "lib.capture.collect", "bare forward pass (no capture)", "capture", 0.9),
     ("refusal score: shared prefix vs whole prompts", SCORE_LIB, SCORE_REFERENCE, "scoring", 1.5),
+    ("refusal score: output layer as one product vs row by row (lib before 2026-12-02)", SCORE_LIB, SCORE_ROW_BY_ROW,
+     "scoring", 1.0),
     ("greedy generation: lib (drops finished rows) vs lib before 2026-12-01 (issue 22)", GENERATE_LIB,
      GENERATE_KEEPING, "levers", 2.0),
+    ("greedy generation: output layer as one product vs row by row (lib before 2026-12-02)", GENERATE_LIB,
+     GENERATE_ROW_BY_ROW, "levers", 1.0),
     ("greedy generation with packed linears vs lib generate", GENERATE_PACKED, GENERATE_LIB, "levers", 2.0),
     ("greedy generation in bfloat16 vs lib generate (changes the numbers)", GENERATE_BF16, GENERATE_LIB,
      "levers", 2.0),

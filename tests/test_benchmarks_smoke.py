@@ -32,6 +32,7 @@ def test_make_bench_path_on_the_tiny_family(tiny_family, tmp_path):
     assert capture["HF output_hidden_states=True"]["max |diff| vs lib"] < 1e-5
     scoring = rows_by_method(results["scoring"]["rows"])
     assert max(row["max |diff| of log-probs"] for row in scoring.values()) < 1e-5
+    assert run.SCORE_ROW_BY_ROW in scoring and run.GENERATE_ROW_BY_ROW in results["levers"]["times"]  # lib before
     assert results["transfer"]["complete"] and results["transfer"]["targets"] == ["lora"]
     levers = rows_by_method(results["levers"]["rows"])
     bfloat16 = levers.pop(run.GENERATE_BF16)  # runs on a float32 CPU model; changes the numbers, so not compared
