@@ -141,8 +141,8 @@ def test_shared_prefix_scores_equal_whole_prompt_passes(tiny, prompts):
 
 
 def test_the_output_layer_gets_one_contiguous_row_per_prompt(tiny, prompts):
-    """Scores, generation and capture ask for the last position's logits as an index tensor
-    (``lib.inputs.LAST_POSITION``), so the output layer runs as one matrix product on a contiguous [rows, 1, d]
+    """The refusal score (with its shared prefix) and generation ask for the last position's logits as an index
+    tensor (``lib.inputs.LAST_POSITION``), so the output layer runs as one matrix product on a contiguous [rows, 1, d]
     input (an int ``logits_to_keep`` slices a strided view, which torch runs as one product per row), and its logits
     are those of the last position of a whole pass."""
     seen = []
