@@ -180,6 +180,9 @@ def orthogonalized(lm: LoadedModel, directions: torch.Tensor, mode: str = "zero"
     the embedding rows (the first block's input) and on every attention and MLP output projection (a bias is added
     where the layer has none). Tied input/output embeddings are untied for the duration, so the unembedding stays
     as it was (as with hooks).
+
+    The edited weights are new tensors and the originals are put back on exit, not copies of them: nothing is
+    cloned (SmolLM2's embedding is 113 MB, and a tied unembedding keeps the original embedding tensor itself).
     """
     model, info = lm.model, lm.info
     basis = check_directions(directions, info.d_model)
@@ -189,21 +192,20 @@ def orthogonalized(lm: LoadedModel, directions: torch.Tensor, mode: str = "zero"
     tied = output_embedding is not None and output_embedding.weight is embedding.weight
     writers = [(_output_projection(info.submodule(layer, role), role), layer, WRITE_SITES.index(f"{role}_out"))
                for layer in range(info.n_layers) for role in ("attn", "mlp")]
-    with torch.inference_mode(False):  # the copies restored on exit must be ordinary tensors, usable by autograd
-        saved = [(embedding.weight, embedding.weight.data.clone())]
-        saved += [(w.weight, w.weight.data.clone()) for w, _, _ in writers]
-        saved += [(w.bias, w.bias.data.clone()) for w, _, _ in writers if w.bias is not None]
+    saved = [(embedding.weight, embedding.weight.data)] + [(w.weight, w.weight.data) for w, _, _ in writers]
+    saved += [(w.bias, w.bias.data) for w, _, _ in writers if w.bias is not None]
     biasless = [w for w, _, _ in writers if w.bias is None] if targets is not None else []
     try:
         if tied:
-            output_embedding.weight = nn.Parameter(embedding.weight.data.clone(), requires_grad=False)
-        with torch.no_grad():
+            output_embedding.weight = nn.Parameter(embedding.weight.data, requires_grad=False)
+        # ordinary tensors even when the caller is in inference mode, so that autograd can run on the edited model
+        with torch.inference_mode(False), torch.no_grad():
             embedding.weight.data = project_out(embedding.weight.data, basis)  # rows are residual vectors
             if targets is not None:
                 embedding.weight.data += _offset(basis, targets[0, 0], embedding.weight)
             for writer, layer, slot in writers:
                 b = basis.to(writer.weight.device, writer.weight.dtype)
-                writer.weight.data -= b.T @ (b @ writer.weight.data)  # W <- (I - B^T B) W, W is [d, in]
+                writer.weight.data = writer.weight.data - b.T @ (b @ writer.weight.data)  # W <- (I - B^T B) W
                 if writer.bias is not None:
                     writer.bias.data = project_out(writer.bias.data, basis)
                 if targets is not None:

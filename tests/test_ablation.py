@@ -30,12 +30,16 @@ def test_orthogonalised_weights_match_hooks(tiny, prompts, k):
 
 def test_orthogonalisation_restores_weights_and_tie(tiny, prompts):
     before = {name: p.clone() for name, p in tiny.model.named_parameters()}
+    storage = {name: p.data_ptr() for name, p in tiny.model.named_parameters()}
     reference = logits(tiny, prompts)
     with ablation.orthogonalized(tiny, random_direction(64)):
         assert tiny.model.lm_head.weight is not tiny.model.model.embed_tokens.weight
+        # the unembedding reads the original embedding itself, not a copy of it
+        assert tiny.model.lm_head.weight.data_ptr() == storage["model.embed_tokens.weight"]
     assert tiny.model.lm_head.weight is tiny.model.model.embed_tokens.weight
     for name, p in tiny.model.named_parameters():
         assert torch.equal(p, before[name]), name
+        assert p.data_ptr() == storage[name], f"{name}: restored from a copy, not the original tensor"
     assert torch.equal(logits(tiny, prompts), reference)
 
 
