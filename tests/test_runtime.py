@@ -24,7 +24,7 @@ def test_packed_linears_give_the_same_logits_and_tokens_and_are_undone(tiny, pro
 def test_packed_linears_see_weight_edits_made_before_entering(tiny, prompts):
     direction = torch.nn.functional.normalize(torch.randn(tiny.info.d_model, generator=torch.Generator().manual_seed(1)), dim=0)
     batch = inputs.encode(tiny, prompts)
-    with ablation.orthogonalized(tiny, direction), torch.inference_mode():  # weights saved outside inference mode
+    with ablation.orthogonalized(tiny, direction), torch.inference_mode():  # edited outside inference mode
         edited = tiny.model(**batch).logits
         with runtime.packed_linears(tiny.model):
             packed = tiny.model(**batch).logits
@@ -42,7 +42,7 @@ def test_packed_linears_leave_other_dtypes_alone(tiny):
 def test_orthogonalising_inside_inference_mode_leaves_ordinary_weights(tiny):
     direction = torch.nn.functional.normalize(torch.ones(tiny.info.d_model), dim=0)
     with torch.inference_mode(), ablation.orthogonalized(tiny, direction):
-        pass
+        assert not any(p.is_inference() for p in tiny.model.parameters())  # autograd can run on the edited model
     assert not any(p.is_inference() for p in tiny.model.parameters())  # later training and attacks still work
 
 
