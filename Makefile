@@ -38,10 +38,11 @@ book: chapters site
 test: setup browser
 	$(RUN) $(PY) -m lib.suite --jobs $(JOBS)
 
-# nbval of every chapter as an AVX2-only CPU computes it (torch's AVX2 kernels, MKL's AVX2 code path), on a host
-# with AVX-512 or AMX: a second CPU generation for the committed outputs without a second machine (Re-run page).
+# nbval of every chapter as an AVX2-only CPU computes it (torch's AVX2 kernels, MKL's and oneDNN's AVX2 code paths),
+# on a host with AVX-512 or AMX: a second CPU generation for the committed outputs without a second machine (Re-run
+# page).
 test-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 $(RUN) $(PY) -m lib.suite --jobs $(JOBS) --chapters-only
+	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(RUN) $(PY) -m lib.suite --jobs $(JOBS) --chapters-only
 
 # Debian's chromium for tests/test_site_browser.py (apt-get update only when the package lists lack it). A failure
 # is tolerated: the browser test then skips and says why.

@@ -326,11 +326,12 @@ def bench_scoring(lm, args, device, results: dict) -> None:
 
 # --- levers for lib's generation (issue 22) -----------------------------------------------------------------------
 
-GENERATE_LIB = "lib generate (default)"
-GENERATE_PACKED = "lib generate, packed linears (REFUSAL_BOOK_PACKED_LINEAR=1)"
-GENERATE_KEEPING = "transformers generate, keeping finished rows (lib before 2026-12-01; benchmarks/finished_rows.py)"
+GENERATE_LIB = "lib generate (default: weights packed for oneDNN on a float32 CPU)"
+GENERATE_MKL = "lib generate, MKL products (REFUSAL_BOOK_PACKED_LINEAR=0: lib of commit c1925c9)"
+GENERATE_KEEPING = ("transformers generate, keeping finished rows, MKL products (lib before 2026-12-01; "
+                    "benchmarks/finished_rows.py)")
 GENERATE_BF16 = "lib generate, bfloat16 weights (changes the numbers; off in the book)"
-GENERATE_ROW_BY_ROW = "lib generate, output layer row by row after the prompt (lib before 2026-12-02)"
+GENERATE_ROW_BY_ROW = "lib generate, MKL products, output layer row by row after the prompt (lib before 2026-12-02)"
 
 
 def bench_levers(args, device, results: dict) -> None:
@@ -360,11 +361,11 @@ def bench_levers(args, device, results: dict) -> None:
                 return generator(model, prompts, args.transfer_tokens, batch_size)
         return go
 
-    methods = {GENERATE_LIB: run(False), GENERATE_PACKED: run(True),
+    methods = {GENERATE_LIB: run(True), GENERATE_MKL: run(False),
                GENERATE_ROW_BY_ROW: run(False, before=output_layer_row_by_row),
                GENERATE_KEEPING: run(False, generate_keeping_finished_rows)}
     if device.type == "cpu" and lm.info.dtype == torch.float32:
-        methods[GENERATE_BF16] = run(False, model=load(args.family, target, device=args.device, dtype="bfloat16"))
+        methods[GENERATE_BF16] = run(True, model=load(args.family, target, device=args.device, dtype="bfloat16"))
     times, outputs = common.interleaved(methods, args.repeats, None, device, log)
     labels = {name: judge_all(texts) for name, texts in outputs.items()}
 
@@ -377,6 +378,49 @@ def bench_levers(args, device, results: dict) -> None:
             for name, seconds in times.items()]
     results["levers"] = {"target": target, "prompts": len(prompts), "new_tokens": args.transfer_tokens,
                          "batch_size": batch_size, "rows": rows, "times": times}
+
+
+# --- one matrix product, two kernels (why the packed weights are faster here) -------------------------------------
+
+def bench_products(args, device, results: dict) -> None:
+    """Every distinct ``nn.Linear`` shape of the ``--variant`` model, at a decode step's rows (``--transfer-batch``)
+    and a prefill's (that many prompts x 60 tokens), multiplied by the default kernel (``F.linear``: MKL on x86)
+    and by oneDNN with the weight packed once (``lib.runtime.packed_linears``), interleaved: GFLOP/s of each, their
+    ratio and the largest difference of the products (they sum in different orders)."""
+    from lib.models import load
+
+    lm = load(args.family, args.variant, device=args.device, dtype=args.dtype)
+    if not runtime.packed_linears_available(lm.model):
+        log("products: the packed kernel does not apply here (needs a float32 model on the CPU)")
+        return
+    shapes = sorted({tuple(m.weight.shape) for m in lm.model.modules() if type(m) is torch.nn.Linear})
+    rows_per_step = args.transfer_batch or 32
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for n_out, n_in in shapes:
+        weight = torch.randn(n_out, n_in, generator=generator)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_per_step)
+        for label, m in (("decode step", rows_per_step), ("prefill", rows_per_step * 60)):
+            x = torch.randn(m, n_in, generator=generator)
+            calls = max(3, int(2e9 / (2 * m * n_in * n_out)))  # about 2 GFLOP per timing
+
+            def repeat(fn):
+                def go():
+                    for _ in range(calls):
+                        out = fn()
+                    return out
+                return go
+
+            methods = {"default": repeat(lambda: torch.nn.functional.linear(x, weight)),
+                       "packed": repeat(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))}
+            times, outputs = common.interleaved(methods, args.repeats, methods, device)
+            flop = 2 * m * n_in * n_out * calls
+            rows.append({"product": f"{m} x {n_in} -> {n_out} ({label})",
+                         "default GFLOP/s": flop / common.median(times["default"]) / 1e9,
+                         "packed GFLOP/s": flop / common.median(times["packed"]) / 1e9,
+                         "packed vs default": paired(times, "packed", "default"),
+                         "max |diff|": float((outputs["packed"] - outputs["default"]).abs().max())})
+    results["products"] = {"variant": args.variant, "threads": torch.get_num_threads(), "rows": rows}
 
 
 # --- transfer-matrix workload ------------------------------------------------------------------------------------
@@ -461,11 +505,11 @@ TARGETS = [  # (what, numerator row, denominator row, section, target ratio)
     ("refusal score: shared prefix vs whole prompts", SCORE_LIB, SCORE_REFERENCE, "scoring", 1.5),
     ("refusal score: output layer as one product vs row by row (lib before 2026-12-02)", SCORE_LIB, SCORE_ROW_BY_ROW,
      "scoring", 1.0),
-    ("greedy generation: lib (drops finished rows) vs lib before 2026-12-01 (issue 22)", GENERATE_LIB,
-     GENERATE_KEEPING, "levers", 2.0),
-    ("greedy generation: output layer as one product vs row by row (lib before 2026-12-02)", GENERATE_LIB,
+    ("greedy generation: lib vs lib before 2026-12-01 (issue 22)", GENERATE_LIB, GENERATE_KEEPING, "levers", 2.0),
+    ("greedy generation: weights packed for oneDNN vs MKL products (lib of c1925c9)", GENERATE_LIB, GENERATE_MKL,
+     "levers", 1.0),
+    ("greedy generation: output layer as one product vs row by row (lib before 2026-12-02)", GENERATE_MKL,
      GENERATE_ROW_BY_ROW, "levers", 1.0),
-    ("greedy generation with packed linears vs lib generate", GENERATE_PACKED, GENERATE_LIB, "levers", 2.0),
     ("greedy generation in bfloat16 vs lib generate (changes the numbers)", GENERATE_BF16, GENERATE_LIB,
      "levers", 2.0),
 ]
@@ -519,6 +563,12 @@ def report(results: dict) -> str:
                   f"prompts x {v['new_tokens']} tokens, batch {v['batch_size']}", "",
                   common.markdown_table(v["rows"], ["method", "runs", "median s", "vs lib generate",
                                                     "same completions", "same judge labels"]), ""]
+    if "products" in results:
+        p = results["products"]
+        lines += [f"## One matrix product, two kernels: {p['variant']}'s linear layers, torch threads {p['threads']} "
+                  "(default: MKL on x86; packed: oneDNN, the weight re-laid out once)", "",
+                  common.markdown_table(p["rows"], ["product", "default GFLOP/s", "packed GFLOP/s",
+                                                    "packed vs default", "max |diff|"]), ""]
     if "transfer" in results:
         t = results["transfer"]
         status = ("complete" if t["complete"]
@@ -550,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads; 0: the cores that the 1-minute load average leaves idle (at least 1, at "
                              "most torch's default). On a shared machine, more threads than idle cores make torch's "
                              "OpenMP threads wait on each other: 2-7x slower and very noisy timings here")
-    parser.add_argument("--sections", default="generation,capture,scoring,levers,transfer")
+    parser.add_argument("--sections", default="generation,capture,scoring,products,levers,transfer")
     parser.add_argument("--peer", choices=("transformer_lens", "none"), default="transformer_lens")
     parser.add_argument("--prompts", type=int, default=8,
                         help="generation: prompts (the paper's batch is 16; 8 keeps the recompute loop short)")
@@ -614,6 +664,8 @@ def _main(args, argv) -> dict:
     if "scoring" in sections:
         bench_scoring(lm, args, device, results)
     del lm, peer
+    if "products" in sections:
+        bench_products(args, device, results)
     if "levers" in sections:
         bench_levers(args, device, results)
     if "transfer" in sections:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from lib.artifacts import artifact_path, cache_key, cached_json, sha256_text
+from lib.generation import complete_batch
 from lib.hooks import attached, site_hook
 from lib.inputs import encode
 from lib.losses import IGNORE, lm_loss, response_loss
@@ -121,11 +122,8 @@ def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Seque
         def add_on_prefill(hidden):
             return hidden + ref["delta"].to(hidden.dtype) if hidden.shape[1] == width else None
 
-        encoded = encode(lm, chunk)
-        with torch.inference_mode(), attached([site_hook(lm.info, "resid_pre", layer, add_on_prefill)]):
-            output = lm.model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens,
-                                       pad_token_id=lm.tokenizer.pad_token_id)
-        completions += [t.strip() for t in lm.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+        with attached([site_hook(lm.info, "resid_pre", layer, add_on_prefill)]):
+            completions += complete_batch(lm, encode(lm, chunk), max_new_tokens)
     return completions
 
 

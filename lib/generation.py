@@ -7,6 +7,8 @@ end-of-turn token leaves the batch and its cache, instead of being fed padding a
 answer is done. Refusals are short, so a refusing model's batches shrink fast (1.4x to 1.8x on such batches on 2
 CPU cores, BENCHMARKS.md "Dropping finished rows"); the tokens equal ``generate``'s (tested; every chapter's
 stored completions are unchanged). Hooks must therefore treat rows independently, as ablation and addition do.
+On a float32 CPU model the products use weights packed once for oneDNN (``lib.runtime.packed_linears``: 1.85x on
+one AMD EPYC core, the same completions in every chapter; ``REFUSAL_BOOK_PACKED_LINEAR=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -56,8 +58,7 @@ def generate_prefixes(lm: LoadedModel, prompts: Sequence[str], lengths: Sequence
     finished: list[bool] = [False] * len(prompts)
     stop_ids = torch.tensor(stop_token_ids(lm), device=lm.info.device)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    faster = packed_linears(lm.model) if packed_linears_requested() else contextlib.nullcontext()
-    with torch.inference_mode(), faster:
+    with decoding(lm):
         for rows in progress(batches, desc=desc):
             new_tokens = greedy_tokens(lm, encode(lm, [prompts[i] for i in rows]), max_new_tokens, stop_ids)
             ended = torch.isin(new_tokens, stop_ids).any(dim=1)
@@ -67,6 +68,25 @@ def generate_prefixes(lm: LoadedModel, prompts: Sequence[str], lengths: Sequence
             for row, done in zip(rows, ended):
                 finished[row] = bool(done)
     return completions, finished
+
+
+def complete_batch(lm: LoadedModel, batch: dict[str, torch.Tensor], max_new_tokens: int) -> list[str]:
+    """Greedy completions (special tokens stripped) of one encoded, left-padded ``batch``, in its row order: what
+    ``generate`` does for each of its batches, for callers that build the batch themselves (the robustness check's
+    attacks, whose hooks key on the prompt's width)."""
+    stop_ids = torch.tensor(stop_token_ids(lm), device=batch["input_ids"].device)
+    with decoding(lm):
+        new_tokens = greedy_tokens(lm, batch, max_new_tokens, stop_ids)
+    return [text.strip() for text in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+@contextlib.contextmanager
+def decoding(lm: LoadedModel):
+    """Inference mode, with the weights packed for oneDNN on a float32 CPU model unless
+    ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``lib.runtime.packed_linears``)."""
+    faster = packed_linears(lm.model) if packed_linears_requested() else contextlib.nullcontext()
+    with torch.inference_mode(), faster:
+        yield
 
 
 def stop_token_ids(lm: LoadedModel) -> list[int]:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 PROGRESS_ENV = "REFUSAL_BOOK_PROGRESS"
-PACKED_ENV = "REFUSAL_BOOK_PACKED_LINEAR"  # "1" turns packed_linears on in lib.generation (off by default)
+PACKED_ENV = "REFUSAL_BOOK_PACKED_LINEAR"  # "0" turns packed_linears off in lib.generation (on by default)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -212,18 +212,26 @@ def packed_linears_available(model: torch.nn.Module) -> bool:
 
 
 def packed_linears_requested() -> bool:
-    """``REFUSAL_BOOK_PACKED_LINEAR=1``: generation uses ``packed_linears`` (off by default, see there)."""
-    return os.environ.get(PACKED_ENV, "0") == "1"
+    """Whether generation uses ``packed_linears``: yes unless ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``1`` or unset: yes)."""
+    value = os.environ.get(PACKED_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PACKED_ENV}={value!r}: use 1 (generation multiplies by weights packed for oneDNN, the "
+                         "default) or 0 (the default kernel, MKL on x86).")
+    return value == "1"
 
 
 @contextlib.contextmanager
 def packed_linears(model: torch.nn.Module) -> Iterator[int]:
     """Inference in which every ``nn.Linear`` of a float32 CPU model multiplies by a weight that oneDNN has
-    re-laid out once for its kernels (``torch.ops.mkldnn``), instead of the default kernel re-packing the weight on
-    every call. On a 2-core AMD EPYC host greedy generation ran 1.0x to 1.3x faster with the same tokens on the
-    book's workloads, and next-token log-probabilities moved by up to 2e-4 (``BENCHMARKS.md``): too little gain for
-    numbers that are not bit-identical on every host, so generation uses it only under
-    ``REFUSAL_BOOK_PACKED_LINEAR=1``. A no-op elsewhere (CUDA, bfloat16). Yields the number of layers it packed.
+    re-laid out once for its kernels (``torch.ops.mkldnn``), instead of the default kernel (MKL) re-packing the
+    weight on every call. On a 2-core AMD EPYC host with AVX-512 one thread multiplied a decode step's shapes 1.9x
+    to 3.0x faster this way (oneDNN's AVX-512 kernel ~180 GFLOP/s, MKL ~80), and greedy generation of the book's
+    workloads ran 1.85x faster at one thread (a lane of ``make test``); on an AVX2-only host 1.05x
+    (``BENCHMARKS.md``, ``make bench --sections products,levers``). The products are not bit-identical to MKL's
+    (logits move by ~1e-4), so lib uses it only where a check showed that no stored output moves: greedy
+    generation, whose completions in every chapter came out token for token as with MKL. Set
+    ``REFUSAL_BOOK_PACKED_LINEAR=0`` for MKL's products. A no-op elsewhere (CUDA, bfloat16). Yields the number of
+    layers it packed.
 
     The weights are packed on entry (about 0.2 s for SmolLM2), so a weight edit made before entering
     (``lib.ablation.orthogonalized``) is seen and one made inside is not. No autograd: for

@@ -39,6 +39,9 @@ def test_make_bench_path_on_the_tiny_family(tiny_family, tmp_path):
     assert bfloat16["runs"] == 1 and bfloat16["median s"] > 0
     assert {row["same completions"] for row in levers.values()} == {"3/3"}
     assert {row["same judge labels"] for row in levers.values()} == {"3/3"}
+    products = results["products"]["rows"]  # each linear shape at a decode step's rows and at a prefill's
+    assert len(products) >= 4 and sum("prefill" in row["product"] for row in products) == len(products) / 2
+    assert all(row["packed GFLOP/s"] > 0 for row in products) and max(row["max |diff|"] for row in products) < 1e-3
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["family"] == "tiny-llama"
     assert "## Targets" in next(tmp_path.glob("bench-*.md")).read_text()
 

@@ -1,6 +1,7 @@
 """lib.runtime: the packed-weight inference switch and the chapter log (the other helpers are tested with the
 modules that use them)."""
 
+import pytest
 import torch
 
 from lib import ablation, generation, inputs, runtime
@@ -16,9 +17,34 @@ def test_packed_linears_give_the_same_logits_and_tokens_and_are_undone(tiny, pro
     assert n == sum(type(m) is torch.nn.Linear for m in tiny.model.modules()) > 0
     torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)
     assert not any("forward" in vars(m) for m in tiny.model.modules())  # the modules' own forward again
+    monkeypatch.setenv(runtime.PACKED_ENV, "0")
     expected = generation.generate(tiny, prompts, 12, batch_size=2)
+    assert not runtime.packed_linears_requested()
     monkeypatch.setenv(runtime.PACKED_ENV, "1")
     assert runtime.packed_linears_requested() and generation.generate(tiny, prompts, 12, batch_size=2) == expected
+
+
+def test_generation_packs_the_weights_by_default_and_not_under_0(tiny, prompts, monkeypatch):
+    calls = []
+    real = runtime.packed_linears
+
+    def counting(model):
+        calls.append(model)
+        return real(model)
+
+    monkeypatch.setattr(generation, "packed_linears", counting)
+    monkeypatch.delenv(runtime.PACKED_ENV, raising=False)
+    generation.generate(tiny, prompts, 3, batch_size=2)
+    assert calls == [tiny.model]
+    monkeypatch.setenv(runtime.PACKED_ENV, "0")
+    generation.generate(tiny, prompts, 3, batch_size=2)
+    assert calls == [tiny.model]
+
+
+def test_a_packed_linear_setting_other_than_0_or_1_is_an_error(monkeypatch):
+    monkeypatch.setenv(runtime.PACKED_ENV, "yes")
+    with pytest.raises(ValueError, match="REFUSAL_BOOK_PACKED_LINEAR='yes': use 1 .* or 0"):
+        runtime.packed_linears_requested()
 
 
 def test_packed_linears_see_weight_edits_made_before_entering(tiny, prompts):
@@ -36,7 +62,7 @@ def test_packed_linears_leave_other_dtypes_alone(tiny):
     assert not runtime.packed_linears_available(half)
     with runtime.packed_linears(half) as n:
         assert n == 0
-    assert runtime.packed_linears_available(tiny.model) and not runtime.packed_linears_requested()
+    assert runtime.packed_linears_available(tiny.model)
 
 
 def test_orthogonalising_inside_inference_mode_leaves_ordinary_weights(tiny):
