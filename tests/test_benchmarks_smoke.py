@@ -126,3 +126,27 @@ def test_the_lanes_benchmarks_unit_of_work_runs_on_the_model():
 
     measured = lanes.finish(lanes.start_unit(lanes.UNIT.format(variant="ssft", prompts=2, tokens=2), 1))
     assert measured["seconds"] > 0 and len(measured["digest"]) == 16
+
+
+def write_generation(root, folder, name, result):
+    path = root / "artifacts" / folder / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": name[-16:], "result": result}))
+
+
+def test_same_generations_pairs_conditions_across_cache_keys_and_reports_a_changed_completion(tmp_path, capsys):
+    from benchmarks import same_generations
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for root, keys in ((first, ("0" * 16, "1" * 16)), (second, ("2" * 16, "3" * 16))):  # lib's code differs
+        write_generation(root, "evaluations/tiny/sft", f"none-{keys[0]}", {"completions": ["no", "sure"],
+                                                                           "labels": ["refusal", "valid"]})
+        write_generation(root, "evaluations/tiny/sft", f"none-{keys[1]}", {"completions": ["yes"], "labels": ["valid"]})
+        write_generation(root, "attacks/tiny/sft", f"layer0-{keys[0]}", ["ok"])
+    assert same_generations.main([str(first), str(second)]) == 0
+    assert "3 generated artifacts (4 completions) identical" in capsys.readouterr().out
+    write_generation(second, "attacks/tiny/sft", "layer0-" + "3" * 16, ["ok", "a token changed"])
+    write_generation(first, "attacks/tiny/sft", "layer0-" + "1" * 16, ["ok", "a token"])
+    assert same_generations.main([str(first), str(second)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("no identical twin") == 2 and "attacks/tiny/sft/layer0" in out
