@@ -383,43 +383,46 @@ def bench_levers(args, device, results: dict) -> None:
 # --- one matrix product, two kernels (why the packed weights are faster here) -------------------------------------
 
 def bench_products(args, device, results: dict) -> None:
-    """Every distinct ``nn.Linear`` shape of the ``--variant`` model, at a decode step's rows (``--transfer-batch``)
-    and a prefill's (that many prompts x 60 tokens), multiplied by the default kernel (``F.linear``: MKL on x86)
-    and by oneDNN with the weight packed once (``lib.runtime.packed_linears``), interleaved: GFLOP/s of each, their
-    ratio and the largest difference of the products (they sum in different orders)."""
+    """One ``nn.Linear`` of the ``--variant`` model per distinct shape, at a decode step's rows
+    (``--transfer-batch``) and a prefill's (that many prompts x 60 tokens), multiplied by the default kernel
+    (``F.linear``: MKL on x86) and by the layer itself inside ``lib.runtime.packed_linears`` (oneDNN on the weight
+    packed once, as generation runs it), interleaved: GFLOP/s of each, their ratio and the largest difference of the
+    products (they sum in different orders)."""
     from lib.models import load
 
     lm = load(args.family, args.variant, device=args.device, dtype=args.dtype)
     if not runtime.packed_linears_available(lm.model):
         log("products: the packed kernel does not apply here (needs a float32 model on the CPU)")
         return
-    shapes = sorted({tuple(m.weight.shape) for m in lm.model.modules() if type(m) is torch.nn.Linear})
+    linears = {}
+    for module in lm.model.modules():
+        if type(module) is torch.nn.Linear:
+            linears.setdefault(tuple(module.weight.shape), module)
     rows_per_step = args.transfer_batch or 32
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
-    for n_out, n_in in shapes:
-        weight = torch.randn(n_out, n_in, generator=generator)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_per_step)
-        for label, m in (("decode step", rows_per_step), ("prefill", rows_per_step * 60)):
-            x = torch.randn(m, n_in, generator=generator)
-            calls = min(200, max(3, int(2e9 / (2 * m * n_in * n_out))))  # ~2 GFLOP per timing, <= 200 calls
+    for (n_out, n_in), linear in sorted(linears.items()):
+        with torch.inference_mode(), runtime.packed_linears(linear):  # linear(x) is the packed product in here
+            for label, m in (("decode step", rows_per_step), ("prefill", rows_per_step * 60)):
+                x = torch.randn(m, n_in, generator=generator)
+                calls = min(200, max(3, int(2e9 / (2 * m * n_in * n_out))))  # ~2 GFLOP per timing, <= 200 calls
 
-            def repeat(fn):
-                def go():
-                    for _ in range(calls):
-                        out = fn()
-                    return out
-                return go
+                def repeat(product):
+                    def go():
+                        for _ in range(calls):
+                            out = product(x)
+                        return out
+                    return go
 
-            methods = {"default": repeat(lambda: torch.nn.functional.linear(x, weight)),
-                       "packed": repeat(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))}
-            times, outputs = common.interleaved(methods, args.repeats, methods, device)
-            flop = 2 * m * n_in * n_out * calls
-            rows.append({"product": f"{m} x {n_in} -> {n_out} ({label})",
-                         "default GFLOP/s": flop / common.median(times["default"]) / 1e9,
-                         "packed GFLOP/s": flop / common.median(times["packed"]) / 1e9,
-                         "packed vs default": paired(times, "packed", "default"),
-                         "max |diff|": float((outputs["packed"] - outputs["default"]).abs().max())})
+                methods = {"default": repeat(lambda x: torch.nn.functional.linear(x, linear.weight, linear.bias)),
+                           "packed": repeat(linear)}
+                times, outputs = common.interleaved(methods, args.repeats, methods, device)
+                flop = 2 * m * n_in * n_out * calls
+                rows.append({"product": f"{m} x {n_in} -> {n_out} ({label})",
+                             "default GFLOP/s": flop / common.median(times["default"]) / 1e9,
+                             "packed GFLOP/s": flop / common.median(times["packed"]) / 1e9,
+                             "packed vs default": paired(times, "packed", "default"),
+                             "max |diff|": float((outputs["packed"] - outputs["default"]).abs().max())})
     results["products"] = {"variant": args.variant, "threads": torch.get_num_threads(), "rows": rows}
 
 
