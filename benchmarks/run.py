@@ -426,6 +426,71 @@ def bench_products(args, device, results: dict) -> None:
     results["products"] = {"variant": args.variant, "threads": torch.get_num_threads(), "rows": rows}
 
 
+# --- the generation-free forward passes on packed weights ----------------------------------------------------------
+
+def bench_forward(args, device, results: dict) -> None:
+    """lib's forward passes other than generation, as the chapters run them, with ``REFUSAL_BOOK_PACKED_LINEAR``
+    1 (oneDNN's products on weights packed once: lib's default since issue 22's last lever) and 0 (MKL, lib of
+    commit 3d10bb0), interleaved: a layer sweep (``lib.layer_selection.layer_sweep``: 4 layers' random directions
+    orthogonalised, refusal score of 16 harmful and KL of 16 harmless test prompts), residual capture
+    (``lib.capture.collect``, 32 prompts, every layer) and the robustness check's PGD (2 steps of
+    ``lib.adversary.pgd_attack`` on 32 harmful prompts with their refusals, at layer 4, under
+    ``packed_products(gradients=True)`` as ``attacked_completions`` runs it). Each row: median seconds of both, their
+    ratio, and the largest difference between the two results (the products sum in different orders)."""
+    from lib import adversary, capture, data, layer_selection, organisms
+    from lib.losses import response_loss
+    from lib.models import load
+    from lib.training_data import load_refusals, refusal_for
+
+    target = (args.transfer_targets.split(",") if args.transfer_targets else default_targets(args.family))[0]
+    lm = load(args.family, target, device=args.device, dtype=args.dtype)
+    if not runtime.packed_linears_available(lm.model, gradients=True):
+        log("forward: the packed kernel does not apply here (needs a float32 model on the CPU)")
+        return
+    prompts = test_prompts(32)
+    pairs = data.split("test", 42)[:32]
+    harmless = [p.harmless for p in pairs[:16]]
+    refusals = load_refusals()
+    batch, width = adversary._attack_batch(lm, [p.harmful for p in pairs],
+                                           [refusal_for(p.id, refusals) for p in pairs])
+    prompt_mask = batch["attention_mask"].clone()
+    prompt_mask[:, width:] = 0
+    layer = min(4, lm.info.n_layers - 1)
+    epsilon = organisms.chosen_radius(args.family, layer) if args.family == "smollm2-135m" else 1.0
+    candidates = random_directions(lm.info.n_layers, lm.info.d_model, args.seed + 2)
+    sweep_layers = list(range(0, lm.info.n_layers, max(1, lm.info.n_layers // 4)))[:4]
+
+    workloads = {
+        "layer sweep (4 layers, 16 + 16 prompts)": lambda: torch.tensor(layer_selection.layer_sweep(
+            lm, candidates, prompts[:16], harmless, sweep_layers)[["refusal score", "KL"]].to_numpy()),
+        "capture (32 prompts, every layer)": lambda: capture.collect(lm, prompts)["resid_pre"],
+        "PGD at layer 4 (2 steps, 32 prompts)": lambda: _packed_pgd(lm, batch, layer, epsilon, prompt_mask,
+                                                                   response_loss),
+    }
+    rows = []
+    for name, work in workloads.items():
+        def setting(value):
+            def go():
+                with mock.patch.dict(os.environ, {runtime.PACKED_ENV: value}):
+                    return work()
+            return go
+
+        log(f"forward: {name}")
+        times, outputs = common.interleaved({"packed": setting("1"), "MKL": setting("0")}, args.repeats,
+                                            {"packed": setting("1")}, device, log)
+        rows.append({"workload": name, "packed median s": common.median(times["packed"]),
+                     "MKL median s": common.median(times["MKL"]), "packed vs MKL": paired(times, "packed", "MKL"),
+                     "max |diff|": float((outputs["packed"].double() - outputs["MKL"].double()).abs().max())})
+    results["forward"] = {"target": target, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def _packed_pgd(lm, batch, layer, epsilon, prompt_mask, loss_fn) -> torch.Tensor:
+    from lib.adversary import pgd_attack
+
+    with runtime.packed_products(lm.model, gradients=True):
+        return pgd_attack(lm, batch, layer, epsilon, 2, torch.Generator().manual_seed(0), prompt_mask, loss_fn)
+
+
 # --- transfer-matrix workload ------------------------------------------------------------------------------------
 
 def default_targets(family: str) -> list[str]:
@@ -572,6 +637,12 @@ def report(results: dict) -> str:
                   "(default: MKL on x86; packed: oneDNN, the weight re-laid out once)", "",
                   common.markdown_table(p["rows"], ["product", "default GFLOP/s", "packed GFLOP/s",
                                                     "packed vs default", "max |diff|"]), ""]
+    if "forward" in results:
+        f = results["forward"]
+        lines += [f"## lib's forward passes besides generation, on {f['target']}, torch threads {f['threads']}: weights "
+                  "packed for oneDNN (REFUSAL_BOOK_PACKED_LINEAR=1, lib's default) vs MKL's products (=0)", "",
+                  common.markdown_table(f["rows"], ["workload", "packed median s", "MKL median s", "packed vs MKL",
+                                                    "max |diff|"]), ""]
     if "transfer" in results:
         t = results["transfer"]
         status = ("complete" if t["complete"]
@@ -603,7 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads; 0: the cores that the 1-minute load average leaves idle (at least 1, at "
                              "most torch's default). On a shared machine, more threads than idle cores make torch's "
                              "OpenMP threads wait on each other: 2-7x slower and very noisy timings here")
-    parser.add_argument("--sections", default="generation,capture,scoring,products,levers,transfer")
+    parser.add_argument("--sections", default="generation,capture,scoring,products,levers,forward,transfer")
     parser.add_argument("--peer", choices=("transformer_lens", "none"), default="transformer_lens")
     parser.add_argument("--prompts", type=int, default=8,
                         help="generation: prompts (the paper's batch is 16; 8 keeps the recompute loop short)")
@@ -671,6 +742,8 @@ def _main(args, argv) -> dict:
         bench_products(args, device, results)
     if "levers" in sections:
         bench_levers(args, device, results)
+    if "forward" in sections:
+        bench_forward(args, device, results)
     if "transfer" in sections:
         bench_transfer(args, device, results)
     results["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)

@@ -20,6 +20,7 @@ from lib.hooks import attached, site_hook
 from lib.inputs import encode
 from lib.losses import IGNORE, lm_loss, response_loss
 from lib.models import LoadedModel
+from lib.runtime import packed_products
 
 
 def per_example_norm(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,9 @@ def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Seque
     """Greedy completions under a fresh untargeted PGD perturbation of the PROMPT's residual stream entering
     ``layer`` (L2 <= epsilon per prompt): the perturbation maximises the loss of ``targets`` (refusals) given the
     prompt, and is then added at every prompt position while the answer is generated. The attack's loss is
-    ``response_loss`` (logits at the target positions only)."""
+    ``response_loss`` (logits at the target positions only). On a float32 CPU model the attack's products use weights
+    packed for oneDNN (``lib.runtime.packed_products(gradients=True)``: 1.76x per PGD step at one thread on the
+    book's Zen 4 host)."""
     completions: list[str] = []
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
@@ -116,7 +119,8 @@ def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Seque
         batch, width = _attack_batch(lm, chunk, targets[start:start + batch_size])
         prompt_mask = batch["attention_mask"].clone()
         prompt_mask[:, width:] = 0
-        delta = pgd_attack(lm, batch, layer, epsilon, steps, generator, prompt_mask, response_loss)[:, :width]
+        with packed_products(lm.model, gradients=True):
+            delta = pgd_attack(lm, batch, layer, epsilon, steps, generator, prompt_mask, response_loss)[:, :width]
         ref = {"delta": delta}
 
         def add_on_prefill(hidden):

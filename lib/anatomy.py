@@ -191,24 +191,29 @@ def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], 
     """Generation-free effect of each named condition (a context-manager factory ``lm -> context``, or None for the
     model as it is) on ``lm``: the mean refusal score on ``harmful`` with a 95% bootstrap interval over prompts, and
     (unless ``harmless`` is None) the mean first-token KL on ``harmless`` from the unablated model. A DataFrame
-    indexed by condition; its ``per_prompt`` column holds each prompt's score, for paired comparisons."""
+    indexed by condition; its ``per_prompt`` column holds each prompt's score, for paired comparisons.
+
+    The weights are packed for oneDNN once, and the layers a condition edits once more inside it
+    (``lib.runtime.packed_products``; a condition that edits weights must replace the tensors, as
+    ``lib.ablation.orthogonalized`` does, or edit them under ``torch.no_grad()``, not through ``.data``)."""
     import pandas as pd
 
     from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
-    from lib.runtime import progress
+    from lib.runtime import packed_products, progress
     from lib.stats import bootstrap_indices, bootstrap_mean_interval
 
     index = bootstrap_indices(len(harmful), n_boot, seed)
-    clean_harmless = None if harmless is None else next_token_log_probs(lm, harmless, batch_size)
     rows = []
-    for name, condition in progress(list(conditions.items()), desc=f"conditions {lm.info.variant}"):
-        with condition(lm) if condition is not None else contextlib.nullcontext():
-            scores = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).double()
-            damage = {} if harmless is None else {"harmless KL": float(kl_divergence(
-                clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean())}
-        low, high = bootstrap_mean_interval(scores, index)
-        rows.append({"condition": name, "refusal score": float(scores.mean()), "low": low, "high": high,
-                     **damage, "n": len(harmful), "per_prompt": tuple(scores.tolist())})
+    with packed_products(lm.model):
+        clean_harmless = None if harmless is None else next_token_log_probs(lm, harmless, batch_size)
+        for name, condition in progress(list(conditions.items()), desc=f"conditions {lm.info.variant}"):
+            with condition(lm) if condition is not None else contextlib.nullcontext(), packed_products(lm.model):
+                scores = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).double()
+                damage = {} if harmless is None else {"harmless KL": float(kl_divergence(
+                    clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean())}
+            low, high = bootstrap_mean_interval(scores, index)
+            rows.append({"condition": name, "refusal score": float(scores.mean()), "low": low, "high": high,
+                         **damage, "n": len(harmful), "per_prompt": tuple(scores.tolist())})
     return pd.DataFrame(rows).set_index("condition")
 
 

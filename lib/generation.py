@@ -7,8 +7,8 @@ end-of-turn token leaves the batch and its cache, instead of being fed padding a
 answer is done. Refusals are short, so a refusing model's batches shrink fast (1.4x to 1.8x on such batches on 2
 CPU cores, BENCHMARKS.md "Dropping finished rows"); the tokens equal ``generate``'s (tested; every chapter's
 stored completions are unchanged). Hooks must therefore treat rows independently, as ablation and addition do.
-On a float32 CPU model the products use weights packed once for oneDNN (``lib.runtime.packed_linears``: 1.85x on
-one AMD EPYC core, the same completions in every chapter; ``REFUSAL_BOOK_PACKED_LINEAR=0`` turns it off).
+On a float32 CPU model the products use weights packed once for oneDNN (``lib.runtime.packed_products``: 1.85x
+on one AMD EPYC core, the same completions in every chapter; ``REFUSAL_BOOK_PACKED_LINEAR=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from lib.capture import order_by_length, prompt_lengths
 from lib.inputs import LAST_POSITION, check_prompts, encode, position_ids
 from lib.models import LoadedModel
-from lib.runtime import auto_batch_size, packed_linears, packed_linears_requested, progress
+from lib.runtime import auto_batch_size, packed_products, progress
 
 DEFAULT_BATCH_SIZE = 32  # on 2 CPU cores, 32 prompts per batch generate ~2x faster per prompt than 8
 
@@ -83,9 +83,8 @@ def complete_batch(lm: LoadedModel, batch: dict[str, torch.Tensor], max_new_toke
 @contextlib.contextmanager
 def decoding(lm: LoadedModel):
     """Inference mode, with the weights packed for oneDNN on a float32 CPU model unless
-    ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``lib.runtime.packed_linears``)."""
-    faster = packed_linears(lm.model) if packed_linears_requested() else contextlib.nullcontext()
-    with torch.inference_mode(), faster:
+    ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``lib.runtime.packed_products``)."""
+    with torch.inference_mode(), packed_products(lm.model):
         yield
 
 

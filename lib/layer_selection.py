@@ -12,7 +12,7 @@ import torch
 from lib.ablation import ablation_means, orthogonalized
 from lib.hooks import check_layers
 from lib.models import LoadedModel, for_each_model
-from lib.runtime import progress
+from lib.runtime import packed_products, progress
 from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
 
 
@@ -24,19 +24,22 @@ def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str
     KL divergence of the first-token distribution on ``harmless`` prompts from the unablated model's.
 
     Returns a DataFrame (layer, refusal score, KL), with a first row for the unablated model (layer -1) when
-    ``baseline``. ``mode``/``reference``: the ablation mode and, for "mean", its harmless reference prompts."""
+    ``baseline``. ``mode``/``reference``: the ablation mode and, for "mean", its harmless reference prompts.
+    The weights are packed for oneDNN once (``lib.runtime.packed_products``); each layer's edit repacks only the
+    layers it changes."""
     layers = check_layers(lm.info, layers)
-    means = ablation_means(lm, mode, reference, batch_size)
-    clean_harmless = next_token_log_probs(lm, harmless, batch_size)
-    rows = []
-    if baseline:
-        rows.append({"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
-            lm, harmful, batch_size)).mean()), "KL": 0.0})
-    for layer in progress(layers, desc=desc):
-        with orthogonalized(lm, candidates[layer], mode, means):
-            score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
-            kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
-        rows.append({"layer": layer, "refusal score": float(score), "KL": float(kl)})
+    with packed_products(lm.model):
+        means = ablation_means(lm, mode, reference, batch_size)
+        clean_harmless = next_token_log_probs(lm, harmless, batch_size)
+        rows = []
+        if baseline:
+            rows.append({"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
+                lm, harmful, batch_size)).mean()), "KL": 0.0})
+        for layer in progress(layers, desc=desc):
+            with orthogonalized(lm, candidates[layer], mode, means), packed_products(lm.model):
+                score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
+                kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
+            rows.append({"layer": layer, "refusal score": float(score), "KL": float(kl)})
     return pd.DataFrame(rows, columns=["layer", "refusal score", "KL"])
 
 

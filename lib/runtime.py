@@ -20,7 +20,7 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 PROGRESS_ENV = "REFUSAL_BOOK_PROGRESS"
-PACKED_ENV = "REFUSAL_BOOK_PACKED_LINEAR"  # "0" turns packed_linears off in lib.generation (on by default)
+PACKED_ENV = "REFUSAL_BOOK_PACKED_LINEAR"  # "0" turns packed_linears off in lib (on by default)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -204,55 +204,127 @@ def balanced(n_items: int, batch_size: int) -> int:
     return math.ceil(n_items / n_batches)
 
 
-def packed_linears_available(model: torch.nn.Module) -> bool:
-    """Whether ``packed_linears`` can apply: a float32 model on the CPU with oneDNN present."""
+def packed_linears_available(model: torch.nn.Module, gradients: bool = False) -> bool:
+    """Whether ``packed_linears`` applies: a float32 model on the CPU with oneDNN present, whose packed copies fit in
+    half the free memory."""
     weight = next(model.parameters())
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    copies = 2 if gradients else 1
+    packed_bytes = copies * sum(m.weight.numel() * m.weight.element_size() for m in _packable(model, gradients))
+    return packed_bytes <= available_memory("cpu") // 2
+
+
+def _packable(model: torch.nn.Module, gradients: bool) -> list[torch.nn.Linear]:
+    return [module for module in model.modules() if type(module) is torch.nn.Linear
+            and not (gradients and any(p.requires_grad for p in module.parameters()))]
 
 
 def packed_linears_requested() -> bool:
-    """Whether generation uses ``packed_linears``: yes unless ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``1`` or unset: yes)."""
+    """Whether lib's forward passes use ``packed_linears`` (``packed_products``): yes unless
+    ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``1`` or unset: yes)."""
     value = os.environ.get(PACKED_ENV, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{PACKED_ENV}={value!r}: use 1 (generation multiplies by weights packed for oneDNN, the "
-                         "default) or 0 (the default kernel, MKL on x86).")
+        raise ValueError(f"{PACKED_ENV}={value!r}: use 1 (lib multiplies by weights packed for oneDNN where it "
+                         "can, the default) or 0 (the default kernel, MKL on x86).")
     return value == "1"
 
 
 @contextlib.contextmanager
-def packed_linears(model: torch.nn.Module) -> Iterator[int]:
-    """Inference in which every ``nn.Linear`` of a float32 CPU model multiplies by a weight that oneDNN has
+def packed_linears(model: torch.nn.Module, gradients: bool = False) -> Iterator[int]:
+    """Computation in which every ``nn.Linear`` of a float32 CPU model multiplies by a weight that oneDNN has
     re-laid out once for its kernels (``torch.ops.mkldnn``), instead of the default kernel (MKL) re-packing the
     weight on every call. On a 2-core AMD EPYC host with AVX-512 one thread multiplied a decode step's shapes 1.9x
     to 3.0x faster this way (oneDNN's AVX-512 kernel ~180 GFLOP/s, MKL ~80), and greedy generation of the book's
     workloads ran 1.85x faster at one thread (a lane of ``make test``); on an AVX2-only host 1.05x
     (``BENCHMARKS.md``, ``make bench --sections products,levers``). The products are not bit-identical to MKL's
-    (logits move by ~1e-4), so lib uses it only where a check showed that no stored output moves: greedy
-    generation, whose completions in every chapter came out token for token as with MKL. Set
-    ``REFUSAL_BOOK_PACKED_LINEAR=0`` for MKL's products. A no-op elsewhere (CUDA, bfloat16). Yields the number of
-    layers it packed.
+    (logits move by ~1e-4); lib computes with them by default (``packed_products``). A no-op elsewhere (CUDA,
+    bfloat16), and when the packed copies would take more than half the free memory (a large float32 model on a
+    CPU). Yields the number of layers it packed.
 
-    The weights are packed on entry (about 0.2 s for SmolLM2), so a weight edit made before entering
-    (``lib.ablation.orthogonalized``) is seen and one made inside is not. No autograd: for
-    ``torch.inference_mode``/``no_grad`` code only."""
-    if not packed_linears_available(model):
+    ``gradients=True`` also packs each weight's transpose, so that autograd can carry a gradient back through the
+    layer to its input (a PGD attack on the activations); the weights themselves get none, so a layer whose weight
+    or bias requires a gradient (training) keeps its own forward. Without it: ``torch.inference_mode``/``no_grad``
+    code only.
+
+    Packing SmolLM2 takes about 0.4 s at one thread, so the contexts nest: inside another one, only the layers whose
+    weight or bias is no longer the tensor that was packed (``lib.ablation.orthogonalized`` puts new tensors in
+    the layers it edits) are packed again, and on exit the outer packing is back. A weight edited in place while
+    packed (``layer.weight.data.add_(...)``) is not seen: edit weights outside, or by replacing the tensor."""
+    linears = _packable(model, gradients)
+    if not linears or not packed_linears_available(model, gradients):
         yield 0
         return
-    patched = []
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 64)
-            module.forward = _packed_forward(packed, module.bias)
-            patched.append(module)
+    replaced = []
+    for module in linears:
+        current = vars(module).get("forward")
+        if isinstance(current, _PackedForward) and current.packs(module, gradients):
+            continue
+        replaced.append((module, current))
+        module.forward = _PackedForward(module, gradients)
     try:
-        yield len(patched)
+        yield len(replaced)
     finally:
-        for module in patched:
-            del module.forward
+        for module, previous in reversed(replaced):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
 
 
-def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None):
-    def forward(x: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def packed_products(model: torch.nn.Module, gradients: bool = False) -> Iterator[int]:
+    """``packed_linears`` unless ``REFUSAL_BOOK_PACKED_LINEAR=0``: how lib's forward passes (generation, scores,
+    capture, the robustness check's PGD) multiply."""
+    with packed_linears(model, gradients) if packed_linears_requested() else contextlib.nullcontext(0) as packed:
+        yield packed
+
+
+def _tensor_state(tensor: torch.Tensor | None) -> tuple | None:
+    return None if tensor is None else (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+
+
+class _PackedForward:
+    """A linear layer's forward on its weight packed for oneDNN (and its transpose when ``gradients``), holding the
+    tensors it packed so that their memory cannot be reused while it lives (``packs`` compares addresses). Where
+    autograd needs more than this packing gives (a gradient to the input without the transpose, or to a weight or
+    bias that requires one), it computes the layer with ``F.linear`` instead, so gradients are never lost."""
+
+    def __init__(self, module: torch.nn.Linear, gradients: bool):
+        self.parameter, self.weight, self.bias = module.weight, module.weight.detach(), module.bias
+        self.state = (_tensor_state(module.weight), _tensor_state(module.bias))
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
+        self.transposed = (torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), 64)
+                           if gradients else None)
+
+    def packs(self, module: torch.nn.Linear, gradients: bool) -> bool:
+        """Whether this packing is of ``module``'s current weight and bias, with the transpose if ``gradients``."""
+        return (module.weight is self.parameter and module.bias is self.bias
+                and (self.transposed is not None or not gradients)
+                and self.state == (_tensor_state(module.weight), _tensor_state(module.bias)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        trains = self.parameter.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if not torch.is_grad_enabled() or not (x.requires_grad or trains):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.transposed is not None and not trains:
+            return _PackedLinear.apply(x, self.packed, self.transposed, self.bias)
+        return torch.nn.functional.linear(x, self.parameter, self.bias)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """``x W^T + b`` with W packed for oneDNN; the gradient reaches ``x`` only (``x' = g W``, W^T packed too)."""
+
+    @staticmethod
+    def forward(x, packed, transposed, bias):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return forward
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.transposed = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.transposed, None, "none", [], "")
+        return grad_x, None, None, None

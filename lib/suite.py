@@ -4,8 +4,9 @@
 
 Each chapter is one pytest job (``pytest --nbval`` of its notebook) that starts once the chapters it reads have
 passed (``lib.chapters.chapter_needs``), so on 2 lanes the organisms chapter runs beside the activation-direction
-pipeline; the unit tests are one more job, last in line. Extra arguments go to every pytest job. The exit status
-is 0 only when every job passed; a chapter whose need failed is reported as not run.
+pipeline; the unit tests are two more jobs, last in line, so that either lane can take either: the rehearsal of
+the paper's profile on a stand-in (``tests/test_rehearsal.py``) and the rest. Extra arguments go to every pytest
+job. The exit status is 0 only when every job passed; a chapter whose need failed is reported as not run.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from lib.lanes import Job, exit_code, lane_count, python_command, run_jobs, summ
 
 SANITIZE = "tests/nbval_sanitize.cfg"
 UNIT_TESTS = "unit tests"
+REHEARSAL = "tests/test_rehearsal.py"
+UNIT_JOBS = (UNIT_TESTS, REHEARSAL)
 
 
 def suite_jobs(repo_root: Path = REPO_ROOT, chapters_only: bool = False, pytest_args: tuple[str, ...] = ()
                ) -> list[Job]:
-    """nbval of every chapter of ``_toc.yml`` (in its order, each needing what it reads), then the unit tests."""
+    """nbval of every chapter of ``_toc.yml`` (in its order, each needing what it reads), then the unit tests in two
+    jobs (``UNIT_JOBS``)."""
     needs = chapter_needs(read_toc_notebooks(repo_root))
     jobs = [Job(chapter_key(nb, repo_root),
                 python_command("-m", "pytest", "--nbval", "--nbval-sanitize-with", SANITIZE, *pytest_args,
@@ -32,7 +36,8 @@ def suite_jobs(repo_root: Path = REPO_ROOT, chapters_only: bool = False, pytest_
                 tuple(chapter_key(need, repo_root) for need in needed))
             for nb, needed in needs.items()]
     if not chapters_only:
-        jobs.append(Job(UNIT_TESTS, python_command("-m", "pytest", *pytest_args, "tests")))
+        jobs.append(Job(UNIT_TESTS, python_command("-m", "pytest", *pytest_args, "--ignore", REHEARSAL, "tests")))
+        jobs.append(Job(REHEARSAL, python_command("-m", "pytest", *pytest_args, REHEARSAL)))
     return jobs
 
 

@@ -42,6 +42,9 @@ def test_make_bench_path_on_the_tiny_family(tiny_family, tmp_path):
     products = results["products"]["rows"]  # each linear shape at a decode step's rows and at a prefill's
     assert len(products) >= 4 and sum("prefill" in row["product"] for row in products) == len(products) / 2
     assert all(row["packed GFLOP/s"] > 0 for row in products) and max(row["max |diff|"] for row in products) < 1e-3
+    forward = results["forward"]["rows"]  # a layer sweep, capture and PGD with and without packed weights
+    assert len(forward) == 3 and all(row["packed median s"] > 0 and row["MKL median s"] > 0 for row in forward)
+    assert all(row["max |diff|"] < 1e-3 for row in forward)  # the same results up to the order of the sums
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["family"] == "tiny-llama"
     assert "## Targets" in next(tmp_path.glob("bench-*.md")).read_text()
 

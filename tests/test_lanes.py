@@ -120,10 +120,14 @@ def test_the_books_needs_name_earlier_chapters_and_the_suite_checks_them_all():
     needs = chapters.chapter_needs(notebooks)
     assert needs[notebooks[-1]] == notebooks[:-1], "the conclusions read every chapter's verdicts"
     jobs = suite.suite_jobs(REPO_ROOT)
-    assert [job.name for job in jobs] == [chapters.chapter_key(nb, REPO_ROOT) for nb in notebooks] + [suite.UNIT_TESTS]
-    assert all(job.command[-1] == f"book/{Path(job.name).name}.ipynb" for job in jobs[:-1])
+    chapter_jobs, unit_jobs = jobs[:-2], jobs[-2:]
+    assert [job.name for job in chapter_jobs] == [chapters.chapter_key(nb, REPO_ROOT) for nb in notebooks]
+    assert all(job.command[-1] == f"book/{Path(job.name).name}.ipynb" for job in chapter_jobs)
+    assert [job.name for job in unit_jobs] == list(suite.UNIT_JOBS) and not any(job.needs for job in unit_jobs)
+    assert unit_jobs[0].command[-3:] == ("--ignore", suite.REHEARSAL, "tests")  # every test file, in one job or the other
+    assert unit_jobs[1].command[-1] == suite.REHEARSAL and (REPO_ROOT / suite.REHEARSAL).is_file()
     lanes.check_jobs(jobs)
-    assert [job.name for job in suite.suite_jobs(REPO_ROOT, chapters_only=True)] == [job.name for job in jobs[:-1]]
+    assert [job.name for job in suite.suite_jobs(REPO_ROOT, chapters_only=True)] == [job.name for job in chapter_jobs]
 
 
 def test_runner_runs_chapters_on_lanes_and_a_failure_stops_the_chapters_that_need_it(tmp_path, monkeypatch, capsys):

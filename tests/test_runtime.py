@@ -1,11 +1,11 @@
-"""lib.runtime: the packed-weight inference switch and the chapter log (the other helpers are tested with the
-modules that use them)."""
+"""lib.runtime: the packed-weight switch (inference, and PGD's gradients) and the chapter log (the other helpers are
+tested with the modules that use them)."""
 
 import pytest
 import torch
 
-from lib import ablation, generation, inputs, runtime
-from lib.artifacts import REPO_ROOT
+from lib import ablation, adversary, generation, inputs, runtime
+from lib.artifacts import REPO_ROOT, cache_key
 
 
 def test_packed_linears_give_the_same_logits_and_tokens_and_are_undone(tiny, prompts, monkeypatch):
@@ -28,11 +28,11 @@ def test_generation_packs_the_weights_by_default_and_not_under_0(tiny, prompts, 
     calls = []
     real = runtime.packed_linears
 
-    def counting(model):
+    def counting(model, gradients=False):
         calls.append(model)
-        return real(model)
+        return real(model, gradients)
 
-    monkeypatch.setattr(generation, "packed_linears", counting)
+    monkeypatch.setattr(runtime, "packed_linears", counting)
     monkeypatch.delenv(runtime.PACKED_ENV, raising=False)
     generation.generate(tiny, prompts, 3, batch_size=2)
     assert calls == [tiny.model]
@@ -63,6 +63,90 @@ def test_packed_linears_leave_other_dtypes_alone(tiny):
     with runtime.packed_linears(half) as n:
         assert n == 0
     assert runtime.packed_linears_available(tiny.model)
+
+
+def _input_gradient(tiny, batch):
+    embeddings = tiny.model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    logits = tiny.model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).logits
+    grad, = torch.autograd.grad(logits.square().mean(), embeddings)
+    return logits.detach(), grad
+
+
+def test_packed_linears_with_gradients_carry_the_input_gradient_and_give_the_weights_none(tiny, prompts):
+    batch = inputs.encode(tiny, prompts)
+    plain_logits, plain_grad = _input_gradient(tiny, batch)
+    with runtime.packed_linears(tiny.model, gradients=True) as n:
+        packed_logits, packed_grad = _input_gradient(tiny, batch)
+    assert n == sum(type(m) is torch.nn.Linear for m in tiny.model.modules()) > 0
+    torch.testing.assert_close(packed_logits, plain_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed_grad, plain_grad, atol=1e-5, rtol=1e-3)
+    assert plain_grad.abs().max() > 0 and all(p.grad is None for p in tiny.model.parameters())
+    assert not any("forward" in vars(m) for m in tiny.model.modules())
+
+
+def test_packed_linears_with_gradients_leave_a_layer_that_trains_alone(tiny):
+    linears = [m for m in tiny.model.modules() if type(m) is torch.nn.Linear]
+    linears[0].weight.requires_grad_(True)
+    with runtime.packed_linears(tiny.model, gradients=True) as n:
+        assert n == len(linears) - 1 and "forward" not in vars(linears[0]) and "forward" in vars(linears[1])
+    with runtime.packed_linears(tiny.model) as n:  # inference: no gradient flows, so it is packed too
+        assert n == len(linears)
+
+
+def test_nested_packing_repacks_only_the_layers_an_edit_replaced_and_gives_the_outer_back(tiny, prompts):
+    direction = torch.nn.functional.normalize(torch.randn(tiny.info.d_model, generator=torch.Generator().manual_seed(2)), dim=0)
+    batch = inputs.encode(tiny, prompts)
+    linears = [m for m in tiny.model.modules() if type(m) is torch.nn.Linear]
+    with torch.inference_mode():
+        with ablation.orthogonalized(tiny, direction):
+            expected = tiny.model(**batch).logits
+        with runtime.packed_linears(tiny.model) as outer:
+            before = [vars(m)["forward"] for m in linears]
+            with runtime.packed_linears(tiny.model) as again:
+                assert again == 0
+            with ablation.orthogonalized(tiny, direction), runtime.packed_linears(tiny.model) as edited:
+                logits = tiny.model(**batch).logits
+            assert [vars(m)["forward"] for m in linears] == before
+    # the attention and MLP output projections, and the tied unembedding, which the edit unties into a new parameter
+    assert tiny.model.config.tie_word_embeddings and outer == len(linears) and edited == 2 * tiny.info.n_layers + 1
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_packing_without_gradients_still_gives_autograd_the_right_gradient(tiny, prompts):
+    batch = inputs.encode(tiny, prompts)
+    plain_logits, plain_grad = _input_gradient(tiny, batch)
+    with runtime.packed_linears(tiny.model):  # packed for inference, then a gradient is asked for
+        packed_logits, packed_grad = _input_gradient(tiny, batch)
+    torch.testing.assert_close(packed_grad, plain_grad)
+    torch.testing.assert_close(packed_logits, plain_logits)
+
+
+def test_packed_linears_skip_a_model_whose_copies_would_not_fit(tiny, monkeypatch):
+    weights = sum(m.weight.numel() * 4 for m in tiny.model.modules() if type(m) is torch.nn.Linear)
+    monkeypatch.setattr(runtime, "available_memory", lambda device="cpu": 3 * weights)
+    assert runtime.packed_linears_available(tiny.model) and not runtime.packed_linears_available(tiny.model, True)
+    with runtime.packed_linears(tiny.model, gradients=True) as n:
+        assert n == 0
+    monkeypatch.setattr(runtime, "available_memory", lambda device="cpu": 0)
+    with runtime.packed_linears(tiny.model) as n:
+        assert n == 0 and not any("forward" in vars(m) for m in tiny.model.modules())
+
+
+def test_pgd_on_packed_weights_finds_the_same_attack_and_artifacts_are_keyed_by_the_products(tiny, prompts,
+                                                                                               monkeypatch):
+    batch, _width = adversary._attack_batch(tiny, prompts, ["I cannot help with that."] * len(prompts))
+
+    def attack():
+        return adversary.pgd_attack(tiny, batch, 1, 2.0, 3, torch.Generator().manual_seed(0))
+
+    plain = attack()
+    with runtime.packed_linears(tiny.model, gradients=True):
+        packed = attack()
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-3)
+    monkeypatch.delenv(runtime.PACKED_ENV, raising=False)
+    packed_key = cache_key(model="m")
+    monkeypatch.setenv(runtime.PACKED_ENV, "0")
+    assert cache_key(model="m") != packed_key
 
 
 def test_orthogonalising_inside_inference_mode_leaves_ordinary_weights(tiny):
