@@ -430,12 +430,12 @@ def bench_products(args, device, results: dict) -> None:
 
 def bench_forward(args, device, results: dict) -> None:
     """lib's forward passes other than generation, as the chapters run them, with ``REFUSAL_BOOK_PACKED_LINEAR``
-    1 (oneDNN's products on weights packed once: lib's default since issue 22's last lever) and 0 (MKL, lib of
-    commit 3d10bb0), interleaved: a layer sweep (``lib.layer_selection.layer_sweep``: 4 layers' random directions
+    ``all`` (oneDNN's products on weights packed once for every forward pass) and ``0`` (MKL everywhere), interleaved
+    (the default, ``1``, packs the PGD attack and not the sweep or the capture): a layer sweep (``lib.layer_selection.layer_sweep``: 4 layers' random directions
     orthogonalised, refusal score of 16 harmful and KL of 16 harmless test prompts), residual capture
     (``lib.capture.collect``, 32 prompts, every layer) and the robustness check's PGD (2 steps of
     ``lib.adversary.pgd_attack`` on 32 harmful prompts with their refusals, at layer 4, under
-    ``packed_products(gradients=True)`` as ``attacked_completions`` runs it). Each row: median seconds of both, their
+    ``packed_products(..., gradients=True)`` as ``attacked_completions`` runs it). Each row: median seconds of both, their
     ratio, and the largest difference between the two results (the products sum in different orders)."""
     from lib import adversary, capture, data, layer_selection, organisms
     from lib.losses import response_loss
@@ -476,8 +476,8 @@ def bench_forward(args, device, results: dict) -> None:
             return go
 
         log(f"forward: {name}")
-        times, outputs = common.interleaved({"packed": setting("1"), "MKL": setting("0")}, args.repeats,
-                                            {"packed": setting("1")}, device, log)
+        times, outputs = common.interleaved({"packed": setting("all"), "MKL": setting("0")}, args.repeats,
+                                            {"packed": setting("all")}, device, log)
         rows.append({"workload": name, "packed median s": common.median(times["packed"]),
                      "MKL median s": common.median(times["MKL"]), "packed vs MKL": paired(times, "packed", "MKL"),
                      "max |diff|": float((outputs["packed"].double() - outputs["MKL"].double()).abs().max())})
@@ -487,7 +487,7 @@ def bench_forward(args, device, results: dict) -> None:
 def _packed_pgd(lm, batch, layer, epsilon, prompt_mask, loss_fn) -> torch.Tensor:
     from lib.adversary import pgd_attack
 
-    with runtime.packed_products(lm.model, gradients=True):
+    with runtime.packed_products(lm.model, "attack", gradients=True):
         return pgd_attack(lm, batch, layer, epsilon, 2, torch.Generator().manual_seed(0), prompt_mask, loss_fn)
 
 
@@ -640,7 +640,7 @@ def report(results: dict) -> str:
     if "forward" in results:
         f = results["forward"]
         lines += [f"## lib's forward passes besides generation, on {f['target']}, torch threads {f['threads']}: weights "
-                  "packed for oneDNN (REFUSAL_BOOK_PACKED_LINEAR=1, lib's default) vs MKL's products (=0)", "",
+                  "packed for oneDNN (REFUSAL_BOOK_PACKED_LINEAR=all) vs MKL's products (=0)", "",
                   common.markdown_table(f["rows"], ["workload", "packed median s", "MKL median s", "packed vs MKL",
                                                     "max |diff|"]), ""]
     if "transfer" in results:

@@ -110,7 +110,7 @@ def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Seque
     ``layer`` (L2 <= epsilon per prompt): the perturbation maximises the loss of ``targets`` (refusals) given the
     prompt, and is then added at every prompt position while the answer is generated. The attack's loss is
     ``response_loss`` (logits at the target positions only). On a float32 CPU model the attack's products use weights
-    packed for oneDNN (``lib.runtime.packed_products(gradients=True)``: 1.76x per PGD step at one thread on the
+    packed for oneDNN (``lib.runtime.packed_products(..., gradients=True)``: 1.76x per PGD step at one thread on the
     book's Zen 4 host)."""
     completions: list[str] = []
     generator = torch.Generator().manual_seed(seed)
@@ -119,7 +119,7 @@ def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Seque
         batch, width = _attack_batch(lm, chunk, targets[start:start + batch_size])
         prompt_mask = batch["attention_mask"].clone()
         prompt_mask[:, width:] = 0
-        with packed_products(lm.model, gradients=True):
+        with packed_products(lm.model, "attack", gradients=True):
             delta = pgd_attack(lm, batch, layer, epsilon, steps, generator, prompt_mask, response_loss)[:, :width]
         ref = {"delta": delta}
 

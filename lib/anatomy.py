@@ -193,8 +193,8 @@ def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], 
     (unless ``harmless`` is None) the mean first-token KL on ``harmless`` from the unablated model. A DataFrame
     indexed by condition; its ``per_prompt`` column holds each prompt's score, for paired comparisons.
 
-    The weights are packed for oneDNN once, and the layers a condition edits once more inside it
-    (``lib.runtime.packed_products``; a condition that edits weights must replace the tensors, as
+    Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the weights are packed for oneDNN once, and the layers a condition edits
+    once more inside it (``lib.runtime.packed_products``; a condition that edits weights must replace the tensors, as
     ``lib.ablation.orthogonalized`` does, or edit them under ``torch.no_grad()``, not through ``.data``)."""
     import pandas as pd
 
@@ -204,10 +204,11 @@ def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], 
 
     index = bootstrap_indices(len(harmful), n_boot, seed)
     rows = []
-    with packed_products(lm.model):
+    with packed_products(lm.model, "measurement"):
         clean_harmless = None if harmless is None else next_token_log_probs(lm, harmless, batch_size)
         for name, condition in progress(list(conditions.items()), desc=f"conditions {lm.info.variant}"):
-            with condition(lm) if condition is not None else contextlib.nullcontext(), packed_products(lm.model):
+            applied = condition(lm) if condition is not None else contextlib.nullcontext()
+            with applied, packed_products(lm.model, "measurement"):
                 scores = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).double()
                 damage = {} if harmless is None else {"harmless KL": float(kl_divergence(
                     clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean())}

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lib
-from lib.runtime import packed_linears_requested
+from lib.runtime import packed_setting
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -92,10 +92,10 @@ def code_fingerprint() -> str:
 
 
 def cache_key(**parts: Any) -> str:
-    """A stable hash of everything that determines an artifact, including lib's version and source code and whether
-    the products were oneDNN's packed ones (``lib.runtime.packed_products``: the last bits differ)."""
+    """A stable hash of everything that determines an artifact, including lib's version and source code and where
+    the products were oneDNN's packed ones (``lib.runtime.packed_setting``: the last bits differ)."""
     payload = json.dumps({"lib_version": lib.__version__, "lib_code": code_fingerprint(),
-                          "packed_products": packed_linears_requested(), **parts},
+                          "packed_products": packed_setting(), **parts},
                          sort_keys=True, default=str)
     return sha256_text(payload)[:16]
 

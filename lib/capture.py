@@ -90,7 +90,7 @@ def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | Non
     hooks = [site_hook(lm.info, site, layer, capture_fn(site, layer)) for site in sites for layer in layers]
     order = order_by_length(lm, prompts)
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    with torch.inference_mode(), packed_products(lm.model), attached(hooks):
+    with torch.inference_mode(), packed_products(lm.model, "measurement"), attached(hooks):
         for batch_rows in progress(batches, desc=desc):
             batch = encode(lm, [prompts[i] for i in batch_rows])
             state["rows"] = torch.tensor(batch_rows)
@@ -156,7 +156,7 @@ def _site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int, p
              for layer in range(lm.info.n_layers) for slot, site in enumerate(WRITE_SITES)]
     order = order_by_length(lm, prompts)
     n_rest = 0
-    with torch.inference_mode(), packed_products(lm.model), attached(hooks):
+    with torch.inference_mode(), packed_products(lm.model, "measurement"), attached(hooks):
         for start in progress(range(0, len(prompts), batch_size), desc=desc):
             batch = encode(lm, [prompts[i] for i in order[start:start + batch_size]])
             mask = batch["attention_mask"].cpu().double()

@@ -84,7 +84,7 @@ def complete_batch(lm: LoadedModel, batch: dict[str, torch.Tensor], max_new_toke
 def decoding(lm: LoadedModel):
     """Inference mode, with the weights packed for oneDNN on a float32 CPU model unless
     ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``lib.runtime.packed_products``)."""
-    with torch.inference_mode(), packed_products(lm.model):
+    with torch.inference_mode(), packed_products(lm.model, "generation"):
         yield
 
 

@@ -25,10 +25,10 @@ def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str
 
     Returns a DataFrame (layer, refusal score, KL), with a first row for the unablated model (layer -1) when
     ``baseline``. ``mode``/``reference``: the ablation mode and, for "mean", its harmless reference prompts.
-    The weights are packed for oneDNN once (``lib.runtime.packed_products``); each layer's edit repacks only the
-    layers it changes."""
+    Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the weights are packed for oneDNN once (``lib.runtime.packed_products``),
+    and inside each layer's edit only the layers it changed are packed again."""
     layers = check_layers(lm.info, layers)
-    with packed_products(lm.model):
+    with packed_products(lm.model, "measurement"):
         means = ablation_means(lm, mode, reference, batch_size)
         clean_harmless = next_token_log_probs(lm, harmless, batch_size)
         rows = []
@@ -36,7 +36,7 @@ def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str
             rows.append({"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
                 lm, harmful, batch_size)).mean()), "KL": 0.0})
         for layer in progress(layers, desc=desc):
-            with orthogonalized(lm, candidates[layer], mode, means), packed_products(lm.model):
+            with orthogonalized(lm, candidates[layer], mode, means), packed_products(lm.model, "measurement"):
                 score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
                 kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
             rows.append({"layer": layer, "refusal score": float(score), "KL": float(kl)})

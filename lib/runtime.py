@@ -20,7 +20,9 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 PROGRESS_ENV = "REFUSAL_BOOK_PROGRESS"
-PACKED_ENV = "REFUSAL_BOOK_PACKED_LINEAR"  # "0" turns packed_linears off in lib (on by default)
+PACKED_ENV = "REFUSAL_BOOK_PACKED_LINEAR"  # where lib multiplies by packed weights: see packed_setting
+# which of lib's forward passes each setting packs (generation; the robustness check's PGD; scores and capture)
+PACKED_USES = {"0": (), "1": ("generation", "attack"), "all": ("generation", "attack", "measurement")}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -221,14 +223,20 @@ def _packable(model: torch.nn.Module, gradients: bool) -> list[torch.nn.Linear]:
             and not (gradients and any(p.requires_grad for p in module.parameters()))]
 
 
-def packed_linears_requested() -> bool:
-    """Whether lib's forward passes use ``packed_linears`` (``packed_products``): yes unless
-    ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``1`` or unset: yes)."""
+def packed_setting() -> str:
+    """``REFUSAL_BOOK_PACKED_LINEAR``: where lib multiplies by weights packed for oneDNN (``packed_products``).
+    ``1`` (or unset, the default): generation and the robustness check's PGD attacks, whose outputs (greedy
+    completions, judged rates) came out the same as with MKL in every chapter and on both kernels (AVX-512, AVX2).
+    ``all``: also the generation-free scores and activation capture, about 1.6x faster again, but the numbers the
+    chapters print from them move in the last bits, and a few that sit on a rounding boundary print differently on
+    oneDNN's AVX-512 and AVX2 kernels (``BENCHMARKS.md``, "Every forward pass"), so the committed chapters use 1.
+    ``0``: MKL everywhere."""
     value = os.environ.get(PACKED_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{PACKED_ENV}={value!r}: use 1 (lib multiplies by weights packed for oneDNN where it "
-                         "can, the default) or 0 (the default kernel, MKL on x86).")
-    return value == "1"
+    if value not in PACKED_USES:
+        raise ValueError(f"{PACKED_ENV}={value!r}: use 1 (the default: generation and the PGD attacks multiply by "
+                         "weights packed for oneDNN), all (scores and capture too; their printed digits move) or 0 "
+                         "(the default kernel everywhere, MKL on x86).")
+    return value
 
 
 @contextlib.contextmanager
@@ -239,14 +247,14 @@ def packed_linears(model: torch.nn.Module, gradients: bool = False) -> Iterator[
     to 3.0x faster this way (oneDNN's AVX-512 kernel ~180 GFLOP/s, MKL ~80), and greedy generation of the book's
     workloads ran 1.85x faster at one thread (a lane of ``make test``); on an AVX2-only host 1.05x
     (``BENCHMARKS.md``, ``make bench --sections products,levers``). The products are not bit-identical to MKL's
-    (logits move by ~1e-4); lib computes with them by default (``packed_products``). A no-op elsewhere (CUDA,
+    (logits move by ~1e-4); lib computes with them where ``packed_setting`` says. A no-op elsewhere (CUDA,
     bfloat16), and when the packed copies would take more than half the free memory (a large float32 model on a
     CPU). Yields the number of layers it packed.
 
     ``gradients=True`` also packs each weight's transpose, so that autograd can carry a gradient back through the
-    layer to its input (a PGD attack on the activations); the weights themselves get none, so a layer whose weight
-    or bias requires a gradient (training) keeps its own forward. Without it: ``torch.inference_mode``/``no_grad``
-    code only.
+    layer to its input with oneDNN too (a PGD attack on the activations); the weights themselves get none, so a layer
+    whose weight or bias requires a gradient (training) keeps its own forward. Wherever autograd needs more than a
+    packing gives, the layer computes with ``F.linear`` (MKL), so no gradient is lost (``_PackedForward``).
 
     Packing SmolLM2 takes about 0.4 s at one thread, so the contexts nest: inside another one, only the layers whose
     weight or bias is no longer the tensor that was packed (``lib.ablation.orthogonalized`` puts new tensors in
@@ -274,10 +282,14 @@ def packed_linears(model: torch.nn.Module, gradients: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def packed_products(model: torch.nn.Module, gradients: bool = False) -> Iterator[int]:
-    """``packed_linears`` unless ``REFUSAL_BOOK_PACKED_LINEAR=0``: how lib's forward passes (generation, scores,
-    capture, the robustness check's PGD) multiply."""
-    with packed_linears(model, gradients) if packed_linears_requested() else contextlib.nullcontext(0) as packed:
+def packed_products(model: torch.nn.Module, use: str, gradients: bool = False) -> Iterator[int]:
+    """``packed_linears`` where ``packed_setting`` packs this ``use`` of the model ("generation", "attack": the
+    robustness check's PGD, "measurement": the generation-free scores and activation capture), else nothing: how
+    lib's forward passes multiply."""
+    if use not in PACKED_USES["all"]:
+        raise ValueError(f"Unknown use {use!r}; one of {PACKED_USES['all']}.")
+    packs = use in PACKED_USES[packed_setting()]
+    with packed_linears(model, gradients) if packs else contextlib.nullcontext(0) as packed:
         yield packed
 
 

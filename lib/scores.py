@@ -33,15 +33,15 @@ def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str], batch_size: in
     The token ids every prompt starts with (a chat template's system turn: 27 of SmolLM2's ~42 tokens) are run once,
     under the same hooks, and their KV cache is shared by every batch (``lib.inputs.split_common_prefix``); the
     rest is batched by length. The logits equal whole-prompt passes up to float rounding (tested); about 2x faster
-    on 2 CPU cores at 16 prompts per batch (``make bench``). On a float32 CPU model the products use weights packed
-    for oneDNN (``lib.runtime.packed_products``)."""
+    on 2 CPU cores at 16 prompts per batch (``make bench``). Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the products
+    use weights packed for oneDNN (``lib.runtime.packed_products``; not the default: printed digits move)."""
     check_prompts(prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     prefix, suffixes = split_common_prefix(lm, list(prompts))
     order = sorted(range(len(prompts)), key=lambda i: (len(suffixes[i]), i))  # less padding per batch
     parts = []
-    with torch.inference_mode(), packed_products(lm.model):
+    with torch.inference_mode(), packed_products(lm.model, "measurement"):
         cache = prefix_cache(lm, prefix) if prefix else None
         for start in range(0, len(prompts), batch_size):
             batch = order[start:start + batch_size]

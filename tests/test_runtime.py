@@ -19,32 +19,45 @@ def test_packed_linears_give_the_same_logits_and_tokens_and_are_undone(tiny, pro
     assert not any("forward" in vars(m) for m in tiny.model.modules())  # the modules' own forward again
     monkeypatch.setenv(runtime.PACKED_ENV, "0")
     expected = generation.generate(tiny, prompts, 12, batch_size=2)
-    assert not runtime.packed_linears_requested()
+    assert runtime.packed_setting() == "0"
     monkeypatch.setenv(runtime.PACKED_ENV, "1")
-    assert runtime.packed_linears_requested() and generation.generate(tiny, prompts, 12, batch_size=2) == expected
+    assert runtime.packed_setting() == "1" and generation.generate(tiny, prompts, 12, batch_size=2) == expected
 
 
-def test_generation_packs_the_weights_by_default_and_not_under_0(tiny, prompts, monkeypatch):
+def test_a_packed_linear_setting_other_than_0_1_or_all_and_an_unknown_use_are_errors(monkeypatch):
+    monkeypatch.setenv(runtime.PACKED_ENV, "yes")
+    with pytest.raises(ValueError, match="REFUSAL_BOOK_PACKED_LINEAR='yes': use 1 .*, all .* or 0"):
+        runtime.packed_setting()
+    monkeypatch.delenv(runtime.PACKED_ENV)
+    with pytest.raises(ValueError, match="Unknown use 'scores'"):
+        with runtime.packed_products(torch.nn.Linear(2, 2), "scores"):
+            pass
+
+
+@pytest.mark.parametrize("setting, packings", [("0", [0, 0, 0, 0]), ("1", [1, 2, 0, 0]), ("all", [1, 2, 1, 1])])
+def test_each_setting_packs_its_own_forward_passes(tiny, prompts, monkeypatch, setting, packings):
+    """Generation and the PGD attack (then generation under it) pack by default; the scores and the capture, whose
+    printed digits would move, only under ``all``."""
+    from lib import capture, scores
+
     calls = []
     real = runtime.packed_linears
 
     def counting(model, gradients=False):
-        calls.append(model)
+        calls.append(gradients)
         return real(model, gradients)
 
     monkeypatch.setattr(runtime, "packed_linears", counting)
-    monkeypatch.delenv(runtime.PACKED_ENV, raising=False)
-    generation.generate(tiny, prompts, 3, batch_size=2)
-    assert calls == [tiny.model]
-    monkeypatch.setenv(runtime.PACKED_ENV, "0")
-    generation.generate(tiny, prompts, 3, batch_size=2)
-    assert calls == [tiny.model]
-
-
-def test_a_packed_linear_setting_other_than_0_or_1_is_an_error(monkeypatch):
-    monkeypatch.setenv(runtime.PACKED_ENV, "yes")
-    with pytest.raises(ValueError, match="REFUSAL_BOOK_PACKED_LINEAR='yes': use 1 .* or 0"):
-        runtime.packed_linears_requested()
+    monkeypatch.setenv(runtime.PACKED_ENV, setting)
+    counts = []
+    for run in (lambda: generation.generate(tiny, prompts[:2], 2, batch_size=2),
+                lambda: adversary.attacked_completions(tiny, prompts[:2], ["No."] * 2, 1, 1.0, 1, 1),
+                lambda: scores.refusal_score(tiny, prompts[:2]),
+                lambda: capture.collect(tiny, prompts[:2], [0])):
+        before = len(calls)
+        run()
+        counts.append(len(calls) - before)
+    assert counts == packings and calls.count(True) == (setting != "0")  # the attack's packing carries gradients
 
 
 def test_packed_linears_see_weight_edits_made_before_entering(tiny, prompts):
@@ -143,10 +156,11 @@ def test_pgd_on_packed_weights_finds_the_same_attack_and_artifacts_are_keyed_by_
     with runtime.packed_linears(tiny.model, gradients=True):
         packed = attack()
     torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-3)
-    monkeypatch.delenv(runtime.PACKED_ENV, raising=False)
-    packed_key = cache_key(model="m")
-    monkeypatch.setenv(runtime.PACKED_ENV, "0")
-    assert cache_key(model="m") != packed_key
+    keys = set()
+    for setting in ("0", "1", "all"):
+        monkeypatch.setenv(runtime.PACKED_ENV, setting)
+        keys.add(cache_key(model="m"))
+    assert len(keys) == 3
 
 
 def test_orthogonalising_inside_inference_mode_leaves_ordinary_weights(tiny):
