@@ -430,13 +430,14 @@ def bench_products(args, device, results: dict) -> None:
 
 def bench_forward(args, device, results: dict) -> None:
     """lib's forward passes other than generation, as the chapters run them, with ``REFUSAL_BOOK_PACKED_LINEAR``
-    ``all`` (oneDNN's products on weights packed once for every forward pass) and ``0`` (MKL everywhere), interleaved
-    (the default, ``1``, packs the PGD attack and not the sweep or the capture): a layer sweep (``lib.layer_selection.layer_sweep``: 4 layers' random directions
-    orthogonalised, refusal score of 16 harmful and KL of 16 harmless test prompts), residual capture
-    (``lib.capture.collect``, 32 prompts, every layer) and the robustness check's PGD (2 steps of
-    ``lib.adversary.pgd_attack`` on 32 harmful prompts with their refusals, at layer 4, under
-    ``packed_products(..., gradients=True)`` as ``attacked_completions`` runs it). Each row: median seconds of both, their
-    ratio, and the largest difference between the two results (the products sum in different orders)."""
+    ``all`` (oneDNN's products on weights packed once for every forward pass) and ``0`` (MKL everywhere),
+    interleaved (the default, ``1``, packs the PGD attack and not the sweep or the capture): a layer sweep
+    (``lib.layer_selection.layer_sweep``: 4 layers' random directions orthogonalised, refusal score of 16 harmful and
+    KL of 16 harmless test prompts), residual capture (``lib.capture.collect``, 32 prompts, every layer) and the
+    robustness check's PGD (2 steps of ``lib.adversary.pgd_attack`` on 32 harmful prompts with their refusals, at
+    layer 4, under ``packed_products(..., gradients=True)`` as ``attacked_completions`` runs it). Each row: median
+    seconds of both, their ratio, and the largest difference between the two results (the products sum in different
+    orders)."""
     from lib import adversary, capture, data, layer_selection, organisms
     from lib.losses import response_loss
     from lib.models import load
@@ -447,8 +448,8 @@ def bench_forward(args, device, results: dict) -> None:
     if not runtime.packed_linears_available(lm.model, gradients=True):
         log("forward: the packed kernel does not apply here (needs a float32 model on the CPU)")
         return
-    prompts = test_prompts(32)
     pairs = data.split("test", 42)[:32]
+    prompts = [p.harmful for p in pairs]  # what test_prompts(32) returns
     harmless = [p.harmless for p in pairs[:16]]
     refusals = load_refusals()
     batch, width = adversary._attack_batch(lm, [p.harmful for p in pairs],
@@ -639,8 +640,8 @@ def report(results: dict) -> str:
                                                     "packed vs default", "max |diff|"]), ""]
     if "forward" in results:
         f = results["forward"]
-        lines += [f"## lib's forward passes besides generation, on {f['target']}, torch threads {f['threads']}: weights "
-                  "packed for oneDNN (REFUSAL_BOOK_PACKED_LINEAR=all) vs MKL's products (=0)", "",
+        lines += [f"## lib's forward passes besides generation, on {f['target']}, torch threads {f['threads']}: "
+                  "weights packed for oneDNN (REFUSAL_BOOK_PACKED_LINEAR=all) vs MKL's products (=0)", "",
                   common.markdown_table(f["rows"], ["workload", "packed median s", "MKL median s", "packed vs MKL",
                                                     "max |diff|"]), ""]
     if "transfer" in results:
