@@ -106,20 +106,50 @@ def run_chapter(profile: Path, stem: str, environment: dict, timeout: float, dev
 
 
 def kill_tree(pid: int) -> None:
-    """Kill a process and all its descendants (listed before any dies, so none is re-parented and missed)."""
+    """Kill a process and all its descendants. The tree is frozen first (SIGSTOP), parents before children, and listed
+    again until no new descendant appears: a runner caught while it launches its kernel cannot leave the kernel behind
+    (listing children and then killing them left a kernel spawned in between running as an orphan)."""
     import psutil
 
     try:
-        parent = psutil.Process(pid)
-        family = parent.children(recursive=True) + [parent]
+        family = {pid: psutil.Process(pid)}
     except psutil.NoSuchProcess:
         return
-    for process in family:
+    frozen: set[int] = set()
+    while set(family) - frozen:
+        for process_id in sorted(set(family) - frozen):
+            _suspend(family[process_id])
+            frozen.add(process_id)
+        family.update((child.pid, child) for process in list(family.values()) for child in _children(process))
+    for process in family.values():
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family, timeout=10)
+    psutil.wait_procs(list(family.values()), timeout=10)
+
+
+def _suspend(process, timeout: float = 2.0) -> None:
+    """SIGSTOP a process and wait until it is stopped, so a fork it was making has finished (its child is listed)."""
+    import psutil
+
+    try:
+        process.suspend()
+        deadline = time.perf_counter() + timeout
+        while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) \
+                and time.perf_counter() < deadline:
+            time.sleep(0.01)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _children(process) -> list:
+    import psutil
+
+    try:
+        return process.children()
+    except psutil.NoSuchProcess:
+        return []
 
 
 def main(argv: list[str] | None = None) -> dict:
