@@ -209,12 +209,16 @@ def balanced(n_items: int, batch_size: int) -> int:
 def packed_linears_available(model: torch.nn.Module, gradients: bool = False) -> bool:
     """Whether ``packed_linears`` applies: a float32 model on the CPU with oneDNN present, whose packed copies fit in
     half the free memory."""
+    return _packing_fits(model, _packable(model, gradients), gradients)
+
+
+def _packing_fits(model: torch.nn.Module, linears: list[torch.nn.Linear], gradients: bool) -> bool:
     weight = next(model.parameters())
     if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
     copies = 2 if gradients else 1
-    packed_bytes = copies * sum(m.weight.numel() * m.weight.element_size() for m in _packable(model, gradients))
+    packed_bytes = copies * sum(m.weight.numel() * m.weight.element_size() for m in linears)
     return packed_bytes <= available_memory("cpu") // 2
 
 
@@ -261,7 +265,7 @@ def packed_linears(model: torch.nn.Module, gradients: bool = False) -> Iterator[
     the layers it edits) are packed again, and on exit the outer packing is back. A weight edited in place while
     packed (``layer.weight.data.add_(...)``) is not seen: edit weights outside, or by replacing the tensor."""
     linears = _packable(model, gradients)
-    if not linears or not packed_linears_available(model, gradients):
+    if not linears or not _packing_fits(model, linears, gradients):
         yield 0
         return
     replaced = []
