@@ -33,6 +33,7 @@ from benchmarks import common, standin
 from benchmarks.gpu_bench import LLAMA2_7B
 from lib.artifacts import REPO_ROOT
 from lib.data import PAPER_DATA_ENV
+from lib.lanes import stop_tree
 
 NEEDED = ["torch", "transformers", "peft", "accelerate", "safetensors", "yaml", "pandas", "altair", "sklearn",
           "papermill", "nbformat", "ipykernel", "psutil", "tqdm", "tokenizers"]
@@ -98,58 +99,11 @@ def run_chapter(profile: Path, stem: str, environment: dict, timeout: float, dev
         try:
             status = "ok" if process.wait(timeout=max(timeout, 1)) == 0 else f"failed (exit {process.returncode})"
         except subprocess.TimeoutExpired:
-            kill_tree(process.pid)
+            stop_tree(process.pid, grace_s=0)
             process.wait()
             status = STOPPED
     return {"chapter": stem, "status": status, "wall_s": round(time.perf_counter() - start, 1),
             "peak_gpu_memory": common.fmt_bytes(peak.peak) if peak.peak else "n/a (CPU)"}
-
-
-def kill_tree(pid: int) -> None:
-    """Kill a process and all its descendants. The tree is frozen first (SIGSTOP), parents before children, and listed
-    again until no new descendant appears: a runner caught while it launches its kernel cannot leave the kernel behind
-    (listing children and then killing them left a kernel spawned in between running as an orphan)."""
-    import psutil
-
-    try:
-        family = {pid: psutil.Process(pid)}
-    except psutil.NoSuchProcess:
-        return
-    frozen: set[int] = set()
-    while set(family) - frozen:
-        for process_id in sorted(set(family) - frozen):
-            _suspend(family[process_id])
-            frozen.add(process_id)
-        family.update((child.pid, child) for process in list(family.values()) for child in _children(process))
-    for process in family.values():
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(family.values()), timeout=10)
-
-
-def _suspend(process, timeout: float = 2.0) -> None:
-    """SIGSTOP a process and wait until it is stopped, so a fork it was making has finished (its child is listed)."""
-    import psutil
-
-    try:
-        process.suspend()
-        deadline = time.perf_counter() + timeout
-        while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) \
-                and time.perf_counter() < deadline:
-            time.sleep(0.01)
-    except psutil.NoSuchProcess:
-        pass
-
-
-def _children(process) -> list:
-    import psutil
-
-    try:
-        return process.children()
-    except psutil.NoSuchProcess:
-        return []
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -161,22 +161,57 @@ def run_jobs(jobs: Sequence[Job], lanes: int, cwd: str | None = None, env: Mappi
 
 
 def stop_tree(pid: int, grace_s: float = 10.0) -> None:
-    """Terminate a process and all its descendants (a Jupyter kernel runs in a session of its own, so signalling
-    the job's process group would leave it running), killing what is left after ``grace_s``."""
+    """Terminate a process and all its descendants, killing what is left after ``grace_s`` (0: kill at once).
+
+    Signalling the job's process group would leave a Jupyter kernel running (it runs in a session of its own), and
+    listing the descendants and then signalling them would miss a kernel launched in between, left running as an
+    orphan (seen in CI). So the tree is frozen first (``frozen_tree``), then signalled, then let go."""
     import psutil
 
-    try:
-        parent = psutil.Process(pid)
-        tree = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+    tree = frozen_tree(pid)
     for process in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+            process.terminate() if grace_s > 0 else process.kill()
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.resume()  # a stopped process acts on SIGTERM only once continued
+    _, alive = psutil.wait_procs(tree, timeout=max(grace_s, 1.0))
     for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def frozen_tree(pid: int, timeout_s: float = 2.0) -> list:
+    """``pid`` and every descendant, each stopped (SIGSTOP): parents are stopped before their children are listed,
+    and the listing repeats until it finds no new process, so none can start another after the list is made."""
+    import psutil
+
+    try:
+        tree = {pid: psutil.Process(pid)}
+    except psutil.NoSuchProcess:
+        return []
+    stopped: set[int] = set()
+    while set(tree) - stopped:
+        for process_id in sorted(set(tree) - stopped):
+            _stop(tree[process_id], timeout_s)
+            stopped.add(process_id)
+        for process in list(tree.values()):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                tree.update((child.pid, child) for child in process.children())
+    return list(tree.values())
+
+
+def _stop(process, timeout_s: float) -> None:
+    """SIGSTOP, then wait until the process is stopped: a fork it was making has finished, so its child is listed."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process.suspend()
+        deadline = time.perf_counter() + timeout_s
+        while process.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) \
+                and time.perf_counter() < deadline:
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -186,3 +187,43 @@ def test_sigterm_stops_every_job_and_what_it_started_in_a_session_of_its_own(tmp
     except psutil.TimeoutExpired:
         grandchild.kill()
         pytest.fail("the job's grandchild outlived the lanes")
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 5.0])
+def test_stop_tree_leaves_no_descendant_of_a_process_that_keeps_spawning(grace_s):
+    """A parent that launches a session-leading child every millisecond or so (as a chapter's runner launches its
+    kernel) is stopped with every descendant, at once (grace 0) or after SIGTERM: none is started between listing
+    and signalling and left running as an orphan (listing first and then signalling left some, every time)."""
+    import os
+    import subprocess
+    import time
+    import uuid
+
+    import psutil
+
+    marker = f"stop-tree-{uuid.uuid4().hex}"
+    spawner = ("import subprocess, time\n"
+               "while True:\n"
+               "    subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+               "    time.sleep(0.001)\n")
+    parent = subprocess.Popen([sys.executable, "-c", spawner], env={**os.environ, "STOP_TREE_MARKER": marker})
+    time.sleep(0.5)
+
+    def marked():
+        found = set()
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get("STOP_TREE_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
+                    found.add(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return found
+
+    assert len(marked()) > 2
+    lanes.stop_tree(parent.pid, grace_s=grace_s)
+    parent.wait(timeout=30)
+    left = marked()
+    for pid in left:  # tidy up before failing
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    assert not left
