@@ -2,7 +2,8 @@
 
 Each takes what a chapter measured and returns the table the chapter shows and the dict it stores with
 ``lib.artifacts.write_verdict``; the conclusions chapter reads only those stored dicts. Verdict words come from one
-rule (``lib.stats.verdict``): a 95% interval that lies on one side of zero decides, one that covers zero does not.
+rule (``lib.stats.verdict``): a 95% interval that lies on one side of zero decides, one that covers zero does not,
+and one with a bound within float noise of zero is reported as "on the edge" (``lib.stats.on_the_edge``).
 
 - claim 1 (refusal is one direction): ablating each model's own direction lowers its refusal (``claim1``);
 - claim 2 (LAT concentrates the harmful-harmless difference): LAT's top-2 share beats every other variant's
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lib.judges import REFUSAL, bootstrap_contrast, bootstrap_rate_difference
-from lib.stats import interval_text, verdict
+from lib.stats import ON_THE_EDGE, interval_text, on_the_edge, verdict
 
 CLAIM1_WORDS = ("refusal drops", "refusal rises", "not resolved")
 CLAIM2_WORDS = ("higher", "lower", "not resolved")
@@ -109,7 +110,8 @@ def transfer_contrasts(labels: dict, focus: str = "lat", others: Sequence[str] =
         contradicted = result["high"] < 0 if supports == "positive" else result["low"] > 0
         rows.append({"claim": f"{focus.upper()} {claim}", **result,
                      "supports if": f"difference {'>' if supports == 'positive' else '<'} 0",
-                     "verdict": "supported" if supported else "contradicted" if contradicted else "not resolved"})
+                     "verdict": (ON_THE_EDGE if on_the_edge(result["low"], result["high"]) else "supported" if supported
+                                 else "contradicted" if contradicted else "not resolved")})
     return rows
 
 

@@ -72,6 +72,9 @@ def refusal_score(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 16)
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """KL(reference || other) per row, for two [n, vocab] log-probability matrices."""
-    return (reference.exp() * (reference - other)).sum(-1).float()
+    """KL(reference || other) per row, for two [n, vocab] log-probability matrices. A token the reference never
+    emits (probability 0, log-probability -inf) contributes nothing (0 log 0 = 0), not NaN."""
+    probabilities = reference.exp()
+    terms = torch.where(probabilities > 0, probabilities * (reference - other), torch.zeros_like(probabilities))
+    return terms.sum(-1).float()
 

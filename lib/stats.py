@@ -11,6 +11,10 @@ import math
 import torch
 
 LEVEL = (0.025, 0.975)  # the two quantiles of every 95% interval in the book
+# A bound closer to 0 than this fraction of its interval's width decides nothing: the last bits of float32, which
+# differ between CPU generations, can move it to the other side (module docstring of ``verdict``).
+EDGE_FRACTION = 1e-3
+ON_THE_EDGE = "on the edge"
 
 
 def bootstrap_indices(n: int, n_boot: int = 2000, seed: int = 0) -> torch.Tensor:
@@ -53,9 +57,21 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def on_the_edge(low: float, high: float) -> bool:
+    """Whether a bound of the interval lies within ``EDGE_FRACTION`` of its width from 0 without being 0 itself.
+
+    Such a verdict could flip with the last bits of a float: scores and spectral shares are float32 results whose
+    last bits depend on the CPU's kernels, and a bound that close to 0 can land on either side. A bound of exactly 0
+    (a rate difference from judged labels, computed exactly) stays undecided on every host."""
+    tolerance = EDGE_FRACTION * abs(high - low)
+    return any(0 < abs(bound) <= tolerance for bound in (low, high))
+
+
 def verdict(low: float, high: float, positive: str, negative: str, undecided: str) -> str:
     """Words for a 95% interval of a difference: ``positive`` if it lies above 0, ``negative`` below, else
-    ``undecided``."""
+    ``undecided``; ``ON_THE_EDGE`` when a bound is too close to 0 to decide on every CPU (``on_the_edge``)."""
+    if on_the_edge(low, high):
+        return ON_THE_EDGE
     return positive if low > 0 else negative if high < 0 else undecided
 
 

@@ -20,6 +20,9 @@ from lib.chapters import chapter_key, chapter_needs, read_toc_notebooks
 from lib.lanes import Job, exit_code, lane_count, python_command, run_jobs, summary
 
 SANITIZE = "tests/nbval_sanitize.cfg"
+# nbval of a chapter: its stored outputs compared with numbers as numbers (bookkit.nbval_numbers), after the
+# sanitize rules.
+NBVAL_FLAGS = ("--nbval", "-p", "bookkit.nbval_numbers", "--nbval-sanitize-with", SANITIZE)
 UNIT_TESTS = "unit tests"
 REHEARSAL = "tests/test_rehearsal.py"
 UNIT_JOBS = (UNIT_TESTS, REHEARSAL)
@@ -31,7 +34,7 @@ def suite_jobs(repo_root: Path = REPO_ROOT, chapters_only: bool = False, pytest_
     jobs (``UNIT_JOBS``)."""
     needs = chapter_needs(read_toc_notebooks(repo_root))
     jobs = [Job(chapter_key(nb, repo_root),
-                python_command("-m", "pytest", "--nbval", "--nbval-sanitize-with", SANITIZE, *pytest_args,
+                python_command("-m", "pytest", *NBVAL_FLAGS, *pytest_args,
                                nb.relative_to(repo_root).as_posix()),
                 tuple(chapter_key(need, repo_root) for need in needed))
             for nb, needed in needs.items()]

@@ -98,7 +98,7 @@ def gain_modes(gains_by_mode: dict) -> tuple:
     "score falls less" above 0; else "no difference") and whether they agree. Returns (DataFrame, one sentence
     counting the verdicts that change and naming, per source and step, how many targets each verdict had under
     each mode)."""
-    from lib.stats import verdict
+    from lib.stats import ON_THE_EDGE, verdict
 
     if set(gains_by_mode) != {"zero", "mean"}:
         raise ValueError(f"gain_modes needs subspace gains under 'zero' and 'mean', got {sorted(gains_by_mode)}.")
@@ -115,7 +115,7 @@ def gain_modes(gains_by_mode: dict) -> tuple:
     for (source, a, b), group in table.groupby(["source", "from", "to"], sort=False):
         if group["same under both"].all():
             continue
-        counts = {mode: ", ".join(f"{word} in {n}" for word in GAIN_WORDS
+        counts = {mode: ", ".join(f"{word} in {n}" for word in (*GAIN_WORDS, ON_THE_EDGE)
                                   if (n := int((group[f"{mode} ablation"] == word).sum()))) for mode in ("zero", "mean")}
         steps.append(f"{source} {a} to {b} ({counts['zero']} of {len(group)} targets under zero ablation; "
                      f"{counts['mean']} under mean ablation)")

@@ -21,7 +21,11 @@ import pandas as pd
 RENDERER_NAME = "refusal_book"
 BUNDLE_NAME = "vega-bundle.js"
 EMBED_OPTIONS: dict[str, Any] = {"actions": False, "renderer": "svg"}
-SIGNIFICANT_DIGITS = 4
+SIGNIFICANT_DIGITS = 3  # chart data: what the eye can see, and specs that stay small and stable across CPUs
+CHART_CLASS = "refusal-book-chart"  # the class of every chart's <div> (how the stored-output comparison finds charts)
+# A chart's ``usermeta`` entry naming the data fields whose values the last bits of float32 can move far (PCA
+# coordinates: sign and rotation); the stored-output comparison skips them and the chapter shows a stable summary.
+UNSTABLE_FIELDS = "unstable_fields"
 DEFAULT_MAX_ROWS = 20_000
 
 # Fixed order and colours so that every chapter shows the same kind in the same colour.
@@ -56,7 +60,7 @@ def spec_to_html(spec: dict) -> str:
     spec_js = _script_safe(_canonical_json(spec))
     options_js = json.dumps(EMBED_OPTIONS, sort_keys=True)
     return (
-        f'<div id="{div_id}" class="refusal-book-chart"></div>\n'
+        f'<div id="{div_id}" class="{CHART_CLASS}"></div>\n'
         '<script type="text/javascript">\n'
         "(function () {\n"
         f"  var spec = {spec_js};\n"
@@ -89,11 +93,14 @@ def enable_offline_renderer(max_rows: int | None = DEFAULT_MAX_ROWS) -> None:
     """Register and enable the ``refusal_book`` renderer; inline data up to ``max_rows`` rows (None: no limit).
 
     Altair's default limit is 5,000 rows; PCA scatters of several layers and variants go past it. The limit stays
-    as a guard against accidentally inlining a huge table into a notebook.
+    as a guard against accidentally inlining a huge table into a notebook. Data stay where the chart uses them
+    (``"data": {"values": [...]}``) instead of in datasets named by a hash of their content, so that two runs of a
+    chart differ only where their numbers do.
     """
     alt.renderers.register(RENDERER_NAME, offline_renderer)
     alt.renderers.enable(RENDERER_NAME)
     alt.data_transformers.enable("default", max_rows=max_rows)
+    alt.data_transformers.consolidate_datasets = False
 
 
 def chart_html(chart: alt.TopLevelMixin) -> str:
@@ -226,7 +233,8 @@ def pca_scatter_chart(df: pd.DataFrame) -> alt.FacetChart:
         )
     else:
         chart = base.facet(facet=alt.Facet("layer:O", title=None, header=layer_header), columns=4)
-    return chart.resolve_scale(x="independent", y="independent").properties(title=title)
+    return chart.resolve_scale(x="independent", y="independent").properties(
+        title=title, usermeta={UNSTABLE_FIELDS: ["pc1", "pc2"]})
 
 
 def training_curves_chart(df: pd.DataFrame) -> alt.Chart:

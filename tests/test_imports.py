@@ -68,3 +68,14 @@ def test_lib_has_no_import_cycle():
 @pytest.mark.parametrize("module", BOTTOM_LAYER)
 def test_the_bottom_layer_imports_nothing_from_lib(module):
     assert import_graph()[module] == set()
+
+
+def test_lib_never_imports_the_books_machinery():
+    """Dependencies flow one way: ``bookkit`` (the book's machinery) may import ``lib``, never the reverse."""
+    offenders = []
+    for path in sorted(LIB.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] == "bookkit"]
+    assert not offenders, f"lib imports bookkit: {offenders}"

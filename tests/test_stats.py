@@ -47,3 +47,27 @@ def test_interval_text_writes_estimate_then_interval_in_one_format():
 
     assert interval_text(0.1234, -0.5, 1.0, "+.3f") == "+0.123 [-0.500, +1.000]"
     assert interval_text(4.62, 3.9, 5.31, ".1f") == "4.6 [3.9, 5.3]"
+
+
+def test_a_bound_within_float_noise_of_zero_is_reported_on_the_edge():
+    """An interval [0.0004, 2] (a bound 0.0002 of its width from 0) decides nothing: the last bits of float32 could
+    put it below 0 on another CPU; [0.01, 2] still decides, and an exact 0 (from judged labels) stays undecided."""
+    words = ("up", "down", "open")
+    assert stats.verdict(0.0004, 2.0, *words) == stats.ON_THE_EDGE
+    assert stats.verdict(-2.0, -0.0004, *words) == stats.ON_THE_EDGE
+    assert stats.verdict(-1.0, 0.0009, *words) == stats.ON_THE_EDGE
+    assert stats.verdict(0.01, 2.0, *words) == "up"
+    assert stats.verdict(0.0, 12.5, *words) == "open"
+    assert stats.verdict(-0.003, 1.0, *words) == "open"
+
+
+def test_transfer_contrasts_report_a_contrast_on_the_edge(monkeypatch):
+    """A contrast whose interval starts a hair above 0 is "on the edge", not "supported"; one clear of 0 decides."""
+    from lib import claims
+
+    cells = {(s, t): [1.0, 2.0] for s in ("lat", "ssft", "at") for t in ("lat", "ssft", "at")}
+    monkeypatch.setattr(claims, "bootstrap_contrast", lambda *a, **k: {"difference": 1.0, "low": 1e-6, "high": 2.0})
+    assert [row["verdict"] for row in claims.transfer_contrasts(cells)] == [stats.ON_THE_EDGE] * 3
+    monkeypatch.setattr(claims, "bootstrap_contrast", lambda *a, **k: {"difference": 1.0, "low": 0.5, "high": 2.0})
+    assert [row["verdict"] for row in claims.transfer_contrasts(cells)] == ["supported", "contradicted",
+                                                                             "contradicted"]

@@ -1,0 +1,257 @@
+"""nbval's comparison of stored and re-executed outputs, with numbers compared as numbers (a pytest plugin).
+
+nbval re-executes every chapter and compares each output with the one stored in the notebook, character for
+character. The printed floats are rounded from float32 computations whose last bits differ between CPU
+generations (oneDNN, MKL and torch choose kernels by instruction set, and the thread count changes the order of
+reductions), so a value close to a rounding boundary prints as 7.33 on one host and 7.32 on another, and the
+suite goes red for a reader who changed nothing. This plugin keeps nbval as the runner and changes one thing: a
+stored and a new output that nbval's sanitized comparison finds different are compared once more, token by token,
+by :func:`compare_text`:
+
+* the text between numbers must be identical (words, verdicts, generated completions, field names), except that a
+  run of spaces counts as one: tables pad their columns to the widest number, and 9.99 against 10.00 widens one;
+* integers (no decimal point, no exponent) must be identical: counts, layer indices, sizes;
+* decimals (a decimal point or an exponent) must agree within one unit in the last printed digit of the more
+  precisely printed of the two: ``|a - b| <= 10**(exponent - decimals)``, computed exactly in decimal arithmetic.
+  7.33 against 7.32 agrees; 7.33 against 7.40 does not; in a chart spec, where JSON drops trailing zeros, 0.1
+  against 0.0999 agrees (0.0001 apart, one unit of 0.0999) and 0.1 against 0.19 does not.
+
+Charts (the HTML of ``lib.viz``'s renderer) are compared as the Vega-Lite specs they embed, by
+:func:`compare_chart`: the HTML around the spec and every part of the spec but its data are compared exactly (marks,
+encodings, fields, categories, integers, row order), and each float in the data rows within the larger of one unit
+in its own ``lib.viz.SIGNIFICANT_DIGITS``-th significant digit (the charts round their data so) and a thousandth of
+the largest magnitude in its column (under a pixel at the chart's scale: values near zero carry only noise there).
+The fields a chart names in ``usermeta`` as unstable (PCA coordinates, whose sign and rotation the last bits of
+float32 can move) are skipped; the chapter shows a stable summary of them in a table.
+
+When the two agree, the new output is replaced by the stored one and nbval's own comparison runs unchanged, so the
+cell passes; when they do not, nbval reports the difference as it always does, with one more line that names the
+first token beyond the tolerance. The sanitize rules (``--nbval-sanitize-with``) apply before either comparison.
+
+Loaded by ``-p bookkit.nbval_numbers``: ``lib.suite`` passes it to every chapter job, and ``addopts`` in
+``pyproject.toml`` to every pytest run in the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from decimal import Decimal
+
+from nbval.plugin import IPyNbCell
+
+from lib.viz import CHART_CLASS, SIGNIFICANT_DIGITS, UNSTABLE_FIELDS
+
+# A number is an optional sign, digits, an optional fraction and an optional exponent, standing alone: not
+# preceded by a letter, digit, underscore or point ("float32", "v6", "1.2.3" keep their digits as text), not
+# followed by a letter, digit or underscore ("12px", "0x1f" are text). "layer-13" is the word "layer-" and 13.
+SPACES = re.compile(r"[ \t]+")
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.(\d+))?(?:[eE]([-+]?\d+))?(?!\w)")
+
+
+def tokens(text: str) -> list[tuple[str, str]]:
+    """``text`` as alternating ("text", ...) and ("number", ...) tokens (empty text between numbers kept, so that
+    two strings with numbers in the same places give token lists of the same shape)."""
+    out, position = [], 0
+    for match in NUMBER.finditer(text):
+        out.append(("text", text[position:match.start()]))
+        out.append(("number", match.group()))
+        position = match.end()
+    out.append(("text", text[position:]))
+    return out
+
+
+def is_decimal(number: str) -> bool:
+    """Whether a number token is printed with a decimal point or an exponent (compared with a tolerance)."""
+    return "." in number or "e" in number.lower()
+
+
+def last_digit_unit(number: str) -> Decimal:
+    """One unit in the last printed digit of a decimal token: 0.01 for "7.33", 1e-07 for "1.5e-06", 1 for "2e0"."""
+    match = NUMBER.fullmatch(number)
+    if match is None:
+        raise ValueError(f"{number!r} is not a number token")
+    decimals = len(match.group(1) or "")
+    exponent = int(match.group(2) or 0)
+    return Decimal(1).scaleb(exponent - decimals)
+
+
+def numbers_agree(stored: str, new: str) -> bool:
+    """The rule for two number tokens (module docstring): integers identical; decimals within one unit in the last
+    printed digit of the more precisely printed one; an integer never agrees with a decimal."""
+    if is_decimal(stored) != is_decimal(new):
+        return False
+    if not is_decimal(stored):
+        return stored == new
+    tolerance = min(last_digit_unit(stored), last_digit_unit(new))
+    return abs(Decimal(stored) - Decimal(new)) <= tolerance
+
+
+def _excerpt(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def compare_text(stored: str, new: str) -> str | None:
+    """None when ``new`` matches ``stored`` under the rule of the module docstring; otherwise a sentence naming
+    the first difference beyond it."""
+    stored_tokens, new_tokens = tokens(stored), tokens(new)
+    for index, ((kind, a), (_, b)) in enumerate(zip(stored_tokens, new_tokens)):
+        if kind == "text" and SPACES.sub(" ", a) != SPACES.sub(" ", b):
+            a, b = SPACES.sub(" ", a), SPACES.sub(" ", b)
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return (f"text differs at token {index}: stored {_excerpt(a[at:])}, re-executed {_excerpt(b[at:])}")
+        if kind == "number" and not numbers_agree(a, b):
+            if not (is_decimal(a) or is_decimal(b)):
+                return f"an integer differs: stored {a}, re-executed {b}"
+            return f"a number differs beyond one unit in its last printed digit: stored {a}, re-executed {b}"
+    if len(stored_tokens) != len(new_tokens):
+        return (f"the outputs hold different counts of numbers ({len(stored_tokens) // 2} stored, "
+                f"{len(new_tokens) // 2} re-executed)")
+    return None
+
+
+CHART_SPEC = re.compile(r"^ *var spec = (.*);$", re.MULTILINE)
+CHART_ID = re.compile(r'<div id="([^"]+)"')
+COLUMN_SCALE_FRACTION = 10.0 ** -SIGNIFICANT_DIGITS  # a thousandth of a column's largest magnitude
+
+
+def is_chart(text: str) -> bool:
+    """Whether an output is the HTML of a ``lib.viz`` chart (it embeds a Vega-Lite spec)."""
+    return f'class="{CHART_CLASS}"' in text and CHART_SPEC.search(text) is not None
+
+
+def chart_values_agree(stored: float, new: float, column_scale: float) -> bool:
+    """The chart-data rule (module docstring): within one unit in the ``SIGNIFICANT_DIGITS``-th significant digit
+    of the larger magnitude, or within ``COLUMN_SCALE_FRACTION`` of the column's largest magnitude."""
+    largest = max(abs(stored), abs(new))
+    if largest == 0:
+        return True
+    digit_unit = 10.0 ** (math.floor(math.log10(largest)) - (SIGNIFICANT_DIGITS - 1))
+    return abs(stored - new) <= max(digit_unit, COLUMN_SCALE_FRACTION * column_scale) * (1 + 1e-9)
+
+
+def _compare_rows(stored: list, new: list, path: str, unstable: set[str]) -> str | None:
+    """Data rows (a list of records) compared column by column: floats by ``chart_values_agree``, the rest exactly."""
+    if len(stored) != len(new):
+        return f"{path} holds {len(stored)} rows stored, {len(new)} re-executed"
+    scales: dict[str, float] = defaultdict(float)
+    for row in stored:
+        for key, value in row.items():
+            if isinstance(value, float) and math.isfinite(value):
+                scales[key] = max(scales[key], abs(value))
+    for index, (a, b) in enumerate(zip(stored, new)):
+        if a.keys() != b.keys():
+            return f"{path}[{index}] has fields {sorted(a)} stored, {sorted(b)} re-executed"
+        for key, value in a.items():
+            if key in unstable:
+                continue
+            other = b[key]
+            if isinstance(value, float) and isinstance(other, float) and math.isfinite(value) and math.isfinite(other):
+                if not chart_values_agree(value, other, scales[key]):
+                    return f"{path}[{index}].{key} differs beyond the chart tolerance: stored {value}, re-executed {other}"
+            elif type(value) is not type(other) or value != other:
+                return f"{path}[{index}].{key} differs: stored {value!r}, re-executed {other!r}"
+    return None
+
+
+def _compare_spec(stored, new, path: str, unstable: set[str]) -> str | None:
+    """Two parts of a Vega-Lite spec compared: data rows under ``values`` by ``_compare_rows``, the rest exactly."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        if stored.keys() != new.keys():
+            return f"{path} has keys {sorted(stored)} stored, {sorted(new)} re-executed"
+        for key in stored:
+            rows = stored[key]
+            if key == "values" and isinstance(rows, list) and all(isinstance(r, dict) for r in rows) \
+                    and isinstance(new[key], list) and all(isinstance(r, dict) for r in new[key]):
+                difference = _compare_rows(rows, new[key], f"{path}.values", unstable)
+            else:
+                difference = _compare_spec(rows, new[key], f"{path}.{key}", unstable)
+            if difference:
+                return difference
+        return None
+    if isinstance(stored, list) and isinstance(new, list):
+        if len(stored) != len(new):
+            return f"{path} holds {len(stored)} items stored, {len(new)} re-executed"
+        for index, (a, b) in enumerate(zip(stored, new)):
+            if difference := _compare_spec(a, b, f"{path}[{index}]", unstable):
+                return difference
+        return None
+    if type(stored) is not type(new) or stored != new:
+        return f"{path} differs: stored {stored!r}, re-executed {new!r}"
+    return None
+
+
+def compare_chart(stored: str, new: str) -> str | None:
+    """None when two chart outputs match under the chart rule of the module docstring; otherwise a sentence
+    naming the first difference beyond it."""
+    stored_match, new_match = CHART_SPEC.search(stored), CHART_SPEC.search(new)
+    if new_match is None:
+        return "the re-executed output is not a chart"
+    outside = [text[:match.start(1)] + text[match.end(1):] for text, match in ((stored, stored_match),
+                                                                               (new, new_match))]
+    # The element id is a hash of the spec, data included: it differs whenever a number does.
+    outside = [text.replace(found.group(1), "CHART-ID") if (found := CHART_ID.search(text)) else text
+               for text in outside]
+    if outside[0] != outside[1]:
+        return "the HTML around the chart spec differs"
+    stored_spec, new_spec = json.loads(stored_match.group(1)), json.loads(new_match.group(1))
+    unstable = set(stored_spec.get("usermeta", {}).get(UNSTABLE_FIELDS, []))
+    return _compare_spec(stored_spec, new_spec, "spec", unstable)
+
+
+def compare_output(stored: str, new: str) -> str | None:
+    """A chart by :func:`compare_chart`, anything else by :func:`compare_text`."""
+    return compare_chart(stored, new) if is_chart(stored) else compare_text(stored, new)
+
+
+def compared_fields(outputs, skip_compare) -> dict[str, list[tuple[dict, str]]]:
+    """Where nbval finds each compared string of a cell's outputs, grouped by key in nbval's order: a stream's text
+    under the stream's name, each MIME type's data under the MIME type (``IPyNbCell.compare_outputs``)."""
+    fields = defaultdict(list)
+    for output in outputs:
+        if output.get("output_type") == "stream":
+            if output.get("name") not in skip_compare:
+                fields[output["name"]].append((output, "text"))
+        elif "data" in output and "data" not in skip_compare:
+            for mime, value in output["data"].items():
+                if mime not in skip_compare and isinstance(value, str):
+                    fields[mime].append((output["data"], mime))
+    return fields
+
+
+_exact_compare_outputs = IPyNbCell.compare_outputs
+
+
+def compare_outputs(self, test, ref, skip_compare=None):
+    """nbval's ``IPyNbCell.compare_outputs`` after reconciling numbers: each re-executed string that matches its
+    stored counterpart under :func:`compare_output` (after the sanitize rules) is replaced by the stored string."""
+    skip = skip_compare or self.parent.skip_compare
+    new_fields, stored_fields = compared_fields(test, skip), compared_fields(ref, skip)
+    first_difference = None
+    for key, stored_places in stored_fields.items():
+        new_places = new_fields.get(key, [])
+        if len(new_places) != len(stored_places):
+            continue  # nbval reports the different number of outputs itself
+        for (stored_owner, stored_key), (new_owner, new_key) in zip(stored_places, new_places):
+            stored_text = self.sanitize(stored_owner[stored_key])
+            new_text = self.sanitize(new_owner[new_key])
+            if stored_text == new_text:
+                continue
+            difference = compare_output(stored_text, new_text)
+            if difference is None:
+                new_owner[new_key] = stored_owner[stored_key]
+            elif first_difference is None:
+                first_difference = f"{key}: {difference}"
+    same = _exact_compare_outputs(self, test, ref, skip_compare)
+    if not same and first_difference is not None:
+        self.comparison_traceback.append(
+            "Numbers are compared within one unit in their last printed digit (bookkit.nbval_numbers); "
+            f"first difference beyond that: {first_difference}")
+    return same
+
+
+def pytest_configure(config):
+    """Install the tolerant comparison into nbval's cell items."""
+    IPyNbCell.compare_outputs = compare_outputs
