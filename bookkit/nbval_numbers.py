@@ -8,8 +8,9 @@ suite goes red for a reader who changed nothing. This plugin keeps nbval as the 
 stored and a new output that nbval's sanitized comparison finds different are compared once more, token by token,
 by :func:`compare_text`:
 
-* the text between numbers must be identical (words, verdicts, generated completions, field names), except that a
-  run of spaces counts as one: tables pad their columns to the widest number, and 9.99 against 10.00 widens one;
+* the text between numbers must be identical (words, verdicts, generated completions, field names), except that
+  runs of two or more spaces count as equal: tables pad their columns to the widest number, and 9.99 against 10.00
+  widens one;
 * integers (no decimal point, no exponent) must be identical: counts, layer indices, sizes;
 * decimals (a decimal point or an exponent) must agree within one unit in the last printed digit of the more
   precisely printed of the two: ``|a - b| <= 10**(exponent - decimals)``, computed exactly in decimal arithmetic.
@@ -20,13 +21,22 @@ Charts (the HTML of ``lib.viz``'s renderer) are compared as the Vega-Lite specs 
 :func:`compare_chart`: the HTML around the spec and every part of the spec but its data are compared exactly (marks,
 encodings, fields, categories, integers, row order), and each float in the data rows within the larger of one unit
 in its own ``lib.viz.SIGNIFICANT_DIGITS``-th significant digit (the charts round their data so) and a thousandth of
-the largest magnitude in its column (under a pixel at the chart's scale: values near zero carry only noise there).
+the largest magnitude in its column within its series (rows with the same text fields: variant, measure, ...):
+under a pixel at that line's scale, where values near zero carry only noise. A field on a log axis has only the
+first rule, since every decade of it shows.
 The fields a chart names in ``usermeta`` as unstable (PCA coordinates, whose sign and rotation the last bits of
 float32 can move) are skipped; the chapter shows a stable summary of them in a table.
+
+A table's plain-text fallback is taken as agreeing when the HTML beside it in the same output does (pandas wraps
+plain text at 80 columns, and a widened number can move a column across the wrap).
 
 When the two agree, the new output is replaced by the stored one and nbval's own comparison runs unchanged, so the
 cell passes; when they do not, nbval reports the difference as it always does, with one more line that names the
 first token beyond the tolerance. The sanitize rules (``--nbval-sanitize-with``) apply before either comparison.
+
+With ``$NBVAL_NUMBERS_REPORT`` set to a file, every pair of outputs that differs at all is appended to it as one
+JSON line (cell, output key, stored and re-executed text after the sanitize rules, and the first difference beyond
+the tolerance or null): what another host printed, for checking the rule against it afterwards.
 
 Loaded by ``-p bookkit.nbval_numbers``: ``lib.suite`` passes it to every chapter job, and ``addopts`` in
 ``pyproject.toml`` to every pytest run in the repository.
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from decimal import Decimal
@@ -45,10 +56,13 @@ from nbval.plugin import IPyNbCell
 from lib.viz import CHART_CLASS, SIGNIFICANT_DIGITS, UNSTABLE_FIELDS
 
 # A number is an optional sign, digits, an optional fraction and an optional exponent, standing alone: not
-# preceded by a letter, digit, underscore or point ("float32", "v6", "1.2.3" keep their digits as text), not
-# followed by a letter, digit or underscore ("12px", "0x1f" are text). "layer-13" is the word "layer-" and 13.
-SPACES = re.compile(r"[ \t]+")
-NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.(\d+))?(?:[eE]([-+]?\d+))?(?!\w)")
+# preceded by a letter, digit, underscore or point and not followed by a letter, digit, underscore or a point and a
+# digit ("float32", "v6", "12px", "0x1f", "1.2.3" and "Step 1.1.1" keep their digits as text). "layer-13" is the
+# word "layer-" and 13.
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.(\d+))?(?:[eE]([-+]?\d+))?(?!\w|\.\d)")
+# Table padding: a run of two or more spaces (pandas puts at least two between columns) counts as any other such
+# run; a single space stays a single space ("I  can't" against "I can't" is a change of text).
+PADDING = re.compile(r"[ \t]{2,}")
 
 
 def tokens(text: str) -> list[tuple[str, str]]:
@@ -98,8 +112,8 @@ def compare_text(stored: str, new: str) -> str | None:
     the first difference beyond it."""
     stored_tokens, new_tokens = tokens(stored), tokens(new)
     for index, ((kind, a), (_, b)) in enumerate(zip(stored_tokens, new_tokens)):
-        if kind == "text" and SPACES.sub(" ", a) != SPACES.sub(" ", b):
-            a, b = SPACES.sub(" ", a), SPACES.sub(" ", b)
+        if kind == "text" and PADDING.sub("  ", a) != PADDING.sub("  ", b):
+            a, b = PADDING.sub("  ", a), PADDING.sub("  ", b)
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             return (f"text differs at token {index}: stored {_excerpt(a[at:])}, re-executed {_excerpt(b[at:])}")
         if kind == "number" and not numbers_agree(a, b):
@@ -132,15 +146,24 @@ def chart_values_agree(stored: float, new: float, column_scale: float) -> bool:
     return abs(stored - new) <= max(digit_unit, COLUMN_SCALE_FRACTION * column_scale) * (1 + 1e-9)
 
 
-def _compare_rows(stored: list, new: list, path: str, unstable: set[str]) -> str | None:
-    """Data rows (a list of records) compared column by column: floats by ``chart_values_agree``, the rest exactly."""
+def _series(row: dict) -> tuple:
+    """The series a data row belongs to: its text fields (variant, measure, split, ...), which colour, facet or
+    separate the marks; a column's scale is taken within one series, so that a melted column of refusal scores
+    and KL values, or the variants of a facet, do not lend each other their magnitude."""
+    return tuple(sorted((key, value) for key, value in row.items() if isinstance(value, str)))
+
+
+def _compare_rows(stored: list, new: list, path: str, unstable: set[str], log_fields: set[str]) -> str | None:
+    """Data rows (a list of records) compared column by column: floats by ``chart_values_agree`` (with the
+    column's scale within the row's series, and no scale at all for a field on a log axis, where every decade
+    shows), the rest exactly."""
     if len(stored) != len(new):
         return f"{path} holds {len(stored)} rows stored, {len(new)} re-executed"
-    scales: dict[str, float] = defaultdict(float)
+    scales: dict[tuple, float] = defaultdict(float)
     for row in stored:
         for key, value in row.items():
-            if isinstance(value, float) and math.isfinite(value):
-                scales[key] = max(scales[key], abs(value))
+            if isinstance(value, float) and math.isfinite(value) and key not in log_fields:
+                scales[(_series(row), key)] = max(scales[(_series(row), key)], abs(value))
     for index, (a, b) in enumerate(zip(stored, new)):
         if a.keys() != b.keys():
             return f"{path}[{index}] has fields {sorted(a)} stored, {sorted(b)} re-executed"
@@ -149,14 +172,29 @@ def _compare_rows(stored: list, new: list, path: str, unstable: set[str]) -> str
                 continue
             other = b[key]
             if isinstance(value, float) and isinstance(other, float) and math.isfinite(value) and math.isfinite(other):
-                if not chart_values_agree(value, other, scales[key]):
+                if not chart_values_agree(value, other, scales[(_series(a), key)]):
                     return f"{path}[{index}].{key} differs beyond the chart tolerance: stored {value}, re-executed {other}"
             elif type(value) is not type(other) or value != other:
                 return f"{path}[{index}].{key} differs: stored {value!r}, re-executed {other!r}"
     return None
 
 
-def _compare_spec(stored, new, path: str, unstable: set[str]) -> str | None:
+def log_scale_fields(spec) -> set[str]:
+    """The fields that a spec encodes on a log scale (``{"field": F, "scale": {"type": "log"}}`` anywhere in it)."""
+    found = set()
+    if isinstance(spec, dict):
+        if isinstance(spec.get("field"), str) and isinstance(spec.get("scale"), dict) \
+                and spec["scale"].get("type") == "log":
+            found.add(spec["field"])
+        for value in spec.values():
+            found |= log_scale_fields(value)
+    elif isinstance(spec, list):
+        for value in spec:
+            found |= log_scale_fields(value)
+    return found
+
+
+def _compare_spec(stored, new, path: str, unstable: set[str], log_fields: set[str]) -> str | None:
     """Two parts of a Vega-Lite spec compared: data rows under ``values`` by ``_compare_rows``, the rest exactly."""
     if isinstance(stored, dict) and isinstance(new, dict):
         if stored.keys() != new.keys():
@@ -165,9 +203,9 @@ def _compare_spec(stored, new, path: str, unstable: set[str]) -> str | None:
             rows = stored[key]
             if key == "values" and isinstance(rows, list) and all(isinstance(r, dict) for r in rows) \
                     and isinstance(new[key], list) and all(isinstance(r, dict) for r in new[key]):
-                difference = _compare_rows(rows, new[key], f"{path}.values", unstable)
+                difference = _compare_rows(rows, new[key], f"{path}.values", unstable, log_fields)
             else:
-                difference = _compare_spec(rows, new[key], f"{path}.{key}", unstable)
+                difference = _compare_spec(rows, new[key], f"{path}.{key}", unstable, log_fields)
             if difference:
                 return difference
         return None
@@ -175,7 +213,7 @@ def _compare_spec(stored, new, path: str, unstable: set[str]) -> str | None:
         if len(stored) != len(new):
             return f"{path} holds {len(stored)} items stored, {len(new)} re-executed"
         for index, (a, b) in enumerate(zip(stored, new)):
-            if difference := _compare_spec(a, b, f"{path}[{index}]", unstable):
+            if difference := _compare_spec(a, b, f"{path}[{index}]", unstable, log_fields):
                 return difference
         return None
     if type(stored) is not type(new) or stored != new:
@@ -198,7 +236,7 @@ def compare_chart(stored: str, new: str) -> str | None:
         return "the HTML around the chart spec differs"
     stored_spec, new_spec = json.loads(stored_match.group(1)), json.loads(new_match.group(1))
     unstable = set(stored_spec.get("usermeta", {}).get(UNSTABLE_FIELDS, []))
-    return _compare_spec(stored_spec, new_spec, "spec", unstable)
+    return _compare_spec(stored_spec, new_spec, "spec", unstable, log_scale_fields(stored_spec))
 
 
 def compare_output(stored: str, new: str) -> str | None:
@@ -221,27 +259,48 @@ def compared_fields(outputs, skip_compare) -> dict[str, list[tuple[dict, str]]]:
     return fields
 
 
+REPORT_ENV = "NBVAL_NUMBERS_REPORT"
 _exact_compare_outputs = IPyNbCell.compare_outputs
+
+
+HTML, PLAIN = "text/html", "text/plain"
+
+
+def _plain_beside_html(key: str) -> str | None:
+    """For a plain-text key (``text/plain``, ``application/papermill.record/text/plain``), the key of the HTML that
+    the same output carries beside it; None for any other key."""
+    return key[:-len(PLAIN)] + HTML if key.endswith(PLAIN) else None
 
 
 def compare_outputs(self, test, ref, skip_compare=None):
     """nbval's ``IPyNbCell.compare_outputs`` after reconciling numbers: each re-executed string that matches its
-    stored counterpart under :func:`compare_output` (after the sanitize rules) is replaced by the stored string."""
+    stored counterpart under :func:`compare_output` (after the sanitize rules) is replaced by the stored string.
+
+    A plain-text fallback whose output also carries HTML that matches (a pandas table) matches too: pandas wraps
+    its plain text at 80 columns, and a number that widens by one digit can move a column across the wrap; the HTML
+    holds the same table without wrapping and is compared by the rule."""
     skip = skip_compare or self.parent.skip_compare
     new_fields, stored_fields = compared_fields(test, skip), compared_fields(ref, skip)
+    html_agrees: set[tuple[int, str]] = set()  # (id of a re-executed output's data, HTML key) that matched
     first_difference = None
-    for key, stored_places in stored_fields.items():
-        new_places = new_fields.get(key, [])
+    for key in sorted(stored_fields, key=lambda k: _plain_beside_html(k) is not None):  # HTML before plain text
+        stored_places, new_places = stored_fields[key], new_fields.get(key, [])
         if len(new_places) != len(stored_places):
             continue  # nbval reports the different number of outputs itself
         for (stored_owner, stored_key), (new_owner, new_key) in zip(stored_places, new_places):
             stored_text = self.sanitize(stored_owner[stored_key])
             new_text = self.sanitize(new_owner[new_key])
-            if stored_text == new_text:
-                continue
-            difference = compare_output(stored_text, new_text)
+            difference = None if stored_text == new_text else compare_output(stored_text, new_text)
+            if difference is not None and (id(new_owner), _plain_beside_html(key)) in html_agrees:
+                difference = None
+            if stored_text != new_text and os.environ.get(REPORT_ENV):
+                with open(os.environ[REPORT_ENV], "a", encoding="utf-8") as report:
+                    report.write(json.dumps({"cell": self.nodeid, "key": key, "stored": stored_text, "new": new_text,
+                                             "difference": difference}) + "\n")
             if difference is None:
                 new_owner[new_key] = stored_owner[stored_key]
+                if key.endswith(HTML):
+                    html_agrees.add((id(new_owner), key))
             elif first_difference is None:
                 first_difference = f"{key}: {difference}"
     same = _exact_compare_outputs(self, test, ref, skip_compare)

@@ -262,7 +262,7 @@ def describe(summary, target: str, coordinate: int) -> str:
         lines.append(
             f"{source}'s direction: {row['drop, zero']:.1f} under zero ablation, {row['drop, mean']:.1f} under mean "
             f"ablation, {row['drop, first token spared']:.1f} with the first token spared; giving {target}'s direction "
-            f"this direction's value on coordinate {coordinate} alone moves {row['swap moves (share of gap)']:.0%} of "
+            f"this direction's value on coordinate {coordinate} alone moves {row['swap moves (share of gap)']:.1%} of "
             f"the zero-ablation gap between the two; a random direction with the same mean projection changes the "
             f"score by {-row['drop, matched control']:+.1f}, against {-row['drop, zero']:+.1f} for the source.")
     return "\n".join(lines)

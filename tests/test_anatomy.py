@@ -128,5 +128,5 @@ def test_offset_summary_and_its_sentences():
     assert summary.loc["at", "control / source (zero)"] == pytest.approx(1 / 12)
     text = anatomy.describe(summary, "ssft", 507).splitlines()
     assert text[0] == "ssft's own direction lowers its mean refusal score by 6.0 under zero ablation and by 12.0 under mean ablation."
-    assert "giving ssft's direction this direction's value on coordinate 507 alone moves 90% of the" in text[1]
+    assert "giving ssft's direction this direction's value on coordinate 507 alone moves 90.0% of the" in text[1]
     assert "changes the score by -1.0, against -12.0" in text[1]

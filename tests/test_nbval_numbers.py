@@ -5,15 +5,19 @@ specs, their data within what the chart can show. The same rules run under real 
 from __future__ import annotations
 
 from decimal import Decimal
+from types import SimpleNamespace
 
 import altair as alt
 import pandas as pd
 import pytest
+from nbformat import NotebookNode
+from nbval.plugin import IPyNbCell, nocolors
 
 from bookkit.nbval_numbers import (
     chart_values_agree,
     compare_chart,
     compare_output,
+    compare_outputs,
     compare_text,
     last_digit_unit,
     numbers_agree,
@@ -63,8 +67,8 @@ def test_last_digit_unit_reads_decimals_and_exponents():
 
 
 def test_tokens_keep_digits_inside_words_as_text():
-    assert [t for kind, t in tokens("float32 v6 layer-13 1.2.3 0x1f 12px (-0.5) 43.8%") if kind == "number"] == [
-        "13", "1.2", "-0.5", "43.8"]
+    assert [t for kind, t in tokens("float32 v6 layer-13 1.2.3 0x1f 12px (-0.5) 43.8% Step 1.1.1: 7.33.")
+            if kind == "number"] == ["13", "-0.5", "43.8", "7.33"]
 
 
 def test_a_changed_verdict_word_fails():
@@ -78,6 +82,8 @@ def test_a_changed_generated_completion_fails():
     assert compare_text(stored, stored.replace("cannot", "can")) is not None
     assert compare_text(stored, stored.replace("1.", "2.")) is not None
     assert compare_text(stored, stored + " more") is not None
+    assert compare_text("Step 1.1.1.2.1: The synthesis", "Step 1.2.1.2.1: The synthesis") is not None
+    assert compare_text("I  can't help", "I can't help") is not None
 
 
 def test_numbers_in_other_places_or_counts_fail():
@@ -148,6 +154,35 @@ def test_the_pca_chart_names_its_coordinates_unstable():
     assert spec["usermeta"][viz.UNSTABLE_FIELDS] == ["pc1", "pc2"]
 
 
+def _melted(scores, kls) -> pd.DataFrame:
+    """Chapter 04's shape: refusal scores and KL values in one ``value`` column, told apart by ``measure``."""
+    return pd.DataFrame({"layer": list(range(len(scores))) * 2, "variant": "lat",
+                         "measure": ["refusal score"] * len(scores) + ["KL"] * len(kls), "value": scores + kls})
+
+
+def test_a_chart_column_takes_its_scale_within_its_series():
+    """A KL value off by 0.011 fails although the column also holds refusal scores of 11.2 (a thousandth of those
+    would be 0.0112); noise far under a thousandth of the KL series' own scale still agrees."""
+    def chart(frame):
+        return viz.chart_html(alt.Chart(frame).mark_line().encode(x="layer:Q", y="value:Q", color="measure:N"))
+
+    stored = chart(_melted([11.2, -3.5], [0.179, 0.402]))
+    assert compare_chart(stored, chart(_melted([11.2, -3.5], [0.190, 0.402]))) is not None
+    assert compare_chart(stored, chart(_melted([11.2, -3.49], [0.179, 0.402]))) is None
+
+
+def test_a_log_axis_compares_every_value_to_its_own_digits():
+    """On a log axis a value of 2.83 moved to 22.6 is a decade, however large the column's other values are."""
+    def chart(values):
+        frame = pd.DataFrame({"layer": list(range(len(values))), "norm": values, "variant": "lat"})
+        return viz.chart_html(alt.Chart(frame).mark_line().encode(
+            x="layer:Q", y=alt.Y("norm:Q", scale=alt.Scale(type="log"))))
+
+    stored = chart([2.83, 25500.0])
+    assert compare_chart(stored, chart([22.6, 25500.0])) is not None
+    assert compare_chart(stored, chart([2.84, 25500.0])) is None
+
+
 def test_chart_value_rule():
     assert chart_values_agree(0.985, 0.984, 1.0)
     assert not chart_values_agree(0.985, 0.983, 1.0)
@@ -167,3 +202,40 @@ def test_a_table_widened_by_a_rounding_flip_still_agrees():
     new = "      difference\nssft       10.00\nlat         5.00\n"
     assert compare_text(stored, new) is None
     assert compare_text(stored, new.replace("lat", "at ")) is not None
+
+
+class _Cell:
+    """What ``compare_outputs`` uses of an nbval cell: its file's skip list, the sanitize step, the failure report."""
+    format_output_compare = IPyNbCell.format_output_compare
+    colors = nocolors
+    nodeid = "stub::Cell 0"
+    config = None
+
+    def __init__(self):
+        self.parent = SimpleNamespace(skip_compare=("metadata", "execution_count", "output_type", "name"))
+        self.ihook = SimpleNamespace(pytest_assertrepr_compare=lambda **kwargs: [])
+        self.comparison_traceback = []
+
+    def sanitize(self, text):
+        return text
+
+
+def _table_output(html: str, plain: str) -> NotebookNode:
+    return NotebookNode(output_type="execute_result", execution_count=1, metadata={},
+                        data={"text/html": html, "text/plain": plain})
+
+
+def test_nbvals_comparison_with_the_plugin_reconciles_numbers_and_table_wraps():
+    """Under nbval's own ``compare_outputs`` (the plugin wraps it): a table whose HTML moved by one unit and whose
+    plain text re-wrapped passes; the same plain text beside HTML seven units off fails, and the report names it."""
+    stored = [_table_output("<td>9.99</td><td>ssft</td>", "   a     b\n0  9.99  ssft")]
+    rewrapped = "    a  \\\n0  10.00\n\n      b\n0  ssft"
+    assert compare_outputs(_Cell(), [_table_output("<td>10.00</td><td>ssft</td>", rewrapped)], stored)
+    cell = _Cell()
+    assert not compare_outputs(cell, [_table_output("<td>10.06</td><td>ssft</td>", rewrapped)], stored)
+    assert "stored 9.99, re-executed 10.06" in cell.comparison_traceback[-1]
+    stream = [NotebookNode(output_type="stream", name="stdout", text="refusal drops by 7.32\n")]
+    assert compare_outputs(_Cell(), stream, [NotebookNode(output_type="stream", name="stdout",
+                                                          text="refusal drops by 7.33\n")])
+    assert not compare_outputs(_Cell(), stream, [NotebookNode(output_type="stream", name="stdout",
+                                                              text="refusal rises by 7.33\n")])
