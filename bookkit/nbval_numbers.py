@@ -24,7 +24,8 @@ in its own ``lib.viz.SIGNIFICANT_DIGITS``-th significant digit (the charts round
 the largest magnitude in its column within its series (rows with the same text fields: variant, measure, ...):
 under a pixel at that line's scale, where values near zero carry only noise. A field on a log axis has only the
 first rule, since every decade of it shows.
-The fields a chart names in ``usermeta`` as unstable (PCA coordinates, whose sign and rotation the last bits of
+A field that the chart declares to move in steps (``lib.viz.in_steps``: an accuracy over n examples moves in steps
+of 1/n) may also move by ``STEPS_ALLOWED`` steps. The fields a chart names in ``usermeta`` as unstable (PCA coordinates, whose sign and rotation the last bits of
 float32 can move) are skipped; the chapter shows a stable summary of them in a table.
 
 A table's plain-text fallback is taken as agreeing when the HTML beside it in the same output does (pandas wraps
@@ -53,7 +54,7 @@ from decimal import Decimal
 
 from nbval.plugin import IPyNbCell
 
-from lib.viz import CHART_CLASS, SIGNIFICANT_DIGITS, UNSTABLE_FIELDS
+from lib.viz import CHART_CLASS, FIELD_STEPS, SIGNIFICANT_DIGITS, UNSTABLE_FIELDS
 
 # A number is an optional sign, digits, an optional fraction and an optional exponent, standing alone: not
 # preceded by a letter, digit, underscore or point and not followed by a letter, digit, underscore or a point and a
@@ -129,6 +130,7 @@ def compare_text(stored: str, new: str) -> str | None:
 CHART_SPEC = re.compile(r"^ *var spec = (.*);$", re.MULTILINE)
 CHART_ID = re.compile(r'<div id="([^"]+)"')
 COLUMN_SCALE_FRACTION = 10.0 ** -SIGNIFICANT_DIGITS  # a thousandth of a column's largest magnitude
+STEPS_ALLOWED = 2  # steps a stepped field (``lib.viz.in_steps``) may move: an example or two across a boundary
 
 
 def is_chart(text: str) -> bool:
@@ -136,14 +138,16 @@ def is_chart(text: str) -> bool:
     return f'class="{CHART_CLASS}"' in text and CHART_SPEC.search(text) is not None
 
 
-def chart_values_agree(stored: float, new: float, column_scale: float) -> bool:
+def chart_values_agree(stored: float, new: float, column_scale: float, step: float = 0.0) -> bool:
     """The chart-data rule (module docstring): within one unit in the ``SIGNIFICANT_DIGITS``-th significant digit
-    of the larger magnitude, or within ``COLUMN_SCALE_FRACTION`` of the column's largest magnitude."""
+    of the larger magnitude, or within ``COLUMN_SCALE_FRACTION`` of the column's largest magnitude, or, for a field
+    that moves in steps of ``step``, within ``STEPS_ALLOWED`` steps and that digit."""
     largest = max(abs(stored), abs(new))
     if largest == 0:
         return True
     digit_unit = 10.0 ** (math.floor(math.log10(largest)) - (SIGNIFICANT_DIGITS - 1))
-    return abs(stored - new) <= max(digit_unit, COLUMN_SCALE_FRACTION * column_scale) * (1 + 1e-9)
+    tolerance = max(digit_unit, COLUMN_SCALE_FRACTION * column_scale, STEPS_ALLOWED * step + digit_unit if step else 0)
+    return abs(stored - new) <= tolerance * (1 + 1e-9)
 
 
 def _series(row: dict) -> tuple:
@@ -153,7 +157,8 @@ def _series(row: dict) -> tuple:
     return tuple(sorted((key, value) for key, value in row.items() if isinstance(value, str)))
 
 
-def _compare_rows(stored: list, new: list, path: str, unstable: set[str], log_fields: set[str]) -> str | None:
+def _compare_rows(stored: list, new: list, path: str, unstable: set[str], log_fields: set[str],
+                  steps: dict[str, float]) -> str | None:
     """Data rows (a list of records) compared column by column: floats by ``chart_values_agree`` (with the
     column's scale within the row's series, and no scale at all for a field on a log axis, where every decade
     shows), the rest exactly."""
@@ -172,7 +177,7 @@ def _compare_rows(stored: list, new: list, path: str, unstable: set[str], log_fi
                 continue
             other = b[key]
             if isinstance(value, float) and isinstance(other, float) and math.isfinite(value) and math.isfinite(other):
-                if not chart_values_agree(value, other, scales[(_series(a), key)]):
+                if not chart_values_agree(value, other, scales[(_series(a), key)], steps.get(key, 0.0)):
                     return f"{path}[{index}].{key} differs beyond the chart tolerance: stored {value}, re-executed {other}"
             elif type(value) is not type(other) or value != other:
                 return f"{path}[{index}].{key} differs: stored {value!r}, re-executed {other!r}"
@@ -194,7 +199,8 @@ def log_scale_fields(spec) -> set[str]:
     return found
 
 
-def _compare_spec(stored, new, path: str, unstable: set[str], log_fields: set[str]) -> str | None:
+def _compare_spec(stored, new, path: str, unstable: set[str], log_fields: set[str], steps: dict[str, float]
+                  ) -> str | None:
     """Two parts of a Vega-Lite spec compared: data rows under ``values`` by ``_compare_rows``, the rest exactly."""
     if isinstance(stored, dict) and isinstance(new, dict):
         if stored.keys() != new.keys():
@@ -203,9 +209,9 @@ def _compare_spec(stored, new, path: str, unstable: set[str], log_fields: set[st
             rows = stored[key]
             if key == "values" and isinstance(rows, list) and all(isinstance(r, dict) for r in rows) \
                     and isinstance(new[key], list) and all(isinstance(r, dict) for r in new[key]):
-                difference = _compare_rows(rows, new[key], f"{path}.values", unstable, log_fields)
+                difference = _compare_rows(rows, new[key], f"{path}.values", unstable, log_fields, steps)
             else:
-                difference = _compare_spec(rows, new[key], f"{path}.{key}", unstable, log_fields)
+                difference = _compare_spec(rows, new[key], f"{path}.{key}", unstable, log_fields, steps)
             if difference:
                 return difference
         return None
@@ -213,7 +219,7 @@ def _compare_spec(stored, new, path: str, unstable: set[str], log_fields: set[st
         if len(stored) != len(new):
             return f"{path} holds {len(stored)} items stored, {len(new)} re-executed"
         for index, (a, b) in enumerate(zip(stored, new)):
-            if difference := _compare_spec(a, b, f"{path}[{index}]", unstable, log_fields):
+            if difference := _compare_spec(a, b, f"{path}[{index}]", unstable, log_fields, steps):
                 return difference
         return None
     if type(stored) is not type(new) or stored != new:
@@ -235,8 +241,9 @@ def compare_chart(stored: str, new: str) -> str | None:
     if outside[0] != outside[1]:
         return "the HTML around the chart spec differs"
     stored_spec, new_spec = json.loads(stored_match.group(1)), json.loads(new_match.group(1))
-    unstable = set(stored_spec.get("usermeta", {}).get(UNSTABLE_FIELDS, []))
-    return _compare_spec(stored_spec, new_spec, "spec", unstable, log_scale_fields(stored_spec))
+    meta = stored_spec.get("usermeta", {})
+    unstable, steps = set(meta.get(UNSTABLE_FIELDS, [])), meta.get(FIELD_STEPS, {})
+    return _compare_spec(stored_spec, new_spec, "spec", unstable, log_scale_fields(stored_spec), steps)
 
 
 def compare_output(stored: str, new: str) -> str | None:

@@ -26,6 +26,8 @@ CHART_CLASS = "refusal-book-chart"  # the class of every chart's <div> (how the 
 # A chart's ``usermeta`` entry naming the data fields whose values the last bits of float32 can move far (PCA
 # coordinates: sign and rotation); the stored-output comparison skips them and the chapter shows a stable summary.
 UNSTABLE_FIELDS = "unstable_fields"
+# A chart's ``usermeta`` entry giving the smallest step in which a data field moves (``in_steps``).
+FIELD_STEPS = "field_steps"
 DEFAULT_MAX_ROWS = 20_000
 
 # Fixed order and colours so that every chapter shows the same kind in the same colour.
@@ -235,6 +237,16 @@ def pca_scatter_chart(df: pd.DataFrame) -> alt.FacetChart:
         chart = base.facet(facet=alt.Facet("layer:O", title=None, header=layer_header), columns=4)
     return chart.resolve_scale(x="independent", y="independent").properties(
         title=title, usermeta={UNSTABLE_FIELDS: ["pc1", "pc2"]})
+
+
+def in_steps(chart: alt.TopLevelMixin, steps: dict[str, float]) -> alt.TopLevelMixin:
+    """``chart`` with the smallest step in which each named data field moves recorded in its ``usermeta`` (for
+    example 1/n for an accuracy over n held-out examples). The stored-output comparison lets such a value move by
+    two steps: a fitted probe whose boundary moves with the last bits of float32 can put an example on its other
+    side on another CPU, which moves the accuracy by a whole step at once."""
+    if not steps or any(not (isinstance(v, float | int) and v > 0) for v in steps.values()):
+        raise ValueError(f"steps must map data fields to positive step sizes, got {steps!r}.")
+    return chart.properties(usermeta={FIELD_STEPS: {field: float(step) for field, step in steps.items()}})
 
 
 def training_curves_chart(df: pd.DataFrame) -> alt.Chart:

@@ -239,3 +239,22 @@ def test_nbvals_comparison_with_the_plugin_reconciles_numbers_and_table_wraps():
                                                           text="refusal drops by 7.33\n")])
     assert not compare_outputs(_Cell(), stream, [NotebookNode(output_type="stream", name="stdout",
                                                               text="refusal rises by 7.33\n")])
+
+
+def test_a_stepped_field_may_move_two_steps_and_no_more():
+    """A 5-fold probe accuracy over 250 examples moves in steps of 0.004: one or two examples across the probe's
+    boundary (0.891 against 0.887, chapter 07 under AVX2 kernels) agree; three steps do not, nor does a
+    chart that does not declare its steps."""
+    def chart(values, steps=None):
+        frame = pd.DataFrame({"layer": list(range(len(values))), "accuracy": values, "variant": "lat"})
+        made = alt.Chart(frame).mark_line().encode(x="layer:Q", y="accuracy:Q")
+        return viz.chart_html(viz.in_steps(made, steps) if steps else made)
+
+    steps = {"accuracy": 1 / 250}
+    stored = chart([0.891, 0.959], steps)
+    assert compare_chart(stored, chart([0.887, 0.963], steps)) is None
+    assert compare_chart(stored, chart([0.883, 0.959], steps)) is None
+    assert compare_chart(stored, chart([0.879, 0.959], steps)) is not None
+    assert compare_chart(chart([0.891, 0.959]), chart([0.887, 0.963])) is not None
+    with pytest.raises(ValueError, match="positive step"):
+        viz.in_steps(alt.Chart(pd.DataFrame({"a": [1]})).mark_point(), {"accuracy": 0})
