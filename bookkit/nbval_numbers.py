@@ -25,8 +25,9 @@ the largest magnitude in its column within its series (rows with the same text f
 under a pixel at that line's scale, where values near zero carry only noise. A field on a log axis has only the
 first rule, since every decade of it shows.
 A field that the chart declares to move in steps (``lib.viz.in_steps``: an accuracy over n examples moves in steps
-of 1/n) may also move by ``STEPS_ALLOWED`` steps. The fields a chart names in ``usermeta`` as unstable (PCA coordinates, whose sign and rotation the last bits of
-float32 can move) are skipped; the chapter shows a stable summary of them in a table.
+of 1/n) may also move by ``STEPS_ALLOWED`` steps. The fields a chart names in ``usermeta`` as unstable (PCA
+coordinates, whose sign and rotation the last bits of float32 can move) are skipped; the chapter shows a stable
+summary of them in a table.
 
 A table's plain-text fallback is taken as agreeing when the HTML beside it in the same output does (pandas wraps
 plain text at 80 columns, and a widened number can move a column across the wrap).
@@ -113,8 +114,7 @@ def compare_text(stored: str, new: str) -> str | None:
     the first difference beyond it."""
     stored_tokens, new_tokens = tokens(stored), tokens(new)
     for index, ((kind, a), (_, b)) in enumerate(zip(stored_tokens, new_tokens)):
-        if kind == "text" and PADDING.sub("  ", a) != PADDING.sub("  ", b):
-            a, b = PADDING.sub("  ", a), PADDING.sub("  ", b)
+        if kind == "text" and (a := PADDING.sub("  ", a)) != (b := PADDING.sub("  ", b)):
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             return (f"text differs at token {index}: stored {_excerpt(a[at:])}, re-executed {_excerpt(b[at:])}")
         if kind == "number" and not numbers_agree(a, b):
@@ -164,12 +164,13 @@ def _compare_rows(stored: list, new: list, path: str, unstable: set[str], log_fi
     shows), the rest exactly."""
     if len(stored) != len(new):
         return f"{path} holds {len(stored)} rows stored, {len(new)} re-executed"
+    series = [_series(row) for row in stored]
     scales: dict[tuple, float] = defaultdict(float)
-    for row in stored:
+    for row, line in zip(stored, series):
         for key, value in row.items():
             if isinstance(value, float) and math.isfinite(value) and key not in log_fields:
-                scales[(_series(row), key)] = max(scales[(_series(row), key)], abs(value))
-    for index, (a, b) in enumerate(zip(stored, new)):
+                scales[(line, key)] = max(scales[(line, key)], abs(value))
+    for index, (a, b, line) in enumerate(zip(stored, new, series)):
         if a.keys() != b.keys():
             return f"{path}[{index}] has fields {sorted(a)} stored, {sorted(b)} re-executed"
         for key, value in a.items():
@@ -177,8 +178,9 @@ def _compare_rows(stored: list, new: list, path: str, unstable: set[str], log_fi
                 continue
             other = b[key]
             if isinstance(value, float) and isinstance(other, float) and math.isfinite(value) and math.isfinite(other):
-                if not chart_values_agree(value, other, scales[(_series(a), key)], steps.get(key, 0.0)):
-                    return f"{path}[{index}].{key} differs beyond the chart tolerance: stored {value}, re-executed {other}"
+                if not chart_values_agree(value, other, scales[(line, key)], steps.get(key, 0.0)):
+                    return (f"{path}[{index}].{key} differs beyond the chart tolerance: stored {value}, "
+                            f"re-executed {other}")
             elif type(value) is not type(other) or value != other:
                 return f"{path}[{index}].{key} differs: stored {value!r}, re-executed {other!r}"
     return None

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lib.judges import REFUSAL, bootstrap_contrast, bootstrap_rate_difference
-from lib.stats import ON_THE_EDGE, interval_text, on_the_edge, verdict
+from lib.stats import interval_text, verdict
 
 CLAIM1_WORDS = ("refusal drops", "refusal rises", "not resolved")
 CLAIM2_WORDS = ("higher", "lower", "not resolved")
@@ -106,12 +106,10 @@ def transfer_contrasts(labels: dict, focus: str = "lat", others: Sequence[str] =
     rows = []
     for claim, group_a, group_b, supports in specs:
         result = bootstrap_contrast(group_a, group_b, REFUSAL, n_boot, seed)
-        supported = result["low"] > 0 if supports == "positive" else result["high"] < 0
-        contradicted = result["high"] < 0 if supports == "positive" else result["low"] > 0
+        above, below = ("supported", "contradicted") if supports == "positive" else ("contradicted", "supported")
         rows.append({"claim": f"{focus.upper()} {claim}", **result,
                      "supports if": f"difference {'>' if supports == 'positive' else '<'} 0",
-                     "verdict": (ON_THE_EDGE if on_the_edge(result["low"], result["high"]) else "supported" if supported
-                                 else "contradicted" if contradicted else "not resolved")})
+                     "verdict": verdict(result["low"], result["high"], above, below, "not resolved")})
     return rows
 
 

@@ -70,6 +70,21 @@ def tiny(tiny_family):
 
 
 @pytest.fixture
+def offline_renderer():
+    """Charts as the chapters make them (``lib.viz``'s renderer, data inline), altair's defaults back afterwards."""
+    import altair as alt
+
+    from lib import viz
+
+    previous = alt.renderers.active
+    viz.enable_offline_renderer()
+    yield
+    alt.renderers.enable(previous)
+    alt.data_transformers.enable("default")
+    alt.data_transformers.consolidate_datasets = True
+
+
+@pytest.fixture
 def prompts():
     return ["how do i bake bread", "tell me a joke about the cat", "write a poem",
             "explain why the sky is blue please help with homework"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import altair as alt
 import nbformat
 import pandas as pd
 import pytest
@@ -31,16 +30,6 @@ def _pca(variants=("ssft",)) -> pd.DataFrame:
     rows = [{"variant": v, "layer": layer, "kind": k, "pc1": 0.1 * i - 0.123456789, "pc2": 1.0 / (i + 1)}
             for v in variants for layer in (1, 4) for k in viz.KIND_ORDER for i in range(3)]
     return pd.DataFrame(rows)
-
-
-@pytest.fixture
-def offline_renderer():
-    previous = alt.renderers.active
-    viz.enable_offline_renderer()
-    yield
-    alt.renderers.enable(previous)
-    alt.data_transformers.enable("default")
-    alt.data_transformers.consolidate_datasets = True
 
 
 def test_renderer_html_is_stable_and_offline(offline_renderer):

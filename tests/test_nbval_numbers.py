@@ -25,6 +25,8 @@ from bookkit.nbval_numbers import (
 )
 from lib import viz
 
+pytestmark = pytest.mark.usefixtures("offline_renderer")  # charts as the chapters make them (tests/conftest.py)
+
 
 @pytest.mark.parametrize("stored, new", [
     ("7.33", "7.32"),          # chapter 06's claim-1 table on an Ice Lake Xeon
@@ -89,17 +91,6 @@ def test_a_changed_generated_completion_fails():
 def test_numbers_in_other_places_or_counts_fail():
     assert compare_text("a 0.5 b", "a 0.5 b 0.5") is not None
     assert compare_text("a 0.5 b", "a b 0.5") is not None
-
-
-@pytest.fixture(autouse=True)
-def offline_renderer():
-    """Charts as the chapters make them (``lib.viz``'s renderer, data inline), altair's defaults back afterwards."""
-    previous = alt.renderers.active
-    viz.enable_offline_renderer()
-    yield
-    alt.renderers.enable(previous)
-    alt.data_transformers.enable("default")
-    alt.data_transformers.consolidate_datasets = True
 
 
 def _chart_html(frame: pd.DataFrame, **properties) -> str:
