@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.11, no GPU):
 #   make book   set up .venv, run every chapter with papermill on the offline default, build _build/html
-#   make test   set up .venv, run the whole suite (unit tests + nbval on the executed chapters, lib.suite)
+#   make test   set up .venv, run the whole suite (unit tests + nbval on the executed chapters, bookkit.suite)
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= params/default.yaml
-# Lanes for `make chapters`/`make test`: chapters that do not need each other run side by side (lib.lanes); `auto` is
+# Lanes for `make chapters`/`make test`: chapters that do not need each other run side by side (bookkit.lanes); `auto` is
 # 2 on a CPU-only machine with 2 or more cores (each lane gets its share of the threads), 1 with a GPU.
 JOBS ?= auto
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" REFUSAL_BOOK_PROGRESS=0
@@ -22,35 +22,35 @@ $(STAMP): pyproject.toml requirements.lock requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet "uv>=0.5" || echo "warning: uv could not be installed; pip installs the packages (about a minute slower)" >&2
-	$(PY) -m lib.install -c requirements.lock -e .
-	$(PY) -m lib.install --no-deps -r requirements-data.txt
+	$(PY) -m bookkit.install -c requirements.lock -e .
+	$(PY) -m bookkit.install --no-deps -r requirements-data.txt
 	touch $@
 
 chapters: setup
-	$(RUN) $(PY) -m lib.runner --profile $(PROFILE) --jobs $(JOBS)
+	$(RUN) $(PY) -m bookkit.runner --profile $(PROFILE) --jobs $(JOBS)
 
 site: setup
-	$(PY) -m lib.site_assets --write-bundle book/_static
+	$(PY) -m bookkit.site_assets --write-bundle book/_static
 	$(RUN) $(VENV)/bin/jupyter-book build . -W -n --keep-going
 
 book: chapters site
 
 test: setup browser
-	$(RUN) $(PY) -m lib.suite --jobs $(JOBS)
+	$(RUN) $(PY) -m bookkit.suite --jobs $(JOBS)
 
 # nbval of every chapter as an AVX2-only CPU computes it (torch's AVX2 kernels, MKL's and oneDNN's AVX2 code paths),
 # on a host with AVX-512 or AMX: a second CPU generation for the committed outputs without a second machine (Re-run
 # page).
 test-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(RUN) $(PY) -m lib.suite --jobs $(JOBS) --chapters-only
+	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(RUN) $(PY) -m bookkit.suite --jobs $(JOBS) --chapters-only
 
-# Debian's chromium for tests/test_site_browser.py (apt-get update only when the package lists lack it). A failure
+# Debian's chromium for tests/bookkit/test_site_browser.py (apt-get update only when the package lists lack it). A failure
 # is tolerated: the browser test then skips and says why.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  { apt-cache show chromium >/dev/null 2>&1 || apt-get update -qq; } && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	} || echo "warning: could not install chromium; tests/test_site_browser.py will be skipped" >&2
+	} || echo "warning: could not install chromium; tests/bookkit/test_site_browser.py will be skipped" >&2
 
 # Retrain the model organisms (ssft, ssft-control, at, lat) into data/adapters/ (about an hour on 2 CPU cores).
 organisms: setup

@@ -1,1 +1,1 @@
-"""Throughput benchmarks for issue 6 (`make bench`); see BENCHMARKS.md. Not part of the installed package."""
+"""Throughput benchmarks (`make bench`, `bash benchmarks/gpu.sh`); results in BENCHMARKS.md. Not installed."""

@@ -1,10 +1,7 @@
-"""Checks of lib on the benchmark's device (CUDA on a GPU machine; the CPU elsewhere), with the test suite's tiny
-random Llama: ``python -m pytest -p benchmarks.cuda_plugin benchmarks/cuda_checks.py`` (benchmarks/gpu.sh runs it).
-
-What the speed-ups rest on: ablation by hooks, by orthogonalised weights and by the paper's recompute loop give the
-same greedy tokens (KV cache or not), in float32 and in bfloat16; capture matches ``output_hidden_states``; the model
-really is on the device; and the batch-size estimate fits the device's free memory.
-"""
+"""What the GPU numbers rest on, checked on the benchmark's device with the test suite's tiny random Llama
+(``python -m pytest -p benchmarks.cuda_plugin benchmarks/cuda_checks.py``; benchmarks/gpu.sh runs it): hooks,
+orthogonalised weights and the paper's loop give the same greedy tokens in float32 and stay within the model's own
+rounding in bfloat16; capture matches ``output_hidden_states``; the batch-size estimate fits the free memory."""
 
 from __future__ import annotations
 
@@ -13,25 +10,19 @@ import importlib.util
 import pytest
 import torch
 
-from lib import runtime
-from benchmarks.run import hf_greedy, recompute_greedy
-from lib import ablation, capture, generation, inputs, models
+from benchmarks.common import hf_greedy, recompute_greedy
+from lib import ablation, batching, capture, inputs, models
 from lib.artifacts import REPO_ROOT
 
 PROMPTS = ["how do i bake bread", "tell me a joke about the cat", "write a poem",
            "explain why the sky is blue please help with homework"]
 
 
-def _suite_conftest():
-    spec = importlib.util.spec_from_file_location("suite_conftest", REPO_ROOT / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    suite = _suite_conftest()
+    spec = importlib.util.spec_from_file_location("suite_conftest", REPO_ROOT / "tests" / "conftest.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
     root = tmp_path_factory.mktemp("tiny-device")
     tokenizer = suite.build_tokenizer()
     suite.build_model(len(tokenizer)).save_pretrained(root)
@@ -50,15 +41,8 @@ def direction(d: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(d, generator=torch.Generator().manual_seed(seed))
 
 
-def test_model_is_on_the_device(lm, bench_device):
-    assert lm.info.device.type == bench_device.type
-    assert all(p.device.type == bench_device.type for p in lm.model.parameters())
-    assert inputs.encode(lm, PROMPTS)["input_ids"].device.type == bench_device.type
-
-
 @pytest.fixture(scope="module")
-def reference(family, bench_device):
-    """The same model in float32 on the same device: what bfloat16 results are measured against."""
+def reference(family, bench_device):  # float32 on the same device: what bfloat16 results are measured against
     return models.load(family, "base", device=str(bench_device), dtype="float32")
 
 
@@ -114,17 +98,9 @@ def test_capture_matches_hidden_states(lm):
     assert torch.allclose(acts, expected, atol=1e-5 if lm.info.dtype == torch.float32 else 0.0)
 
 
-def test_ablated_generation_and_hooks_removed(lm):
-    r = direction(lm.info.d_model, 3)
-    with ablation.ablated(lm, r):
-        texts = generation.generate(lm, PROMPTS, max_new_tokens=6)
-    assert len(texts) == len(PROMPTS)
-    assert not lm.info.layers[0]._forward_pre_hooks and not lm.info.submodule(0, "mlp")._forward_hooks
-
-
-def test_autobatch_fits_the_device(lm, bench_device):
-    size = runtime.auto_batch_size(lm, 64, 64)
-    cap = runtime.CUDA_CAP if bench_device.type == "cuda" else runtime.CPU_CAP
-    assert 1 <= size <= cap
-    free = runtime.available_memory(bench_device)
-    assert size * runtime.sequence_bytes(lm, 64, 64) <= free
+def test_model_on_the_device_and_a_batch_that_fits_it(lm, bench_device):
+    assert {p.device.type for p in lm.model.parameters()} == {bench_device.type} == {lm.info.device.type}
+    assert inputs.encode(lm, PROMPTS)["input_ids"].device.type == bench_device.type
+    size = batching.auto_batch_size(lm, 64, 64)
+    assert 1 <= size <= (batching.CUDA_CAP if bench_device.type == "cuda" else batching.CPU_CAP)
+    assert size * batching.sequence_bytes(lm, 64, 64) <= batching.available_memory(bench_device)

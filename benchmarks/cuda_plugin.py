@@ -1,11 +1,8 @@
 """A pytest plugin that runs lib's own unit tests on another device: ``BENCH_DEVICE=cuda python -m pytest
--p benchmarks.cuda_plugin tests/test_ablation.py ...``.
-
-The test suite's tiny random Llama is loaded with ``lib.models.load(..., device="cpu")``; this plugin turns every
-such call into ``device=$BENCH_DEVICE`` and, where the dtype is left to "auto", into ``$BENCH_DTYPE`` (float32 by
-default, the tolerance the tests were written for; "auto" would mean bfloat16 on CUDA). It also provides the
-``bench_device`` fixture for benchmarks/cuda_checks.py. With BENCH_DEVICE unset or "cpu" it changes nothing.
-"""
+-p benchmarks.cuda_plugin tests/lib/test_ablation.py ...``. Every ``lib.models.load(..., device="cpu")`` of the test
+suite's tiny random Llama runs on ``$BENCH_DEVICE`` instead (default: CUDA when there is a GPU), and a dtype left to
+"auto" becomes ``$BENCH_DTYPE`` (float32, the tolerance the tests were written for). It also provides the
+``bench_device`` fixture of benchmarks/cuda_checks.py. With BENCH_DEVICE "cpu" it changes nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +17,6 @@ import lib.models
 
 TARGET = os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = os.environ.get("BENCH_DTYPE", "float32")
-
 _original_load = lib.models.load
 _signature = inspect.signature(_original_load)
 
@@ -41,8 +37,7 @@ if TARGET != "cpu":
 
 
 def pytest_report_header(config):
-    name = torch.cuda.get_device_name(0) if TARGET.startswith("cuda") and torch.cuda.is_available() else TARGET
-    return f"benchmarks.cuda_plugin: lib.models.load(device='cpu') runs on {TARGET} ({name}), dtype {DTYPE}"
+    return f"benchmarks.cuda_plugin: lib.models.load(device='cpu') runs on {TARGET}, dtype {DTYPE}"
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,20 @@
-"""The peer library the benchmark compares lib with: TransformerLens (the paper's tool).
+"""The peer `make bench` compares lib's ablated generation with: TransformerLens (the paper's tool).
 
 It comes from the optional extra ``bench`` (``pip install -e .[bench]``), which ``make bench`` installs into its
 own ``.venv-bench`` so that ``.venv`` keeps exactly the book's pins. ``TransformerLensPeer`` raises
 ``PeerUnavailable`` with the peer's own error text when it cannot load the model; the benchmark then reports that
 text and keeps the other comparisons.
 
-TransformerLens 4.3.0 with transformers 5.24.0: ``TransformerBridge`` reads the KV cache from the attention
-module's ``past_key_values`` (or ``layer_past``) keyword, but transformers 5.24 passes it as ``cache`` (the old
-name is deprecated). The cache is then never extended: with ``use_past_kv_cache=True`` every decode step attends
-to itself alone and greedy output degenerates after the first token (SmolLM2: token 29 repeated). ``patch_kv_cache``
-forwards ``cache`` under the old name; with it, TransformerLens's cached greedy tokens equal HF ``generate``'s.
+TransformerLens 4.3.0's ``TransformerBridge`` reads the KV cache from the keyword ``past_key_values``, which
+transformers 5.24 passes as ``cache``: the cache is never extended and greedy output degenerates after one token.
+``patch_kv_cache`` forwards ``cache`` under the old name; then its greedy tokens equal ``generate``'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
@@ -26,18 +26,14 @@ class PeerUnavailable(RuntimeError):
     """The peer library is missing or cannot load or run this model."""
 
 
-_PATCHED = False
-
-
 def patch_kv_cache() -> bool:
-    """Make TransformerBridge's attention find transformers 5.24's ``cache`` keyword (see the module docstring).
-    Returns True when a patch was applied."""
-    global _PATCHED
-    if _PATCHED:
-        return True
+    """Make TransformerBridge's attention find transformers 5.24's ``cache`` keyword (see the module docstring)."""
+    # lazy: transformer-lens is the optional `bench` extra, absent from the book's .venv
     from transformer_lens.model_bridge.generalized_components import attention
 
     original = attention.AttentionBridge._update_kv_cache
+    if getattr(original, "patched_for_cache_keyword", False):
+        return True
 
     def _update_kv_cache(self, k, v, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None \
@@ -45,18 +41,9 @@ def patch_kv_cache() -> bool:
             kwargs["past_key_values"] = kwargs["cache"]
         return original(self, k, v, **kwargs)
 
+    _update_kv_cache.patched_for_cache_keyword = True
     attention.AttentionBridge._update_kv_cache = _update_kv_cache
-    _PATCHED = True
     return True
-
-
-def transformer_lens_version() -> str | None:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("transformer-lens")
-    except PackageNotFoundError:
-        return None
 
 
 class TransformerLensPeer:
@@ -65,14 +52,15 @@ class TransformerLensPeer:
 
     name = "TransformerLens"
 
-    def __init__(self, lm, kv_cache_patch: bool = True):
+    def __init__(self, lm):
         try:
+            # lazy: transformer-lens is the optional `bench` extra, absent from the book's .venv
             from transformer_lens.model_bridge import TransformerBridge
         except ImportError as error:
             raise PeerUnavailable(f"transformer-lens is not installed ({error}); run `make bench`, which installs "
                                   "the `bench` extra into .venv-bench.") from error
         self.lm = lm
-        self.patched = patch_kv_cache() if kv_cache_patch else False
+        self.patched = patch_kv_cache()
         model = copy.deepcopy(lm.model)
         source = getattr(model.config, "_name_or_path", "") or "custom"
         try:
@@ -82,7 +70,10 @@ class TransformerLensPeer:
             raise PeerUnavailable(f"TransformerBridge.boot_transformers failed: {type(error).__name__}: "
                                   f"{error}") from error
         self.bridge.eval()
-        self.version = transformer_lens_version()
+        try:
+            self.version = version("transformer-lens")
+        except PackageNotFoundError:
+            self.version = None
 
     def ablation_hooks(self, basis: torch.Tensor) -> list[tuple[str, Any]]:
         """The paper's hooks: project ``basis`` out of resid_pre, resid_mid and resid_post of every layer."""
@@ -93,28 +84,12 @@ class TransformerLensPeer:
         return [(f"blocks.{layer}.hook_resid_{site}", ablate)
                 for layer in check_layers(self.lm.info, None) for site in ("pre", "mid", "post")]
 
-    def generate(self, batch, max_new_tokens: int, basis: torch.Tensor | None = None, kv_cache: bool = True):
+    def generate(self, batch, max_new_tokens: int, basis: torch.Tensor | None = None) -> torch.Tensor:
         """Greedy new tokens [batch, max_new_tokens] from a left-padded batch, with the ablation hooks if given."""
         hooks = self.ablation_hooks(basis) if basis is not None else []
-
-        def run():
-            return self.bridge.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=False,
-                                        use_past_kv_cache=kv_cache, return_type="tokens", verbose=False)
-
-        with torch.inference_mode():
-            if hooks:
-                with self.bridge.hooks(fwd_hooks=hooks):
-                    out = run()
-            else:
-                out = run()
+        hooked = self.bridge.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
+        with torch.inference_mode(), hooked:
+            out = self.bridge.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=False,
+                                       use_past_kv_cache=True, return_type="tokens", verbose=False)
         return out[:, batch["input_ids"].shape[1]:]
-
-    def capture_last(self, batch, layers: list[int]) -> torch.Tensor:
-        """resid_pre of ``layers`` at the last prompt token: [batch, len(layers), d] (float32, CPU)."""
-        names = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
-        wanted = set(names)
-        with torch.inference_mode():
-            _, cache = self.bridge.run_with_cache(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                                  names_filter=lambda name: name in wanted)
-        return torch.stack([cache[name][:, -1] for name in names], dim=1).float().cpu()

@@ -40,7 +40,7 @@ With ``$NBVAL_NUMBERS_REPORT`` set to a file, every pair of outputs that differs
 JSON line (cell, output key, stored and re-executed text after the sanitize rules, and the first difference beyond
 the tolerance or null): what another host printed, for checking the rule against it afterwards.
 
-Loaded by ``-p bookkit.nbval_numbers``: ``lib.suite`` passes it to every chapter job, and ``addopts`` in
+Loaded by ``-p bookkit.nbval_numbers``: ``bookkit.suite`` passes it to every chapter job, and ``addopts`` in
 ``pyproject.toml`` to every pytest run in the repository.
 """
 

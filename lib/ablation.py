@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lib.capture import site_statistics
 from lib.hooks import WRITE_SITES, attached, check_layers, input_hook, write_site_hook
 from lib.linalg import project_out
 from lib.models import LoadedModel, ModelInfo
+
 
 MODES = ("zero", "mean")
 
@@ -104,8 +106,8 @@ def ablation_hooks(info: ModelInfo, basis: torch.Tensor, layers=None, targets: t
     ``adds_outputs_unchanged`` (its input, attention and MLP outputs are all projected; under mean ablation its
     coordinates are the sum of the three targets, which is the next input's target), so its hook is left out: 65
     hooks instead of 96 for a 32-layer Llama. On a GPU at small batches every hook is host time (launches), and
-    this is what limits hooked generation, so each hook runs as few operators as it can (``projection_fn``;
-    BENCHMARKS.md, H200, 16 prompts x 64 tokens: 0.93x plain generate, against 0.73x for the 96 hooks of before)."""
+    this is what limits hooked generation, so each hook runs as few operators as it can (``projection_fn``) and no
+    hook runs whose work is already done (see BENCHMARKS.md)."""
     shared = projection_fn(basis) if targets is None else None
     chosen = check_layers(info, layers)
     hooks = []
@@ -123,10 +125,9 @@ def projection_fn(basis: torch.Tensor, target: torch.Tensor | None = None):
     host time on a GPU at small batches).
 
     The basis is cast once per (device, dtype), not in every call: a host-to-device copy per call stalls the GPU
-    queue at each hook (measured: hooks 0.70x plain generate on an H200). One direction is projected with three
-    element-wise kernels, since a cuBLAS call costs ~30 us of host time, 3x these; k > 1 directions with ``mm`` +
-    ``addmm``; a target costs one subtraction more. Nothing else runs per call (no indexing: a ``b[0]`` view is an
-    operator too)."""
+    queue at each hook. One direction is projected with three element-wise kernels, since a cuBLAS call costs
+    several times the host time of an element-wise one; k > 1 directions with ``mm`` + ``addmm``; a target costs
+    one subtraction more. Nothing else runs per call (no indexing: a ``b[0]`` view is an operator too)."""
     cast: dict[tuple, tuple] = {}
 
     def operands(hidden: torch.Tensor) -> tuple:
@@ -302,8 +303,6 @@ def ablation_means(lm: LoadedModel, mode: str = "zero", reference: Sequence[str]
     its residual stream at the last token of the harmless ``reference`` prompts (``lib.capture.site_statistics``,
     cached): the position where refusal directions are measured, so that mean ablation moves a harmful prompt's
     coordinate there to where a harmless prompt's sits, as the difference in means defines the direction."""
-    from lib.capture import site_statistics
-
     if check_mode_name(mode) == "zero":
         return None
     if not reference:

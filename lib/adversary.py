@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,7 @@ from lib.hooks import attached, site_hook
 from lib.inputs import encode
 from lib.losses import IGNORE, lm_loss, response_loss
 from lib.models import LoadedModel
-from lib.runtime import packed_products
+from lib.packed import packed_products
 
 
 def per_example_norm(x: torch.Tensor) -> torch.Tensor:
@@ -103,15 +104,26 @@ def _attack_batch(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}, width
 
 
-def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], layer: int,
-                         epsilon: float, steps: int = 6, max_new_tokens: int = 24, batch_size: int = 16,
-                         seed: int = 0) -> list[str]:
+@dataclass(frozen=True)
+class Attack:
+    """A fresh PGD attack on the prompt's residual stream entering ``layer``: its L2 radius per prompt
+    (``epsilon``), its number of steps, and how many tokens are generated under it."""
+
+    layer: int
+    epsilon: float
+    steps: int = 6
+    max_new_tokens: int = 24
+
+
+def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], attack: Attack,
+                         batch_size: int = 16, seed: int = 0) -> list[str]:
     """Greedy completions under a fresh untargeted PGD perturbation of the PROMPT's residual stream entering
-    ``layer`` (L2 <= epsilon per prompt): the perturbation maximises the loss of ``targets`` (refusals) given the
-    prompt, and is then added at every prompt position while the answer is generated. The attack's loss is
-    ``response_loss`` (logits at the target positions only). On a float32 CPU model the attack's products use weights
-    packed for oneDNN (``lib.runtime.packed_products(..., gradients=True)``: 1.76x per PGD step at one thread on the
-    book's Zen 4 host)."""
+    ``attack.layer`` (L2 <= ``attack.epsilon`` per prompt): the perturbation maximises the loss of ``targets``
+    (refusals) given the prompt, and is then added at every prompt position while the answer is generated. The
+    attack's loss is ``response_loss`` (logits at the target positions only). On a float32 CPU model the attack's
+    products use weights packed once per batch for oneDNN (``lib.packed.packed_products(..., gradients=True)``), so
+    that the forward and backward passes of every PGD step do not re-pack each weight on every call."""
+    layer = attack.layer
     completions: list[str] = []
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
@@ -120,24 +132,24 @@ def attacked_completions(lm: LoadedModel, prompts: Sequence[str], targets: Seque
         prompt_mask = batch["attention_mask"].clone()
         prompt_mask[:, width:] = 0
         with packed_products(lm.model, "attack", gradients=True):
-            delta = pgd_attack(lm, batch, layer, epsilon, steps, generator, prompt_mask, response_loss)[:, :width]
+            delta = pgd_attack(lm, batch, layer, attack.epsilon, attack.steps, generator, prompt_mask,
+                               response_loss)[:, :width]
         ref = {"delta": delta}
 
         def add_on_prefill(hidden):
             return hidden + ref["delta"].to(hidden.dtype) if hidden.shape[1] == width else None
 
         with attached([site_hook(lm.info, "resid_pre", layer, add_on_prefill)]):
-            completions += complete_batch(lm, encode(lm, chunk), max_new_tokens)
+            completions += complete_batch(lm, encode(lm, chunk), attack.max_new_tokens)
     return completions
 
 
-def cached_attack(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], layer: int, epsilon: float,
-                  steps: int = 6, max_new_tokens: int = 24, seed: int = 0, batch_size: int = 32) -> list[str]:
+def cached_attack(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], attack: Attack, seed: int = 0,
+                  batch_size: int = 32) -> list[str]:
     """``attacked_completions``, cached as a JSON artifact keyed by the model, the prompts and every setting."""
     key = cache_key(model=lm.info.fingerprint, prompts=sha256_text(json.dumps(list(prompts))),
-                    targets=sha256_text(json.dumps(list(targets))), layer=layer, epsilon=epsilon, steps=steps,
-                    max_new_tokens=max_new_tokens, seed=seed, dtype=str(lm.info.dtype))
-    path = artifact_path("attacks", lm.info.family, lm.info.variant, f"layer{layer}-{key}.json")
-    return cached_json(path, key, lambda: attacked_completions(lm, prompts, targets, layer, epsilon, steps,
-                                                               max_new_tokens, batch_size, seed))
+                    targets=sha256_text(json.dumps(list(targets))), layer=attack.layer, epsilon=attack.epsilon,
+                    steps=attack.steps, max_new_tokens=attack.max_new_tokens, seed=seed, dtype=str(lm.info.dtype))
+    path = artifact_path("attacks", lm.info.family, lm.info.variant, f"layer{attack.layer}-{key}.json")
+    return cached_json(path, key, lambda: attacked_completions(lm, prompts, targets, attack, batch_size, seed))
 

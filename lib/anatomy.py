@@ -15,12 +15,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
+import pandas as pd
 import torch
 
 from lib.ablation import ablated, check_directions, projection_fn
 from lib.hooks import WRITE_SITES, attached, write_site_hook
 from lib.linalg import unit
 from lib.models import LoadedModel
+from lib.packed import packed_products
+from lib.progress import progress
+from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
+from lib.stats import bootstrap_indices, bootstrap_mean_interval
+
 
 RESID_PRE = WRITE_SITES.index("resid_pre")
 
@@ -33,8 +39,6 @@ def coordinate_std(stats: dict[str, torch.Tensor]) -> torch.Tensor:
 def norms_by_layer(stats: dict[str, torch.Tensor]):
     """Per layer, the residual stream entering it: the first token's norm, the root-mean-square norm at the other
     positions, and the share of that mean square on the single largest coordinate. A DataFrame."""
-    import pandas as pd
-
     pre_square = stats["mean_square"][:, RESID_PRE].double()  # [layers, d]
     rows = []
     for layer in range(pre_square.shape[0]):
@@ -52,8 +56,6 @@ def massive_coordinates(stats: dict[str, torch.Tensor], layer: int, top: int = 5
     in ``stats`` (``site_statistics(..., positions="rest")``): their value at the first token, their mean and
     standard deviation there, that mean in units of the median coordinate's standard deviation, and (given the
     ``last``-token statistics) their mean at the last token. A DataFrame indexed by coordinate."""
-    import pandas as pd
-
     mean = stats["mean"][layer, RESID_PRE]
     std = coordinate_std(stats)[layer, RESID_PRE]
     first = stats["first"][layer, RESID_PRE]
@@ -75,8 +77,6 @@ def direction_offsets(directions: dict[str, torch.Tensor], stats: dict[str, torc
     at the input of ``layer`` over the positions of ``stats`` (at the last token: what zero ablation removes there,
     on top of the variation) and the part of ``m`` that those coordinates contribute. A DataFrame indexed by
     direction."""
-    import pandas as pd
-
     mean = stats["mean"][layer, RESID_PRE].double()
     rows = []
     for name, direction in directions.items():
@@ -95,8 +95,6 @@ def similarities(directions: dict[str, torch.Tensor], stats: dict[str, torch.Ten
     and the correlation across ``activations`` (``[n, d]``, e.g. last-token activations of harmful and harmless
     prompts at ``layer``) of the projections ``x . r``. Plus the gap between their harmless mean projections.
     A DataFrame indexed by direction."""
-    import pandas as pd
-
     sigma = coordinate_std(stats)[layer, RESID_PRE].double()
     mean = stats["mean"][layer, RESID_PRE].double()
     acts = activations.double()
@@ -194,14 +192,8 @@ def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], 
     indexed by condition; its ``per_prompt`` column holds each prompt's score, for paired comparisons.
 
     Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the weights are packed for oneDNN once, and the layers a condition edits
-    once more inside it (``lib.runtime.packed_products``; a condition that edits weights must replace the tensors, as
+    once more inside it (``lib.packed.packed_products``; a condition that edits weights must replace the tensors, as
     ``lib.ablation.orthogonalized`` does, or edit them under ``torch.no_grad()``, not through ``.data``)."""
-    import pandas as pd
-
-    from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
-    from lib.runtime import packed_products, progress
-    from lib.stats import bootstrap_indices, bootstrap_mean_interval
-
     index = bootstrap_indices(len(harmful), n_boot, seed)
     rows = []
     with packed_products(lm.model, "measurement"):
@@ -235,8 +227,6 @@ def offset_summary(scores, target: str, sources: Sequence[str]):
     source, the drop in mean refusal score from the unablated target under each condition, the control's drop as
     a share of the source's zero-ablation drop, and (for sources other than the target) the share of the gap
     between the two directions' zero-ablation drops that swapping the one massive coordinate moves."""
-    import pandas as pd
-
     score = scores["refusal score"]
     none, own = score["none"], score[f"{target}: zero"]
     rows = []

@@ -7,7 +7,9 @@ trusted: ``load_tensors`` verifies both and ``cached_tensors`` recomputes on any
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -18,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import lib
-from lib.runtime import packed_setting
+from lib.packed import packed_setting
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
@@ -49,8 +53,8 @@ ARTIFACT_KINDS = {  # every folder under artifacts/, what writes it (README, "Ar
     "evaluations": "generated, judged completions per condition (lib.evaluation.evaluate, cached_generation)",
     "attacks": "completions under the organisms' PGD attack (lib.adversary.cached_attack)",
     "verdicts": "each chapter's verdict on a claim, per family and run, read by the conclusions (write_verdict)",
-    "runs": "chapters executed under a profile other than the book's, per profile (lib.runner)",
-    "logs": "warnings and library log lines raised while a chapter ran, one file per chapter (lib.runtime.log_to_file)",
+    "runs": "chapters executed under a profile other than the book's, per profile (bookkit.runner)",
+    "logs": "warnings and library log lines raised while a chapter ran, one file per chapter (bookkit.chapter_log)",
 }
 
 
@@ -82,19 +86,49 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def code_fingerprint() -> str:
-    """A hash of lib's source (every .py and .yaml file): any change to the code that computes an artifact
-    invalidates it, without relying on anyone remembering to bump the version."""
+LIB_DIR = Path(lib.__file__).parent
+# lib modules that compute nothing a cache stores: progress bars and charts
+NOT_COMPUTING = frozenset({"progress.py", "viz.py"})
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` with the docstring of every module, class and function removed (comments are not in the AST)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
+                                                                                                   str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_fingerprint(folder: str | Path = LIB_DIR) -> str:
+    """A hash of the science code in ``folder`` (lib): every module's syntax tree without docstrings and comments,
+    and every YAML file's parsed content. Any change to code that computes an artifact invalidates it, without
+    anyone remembering to bump a version; a change to documentation, to the book's machinery (``bookkit``) or to
+    ``NOT_COMPUTING`` keeps every stored result."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(lib.__file__).parent.iterdir() if p.suffix in {".py", ".yaml"}):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix == ".py" and path.name not in NOT_COMPUTING:
+            content = ast.dump(_without_docstrings(ast.parse(path.read_text(encoding="utf-8"))))
+        elif path.suffix == ".yaml":
+            content = json.dumps(yaml.safe_load(path.read_text(encoding="utf-8")), sort_keys=True, default=str)
+        else:
+            continue
+        digest.update(path.name.encode() + b"\0" + content.encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def lib_fingerprint() -> str:
+    """``code_fingerprint`` of lib, computed once per process (the modules it hashes are the ones imported)."""
+    return code_fingerprint(LIB_DIR)
 
 
 def cache_key(**parts: Any) -> str:
     """A stable hash of everything that determines an artifact, including lib's version and source code and where
-    the products were oneDNN's packed ones (``lib.runtime.packed_setting``: the last bits differ)."""
-    payload = json.dumps({"lib_version": lib.__version__, "lib_code": code_fingerprint(),
+    the products were oneDNN's packed ones (``lib.packed.packed_setting``: the last bits differ)."""
+    payload = json.dumps({"lib_version": lib.__version__, "lib_code": lib_fingerprint(),
                           "packed_products": packed_setting(), **parts},
                          sort_keys=True, default=str)
     return sha256_text(payload)[:16]
@@ -221,7 +255,7 @@ def verdicts_dir() -> Path:
 
 def write_verdict(run: str, family: str, claim: str, verdict: dict[str, Any]) -> Path:
     """Store a chapter's computed verdict on one of the paper's claims, for the conclusions chapter, under the run
-    that made it (``lib.parameters.check``'s return: a profile name, or an ``adhoc-...`` run):
+    that made it (``bookkit.parameters.check``'s return: a profile name, or an ``adhoc-...`` run):
     ``artifacts/verdicts/<family>/<run>/<claim>.json``."""
     path = artifact_path("verdicts", family, run, f"{claim}.json")
     write_json(path, {"family": family, "claim": claim, "run": run, **verdict})
@@ -241,7 +275,7 @@ def read_verdicts(families: str | Sequence[str] = "all", runs: Sequence[str] = (
         known = sorted({f.name for f in folders})
         raise ArtifactError(f"No verdicts are stored for run(s) {empty} in {verdicts_dir()} (runs with verdicts: "
                             f"{known or 'none'}). Run that profile's chapters first (make book, or python -m "
-                            "lib.runner --profile params/<profile>.yaml).")
+                            "bookkit.runner --profile params/<profile>.yaml).")
     stored = sorted({family for found in made.values() for family in found})
     if families == "all":
         wanted = stored
@@ -253,6 +287,6 @@ def read_verdicts(families: str | Sequence[str] = "all", runs: Sequence[str] = (
         if missing:
             raise ValueError(f"No verdicts of run(s) {list(runs)} are stored for {missing} in {verdicts_dir()} "
                              f"(families with verdicts: {stored}). Check the name, or run that family's chapters "
-                             "first (python -m lib.runner --profile params/<profile>.yaml).")
+                             "first (python -m bookkit.runner --profile params/<profile>.yaml).")
     return [read_json(p, "Delete it and re-run the chapter that writes this verdict.")
             for run in runs for family in wanted for p in sorted((verdicts_dir() / family / run).glob("*.json"))]

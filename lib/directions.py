@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import torch
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from lib.artifacts import ArtifactError, artifact_path, load_tensors, save_tensors
 from lib.linalg import pca_basis, unit
+from lib.models import fingerprint
 
 
 def _check_pair(harmful: torch.Tensor, harmless: torch.Tensor) -> None:
@@ -57,8 +66,6 @@ def separation(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
 
 def cosine_matrix(directions: dict[str, torch.Tensor]):
     """Cosine similarity between every two named directions ([d] each): a square DataFrame."""
-    import pandas as pd
-
     names = list(directions)
     stacked = unit(torch.stack([directions[n].double() for n in names]))
     return pd.DataFrame((stacked @ stacked.T).float().numpy(), index=names, columns=names)
@@ -68,8 +75,6 @@ def convergence(harmful: torch.Tensor, harmless: torch.Tensor, sizes: list[int] 
     """How the unit direction settles as pairs are added (the paper's reason for 100 pairs): for the first n pairs,
     n = 2..N, the cosine with the all-pairs direction and the distance ||r_n - r_(n-1)|| between consecutive unit
     directions. ``[N, d]`` x 2 at one layer -> DataFrame (n, cosine to final, step distance)."""
-    import pandas as pd
-
     n_total = harmful.shape[0]
     h, b = harmful.double().cumsum(0), harmless.double().cumsum(0)
     counts = torch.arange(1, n_total + 1, dtype=torch.float64).unsqueeze(1)
@@ -110,13 +115,6 @@ def probe_accuracy(harmful: torch.Tensor, harmless: torch.Tensor, kind: str = "l
     """Cross-validated accuracy of a harmful-vs-harmless probe on one layer's activations ([n, d] each): mean and
     a 95% normal interval over the pooled held-out predictions. ``kind``: "logistic" (standardised features,
     L2 logistic regression) or "forest" (random forest, 200 trees)."""
-    import numpy as np
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if kind == "logistic":
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
     elif kind == "forest":
@@ -136,8 +134,6 @@ def probe_frame(acts: dict[str, dict], layers: dict[str, list[int]], kind: str =
                 seed: int = 0):
     """``probe_accuracy`` of each variant's activations (``{variant: {"harmful", "harmless": [n, layers, d]}}``)
     at each of its ``layers``: one row per (variant, layer) with accuracy, interval and n."""
-    import pandas as pd
-
     return pd.DataFrame([{"variant": v, "layer": layer, **probe_accuracy(acts[v]["harmful"][:, layer],
                                                                          acts[v]["harmless"][:, layer], kind, folds,
                                                                          seed)}
@@ -147,8 +143,6 @@ def probe_frame(acts: dict[str, dict], layers: dict[str, list[int]], kind: str =
 def save_directions(family: str, per_variant: dict[str, dict[str, torch.Tensor]], metadata: dict):
     """Write every variant's directions (``{"unit": [layers, d], "mean_difference": [layers, d]}``) and the
     selection metadata (chosen layers, sweep) as one artifact: ``artifacts/directions/<family>.safetensors``."""
-    from lib.artifacts import artifact_path, save_tensors
-
     tensors = {f"{variant}/{name}": t for variant, parts in per_variant.items() for name, t in parts.items()}
     return save_tensors(artifact_path("directions", family, suffix=".safetensors"), tensors, metadata)
 
@@ -156,8 +150,6 @@ def save_directions(family: str, per_variant: dict[str, dict[str, torch.Tensor]]
 def load_directions(family: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """The artifact written by the refusal-directions chapter: (``{variant: {"unit", "mean_difference"}}``,
     metadata with the chosen layer per variant)."""
-    from lib.artifacts import artifact_path, load_tensors
-
     tensors, meta = load_tensors(artifact_path("directions", family, suffix=".safetensors"))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
@@ -167,7 +159,6 @@ def load_directions(family: str) -> tuple[dict[str, dict[str, torch.Tensor]], di
 
 
 def _check_fingerprint(metadata: dict, family: str, variant: str, current: str) -> None:
-    from lib.artifacts import ArtifactError
 
     stored = metadata.get("fingerprints", {}).get(variant)
     if stored != current:
@@ -184,8 +175,6 @@ def check_matches(metadata: dict, info) -> None:
 def check_current(metadata: dict, family: str, variants, device: str = "auto", dtype: str = "auto") -> None:
     """``check_matches`` for ``variants`` without loading them (``lib.models.fingerprint``): a chapter calls it
     before it computes anything, so that directions left from weights since retrained never reach a verdict."""
-    from lib.models import fingerprint
-
     for variant in variants:
         _check_fingerprint(metadata, family, variant, fingerprint(family, variant, device, dtype))
 
@@ -211,8 +200,6 @@ def attack_layers(metadata: dict, variants, layer_rule: str = "chosen") -> dict[
 
 def layer_table(metadata: dict, layers: dict[str, int], layer_rule: str = "chosen"):
     """A DataFrame, one row per source: its attack layer (``attack_layers``) and why it is that layer."""
-    import pandas as pd
-
     why = {v: metadata["reasons"][v] if layer_rule == "chosen" else "the paper's relative layer" for v in layers}
     rows = [{"source": v, "layer": layer, "why": why[v]} for v, layer in layers.items()]
     return pd.DataFrame(rows).set_index("source")

@@ -4,11 +4,11 @@ every forward pass, prompt and generated tokens alike.
 The decoding loop is ``transformers``' greedy ``generate`` path (position ids from the attention mask, a dynamic
 KV cache, the last position's logits, argmax in float32) with one difference: a row that has produced its
 end-of-turn token leaves the batch and its cache, instead of being fed padding at full cost until the longest
-answer is done. Refusals are short, so a refusing model's batches shrink fast (1.4x to 1.8x on such batches on 2
-CPU cores, BENCHMARKS.md "Dropping finished rows"); the tokens equal ``generate``'s (tested; every chapter's
-stored completions are unchanged). Hooks must therefore treat rows independently, as ablation and addition do.
-On a float32 CPU model the products use weights packed once for oneDNN (``lib.runtime.packed_products``: 1.85x
-on one AMD EPYC core, the same completions in every chapter; ``REFUSAL_BOOK_PACKED_LINEAR=0`` turns it off).
+answer is done. Refusals are short, so a refusing model's batches shrink fast and its later steps cost less (see
+BENCHMARKS.md, "Levers in the code today"); the tokens equal ``generate``'s (tested). Hooks must therefore treat rows
+independently, as ablation and addition do. On a float32 CPU model the products use weights packed once for oneDNN
+(``lib.packed.packed_products``), so that MKL does not re-pack every weight at every decoding step; the greedy
+completions are the same as MKL's in every chapter, and ``REFUSAL_BOOK_PACKED_LINEAR=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -17,13 +17,17 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+from transformers import DynamicCache
 
+from lib.batching import auto_batch_size
 from lib.capture import order_by_length, prompt_lengths
 from lib.inputs import LAST_POSITION, check_prompts, encode, position_ids
 from lib.models import LoadedModel
-from lib.runtime import auto_batch_size, packed_products, progress
+from lib.packed import packed_products
+from lib.progress import progress
 
-DEFAULT_BATCH_SIZE = 32  # on 2 CPU cores, 32 prompts per batch generate ~2x faster per prompt than 8
+
+DEFAULT_BATCH_SIZE = 32  # 32 prompts per batch keep a CPU's matrix products busier than 8: less time per prompt
 
 
 def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64,
@@ -33,7 +37,7 @@ def generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 64,
     whether each completion ended with an end-of-turn token before ``max_new_tokens``.
 
     Prompts are batched by tokenised length (stable order), so a rerun with the same inputs is byte-identical.
-    ``batch_size=None`` picks the largest power of two that fits the free memory (``lib.runtime.auto_batch_size``).
+    ``batch_size=None`` picks the largest power of two that fits the free memory (``lib.batching.auto_batch_size``).
     """
     texts, finished = generate_prefixes(lm, prompts, (max_new_tokens,), batch_size, desc)
     return (texts[max_new_tokens], finished) if with_finished else texts[max_new_tokens]
@@ -83,7 +87,7 @@ def complete_batch(lm: LoadedModel, batch: dict[str, torch.Tensor], max_new_toke
 @contextlib.contextmanager
 def decoding(lm: LoadedModel):
     """Inference mode, with the weights packed for oneDNN on a float32 CPU model unless
-    ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``lib.runtime.packed_products``)."""
+    ``REFUSAL_BOOK_PACKED_LINEAR=0`` (``lib.packed.packed_products``)."""
     with torch.inference_mode(), packed_products(lm.model, "generation"):
         yield
 
@@ -99,8 +103,6 @@ def greedy_tokens(lm: LoadedModel, batch: dict[str, torch.Tensor], max_new_token
     """The new tokens [rows, steps] of a greedy continuation of a left-padded ``batch``, padded after each row's
     stop token, ``steps`` being where the last row stopped (at most ``max_new_tokens``): what ``generate`` returns
     after the prompt. Finished rows are dropped from the batch and the KV cache."""
-    from transformers import DynamicCache
-
     mask = batch["attention_mask"]
     positions = position_ids(mask)
     new = torch.full((mask.shape[0], max_new_tokens), int(lm.tokenizer.pad_token_id), dtype=torch.long,

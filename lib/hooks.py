@@ -16,6 +16,7 @@ from torch import nn
 
 from lib.models import ModelInfo
 
+
 SITES = ("resid_pre", "resid_mid", "resid_post")
 # Where directional ablation acts (and where its mean-ablation targets are measured): the block input and the two
 # outputs a block adds to the residual stream (TransformerLens: hook_resid_pre, hook_attn_out, hook_mlp_out).

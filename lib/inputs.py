@@ -3,6 +3,7 @@ position ids, one forward pass, and forward passes that continue a shared prompt
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 
@@ -12,9 +13,10 @@ from torch import nn
 from lib.models import LoadedModel
 
 # ``logits_to_keep`` for the last position only. transformers slices an int ``k`` as ``hidden[:, -k:, :]``, a strided
-# view that ``torch.matmul`` does not fold into one product: after a prompt, the output layer ran as one
-# vector-by-matrix product per row (6x to 9x slower on a CPU at 16 to 64 rows). An index tensor gathers a contiguous
-# copy first, so it is one matrix product (same logits up to float rounding; decode steps are unchanged).
+# view that ``torch.matmul`` does not fold into one product: after a prompt, the output layer would run as one
+# vector-by-matrix product per row, far slower on a CPU than one matrix product. An index tensor gathers a contiguous
+# copy first, so it is one matrix product (same logits up to float rounding; a decode step, one position long, is
+# the same either way).
 LAST_POSITION = torch.tensor([-1])
 
 
@@ -94,8 +96,6 @@ def prefix_cache(lm: LoadedModel, prefix: list[int]):
 def forward_after_prefix(lm: LoadedModel, cache, prefix_length: int, suffixes: list[list[int]], **kwargs):
     """One forward pass over left-padded ``suffixes`` that continue the cached prefix (``prefix_cache``), each row
     with the positions and attention it would have in the whole prompt. The cache is copied, not extended."""
-    import copy
-
     device = input_device(lm.model)
     padded = lm.tokenizer.pad({"input_ids": suffixes}, padding=True, return_tensors="pt").to(device)  # left
     ids, suffix_mask = padded["input_ids"], padded["attention_mask"]

@@ -4,30 +4,46 @@ the layer that lowers refusal most while the KL stays small and the layer is not
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
 from lib.ablation import ablation_means, orthogonalized
+from lib.config import Config
 from lib.hooks import check_layers
 from lib.models import LoadedModel, for_each_model
-from lib.runtime import packed_products, progress
+from lib.packed import packed_products
+from lib.progress import progress
 from lib.scores import kl_divergence, next_token_log_probs, refusal_score_from
 
 
-def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
-                layers: Sequence[int] | None = None, batch_size: int = 16, desc: str = "sweep",
-                baseline: bool = True, mode: str = "zero", reference: Sequence[str] | None = None):
+@dataclass(frozen=True)
+class LayerRule:
+    """The settings of Arditi et al.'s layer rule (``select_layer``): the layer to fall back on, the sweep's stride,
+    the largest harmless first-token KL allowed, and the deepest fraction of the depth considered."""
+
+    fallback: int
+    stride: int = 1
+    max_kl: float = 0.1
+    max_depth: float = 0.8
+
+
+def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, prompts: Mapping[str, Sequence[str]],
+                layers: Sequence[int] | None = None, batch_size: int = 16, baseline: bool = True,
+                mode: str = "zero", reference: Sequence[str] | None = None):
     """Arditi et al.'s generation-free layer sweep: for each candidate layer's direction (``candidates`` is
-    [n_layers, d]), ablate it everywhere and measure the mean refusal score on ``harmful`` prompts and the mean
-    KL divergence of the first-token distribution on ``harmless`` prompts from the unablated model's.
+    [n_layers, d]), ablate it everywhere and measure the mean refusal score on the harmful prompts
+    (``prompts["harmful"]``) and the mean KL divergence of the first-token distribution on the harmless ones
+    (``prompts["harmless"]``) from the unablated model's.
 
     Returns a DataFrame (layer, refusal score, KL), with a first row for the unablated model (layer -1) when
     ``baseline``. ``mode``/``reference``: the ablation mode and, for "mean", its harmless reference prompts.
-    Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the weights are packed for oneDNN once (``lib.runtime.packed_products``),
+    Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the weights are packed for oneDNN once (``lib.packed.packed_products``),
     and inside each layer's edit only the layers it changed are packed again."""
     layers = check_layers(lm.info, layers)
+    harmful, harmless = prompts["harmful"], prompts["harmless"]
     with packed_products(lm.model, "measurement"):
         means = ablation_means(lm, mode, reference, batch_size)
         clean_harmless = next_token_log_probs(lm, harmless, batch_size)
@@ -35,7 +51,7 @@ def layer_sweep(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str
         if baseline:
             rows.append({"layer": -1, "refusal score": float(refusal_score_from(lm, next_token_log_probs(
                 lm, harmful, batch_size)).mean()), "KL": 0.0})
-        for layer in progress(layers, desc=desc):
+        for layer in progress(layers, desc=f"sweep {lm.info.variant}"):
             with orthogonalized(lm, candidates[layer], mode, means), packed_products(lm.model, "measurement"):
                 score = refusal_score_from(lm, next_token_log_probs(lm, harmful, batch_size)).mean()
                 kl = kl_divergence(clean_harmless, next_token_log_probs(lm, harmless, batch_size)).mean()
@@ -58,42 +74,39 @@ def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_d
     return best, f"lowest refusal score among layers with KL < {max_kl} below {max_depth:.0%} depth"
 
 
-def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, harmful: Sequence[str], harmless: Sequence[str],
-                     fallback: int, stride: int = 1, max_kl: float = 0.1, max_depth: float = 0.8,
-                     batch_size: int = 16, desc: str = "sweep", mode: str = "zero",
-                     reference: Sequence[str] | None = None):
-    """``layer_sweep`` of every ``stride``-th layer from layer 1, then of the unvisited layers within ``stride`` of
+def sweep_and_select(lm: LoadedModel, candidates: torch.Tensor, prompts: Mapping[str, Sequence[str]], rule: LayerRule,
+                     batch_size: int = 16, mode: str = "zero", reference: Sequence[str] | None = None):
+    """``layer_sweep`` of every ``rule.stride``-th layer from layer 1, then of the unvisited layers within ``stride`` of
     the best one, and ``select_layer`` on all of them: a coarse sweep whose choice is still the best of its
     immediate neighbours (with stride 2, at about half the cost of visiting every layer). Where no layer of the
     coarse sweep qualifies, there is no best to refine: the fallback is returned without the extra layers.
 
     Returns (sweep DataFrame sorted by layer, chosen layer, the reason in words)."""
+    fallback, stride, max_kl, max_depth = rule.fallback, rule.stride, rule.max_kl, rule.max_depth
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}.")
     n_layers = lm.info.n_layers
-    sweep = layer_sweep(lm, candidates, harmful, harmless, range(1, n_layers, stride), batch_size, desc,
-                        mode=mode, reference=reference)
+    sweep = layer_sweep(lm, candidates, prompts, range(1, n_layers, stride), batch_size, mode=mode,
+                        reference=reference)
     layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
     visited = set(sweep["layer"])
     near = [n for n in range(layer - stride + 1, layer + stride) if 1 <= n < n_layers and n not in visited]
     if stride > 1 and layer in visited and near and not _qualifying(sweep, n_layers, max_kl, max_depth).empty:
-        extra = layer_sweep(lm, candidates, harmful, harmless, near, batch_size, f"{desc} (refine)", baseline=False,
-                            mode=mode, reference=reference)
+        extra = layer_sweep(lm, candidates, prompts, near, batch_size, baseline=False, mode=mode, reference=reference)
         sweep = pd.concat([sweep, extra], ignore_index=True).sort_values("layer", kind="stable").reset_index(drop=True)
         layer, reason = select_layer(sweep, n_layers, fallback, max_kl, max_depth)
         reason += f" (a sweep at stride {stride}, then the layers next to the best)"
     return sweep, layer, reason
 
 
-def select_layers(family: str, variants: Sequence[str], candidates: dict[str, torch.Tensor], harmful: Sequence[str],
-                  harmless: Sequence[str], fallback: int, stride: int = 1, max_kl: float = 0.1,
-                  max_depth: float = 0.8, batch_size: int = 16, device: str = "auto", dtype: str = "auto"):
-    """``sweep_and_select`` in each of ``variants`` (loaded one at a time) with its own ``candidates[variant]``.
+def select_layers(config: Config, variants: Sequence[str], candidates: dict[str, torch.Tensor],
+                  prompts: Mapping[str, Sequence[str]], rule: LayerRule):
+    """``sweep_and_select`` in each of ``variants`` of ``config.family`` (loaded one at a time, batches of
+    ``config.score_batch_size``) with its own ``candidates[variant]``.
 
     Returns (one sweep DataFrame with a ``variant`` column, ``{variant: chosen layer}``, ``{variant: reason}``)."""
-    results = for_each_model(family, variants, lambda lm: sweep_and_select(
-        lm, candidates[lm.info.variant], harmful, harmless, fallback, stride, max_kl, max_depth, batch_size,
-        f"sweep {lm.info.variant}"), device, dtype)
+    results = for_each_model(config.family, variants, lambda lm: sweep_and_select(
+        lm, candidates[lm.info.variant], prompts, rule, config.score_batch_size), config.device, config.dtype)
     sweeps = pd.concat([sweep.assign(variant=variant) for variant, (sweep, _, _) in results.items()],
                        ignore_index=True)
     return (sweeps, {variant: layer for variant, (_, layer, _) in results.items()},

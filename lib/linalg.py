@@ -1,4 +1,4 @@
-"""The linear algebra the study is made of: unit directions, projecting a subspace out, PCA axes.
+"""The linear algebra of the study: unit directions, projecting a subspace out, PCA axes.
 
 Part of lib's bottom layer with ``lib.stats``: it imports torch and nothing from lib, so the modules above
 (directions, spectra, ablation) share these functions without importing one another.

@@ -10,8 +10,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import pandas as pd
+
+from lib import ablation, data, directions, evaluation, models
 from lib.audit import NONE, ZERO
-from lib.judges import COMPLIANCE, REFUSAL
+from lib.generation import generate_prefixes
+from lib.judges import COMPLIANCE, REFUSAL, bootstrap_rate_difference, content_judge_all, judge_all
 
 
 def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, lengths: Sequence[int] = (64, 128),
@@ -20,8 +24,6 @@ def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, leng
     harmful test prompts: one greedy generation of ``max(lengths)`` new tokens, decoded at every budget in
     ``lengths`` (``lib.generation.generate_prefixes``), so the budgets are compared on the same answers. Cached
     like ``lib.evaluation.evaluate``. One dict per condition: model, condition, prompts, ``{length: completions}``."""
-    from lib import ablation, data, directions, evaluation, models
-
     harmful = data.test_prompts("offline", n, seed)["harmful"]
     stored, meta = directions.load_directions(family)
 
@@ -43,7 +45,6 @@ def length_check(family: str = "smollm2-135m", seed: int = 42, n: int = 24, leng
 
 
 def _texts_by_length(lm, prompts: Sequence[str], lengths: Sequence[int], batch_size: int, desc: str) -> dict:
-    from lib.generation import generate_prefixes
 
     texts, _ = generate_prefixes(lm, prompts, lengths, batch_size, desc=desc)
     return {str(length): texts[length] for length in lengths}
@@ -53,10 +54,6 @@ def length_table(runs: Sequence[dict], n_boot: int = 2000, seed: int = 0):
     """Per condition of ``length_check``: the refusal rate (the paper's judge; the content judge's is the same) and
     the content judge's compliance rate at the shortest and the longest budget, and the change in refusal from
     the shortest to the longest, in points, with a 95% paired bootstrap interval over prompts."""
-    import pandas as pd
-
-    from lib.judges import bootstrap_rate_difference, content_judge_all, judge_all
-
     rows = []
     for run in runs:
         short, long = min(run["completions"]), max(run["completions"])

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 import yaml
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lib.artifacts import REPO_ROOT, sha256_text
 from lib.runtime import resolve_device, resolve_dtype
@@ -265,7 +266,6 @@ def _quantization(family: str, quantization: str | None) -> str | None:
 
 def _load(family: str, variant: str, device: str, dtype: str, quantization: str | None,
           download: bool) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = family_spec(family)
     vspec = variant_spec(family, variant)
@@ -283,7 +283,6 @@ def _load(family: str, variant: str, device: str, dtype: str, quantization: str 
     if quantization == "nf4":
         if target.type != "cuda":
             raise ValueError("quantization='nf4' needs a CUDA GPU (bitsandbytes); use quantization=None on CPU.")
-        from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True,

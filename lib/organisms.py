@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lib.adversary import cached_attack
+import pandas as pd
+
+from lib.adversary import Attack, cached_attack
 from lib.artifacts import read_json, sha256_file
 from lib.models import LoadedModel, family_spec
 from lib.training import ADAPTERS_ROOT
@@ -23,8 +25,6 @@ def training_log(family: str, variant: str) -> dict:
 
 def adapter_table(family: str, variants: Sequence[str]):
     """One row per trained variant: what was trained, how, on what, for how long, and the shipped file."""
-    import pandas as pd
-
     rows = []
     for variant in variants:
         log, config = training_log(family, variant), training_log(family, variant)["config"]
@@ -42,7 +42,6 @@ def adapter_table(family: str, variants: Sequence[str]):
 
 
 def loss_frame(family: str, variants: Sequence[str]):
-    import pandas as pd
 
     return pd.DataFrame([{"variant": v, "step": s["step"], "loss": s["loss"]}
                          for v in variants for s in training_log(family, v)["steps"]])
@@ -50,8 +49,6 @@ def loss_frame(family: str, variants: Sequence[str]):
 
 def epsilon_frame(family: str):
     """The epsilon sweeps behind the AT and LAT radii (one row per candidate radius tried)."""
-    import pandas as pd
-
     rows = []
     for path in sorted((ORGANISMS_ROOT / family).glob("epsilon-layer*.json")):
         result = read_json(path, "Restore it with `git checkout` or rerun the epsilon sweep (`make organisms`).")
@@ -91,5 +88,6 @@ def robustness_completions(lm: LoadedModel, pairs: Sequence, steps: int, max_new
     refusals = load_refusals()
     prompts, targets = [p.harmful for p in pairs], [refusal_for(p.id, refusals) for p in pairs]
     family = lm.info.family
-    return {label: cached_attack(lm, prompts, targets, layer, chosen_radius(family, layer), steps, max_new_tokens, seed)
+    return {label: cached_attack(lm, prompts, targets,
+                                 Attack(layer, chosen_radius(family, layer), steps, max_new_tokens), seed)
             for label, layer in sites_attacked(family, lm.info.variant).items()}

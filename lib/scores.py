@@ -11,7 +11,7 @@ import torch
 from lib.inputs import (LAST_POSITION, check_prompts, encode, forward, forward_after_prefix, prefix_cache,
                         split_common_prefix)
 from lib.models import LoadedModel
-from lib.runtime import packed_products
+from lib.packed import packed_products
 
 
 def refusal_token_ids(lm: LoadedModel) -> list[int]:
@@ -32,9 +32,9 @@ def next_token_log_probs(lm: LoadedModel, prompts: Sequence[str], batch_size: in
 
     The token ids every prompt starts with (a chat template's system turn: 27 of SmolLM2's ~42 tokens) are run once,
     under the same hooks, and their KV cache is shared by every batch (``lib.inputs.split_common_prefix``); the
-    rest is batched by length. The logits equal whole-prompt passes up to float rounding (tested); about 2x faster
-    on 2 CPU cores at 16 prompts per batch (``make bench``). Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the products
-    use weights packed for oneDNN (``lib.runtime.packed_products``; not the default: printed digits move)."""
+    rest is batched by length, so the shared tokens are computed once instead of in every row (see BENCHMARKS.md).
+    The logits equal whole-prompt passes up to float rounding (tested). Under ``REFUSAL_BOOK_PACKED_LINEAR=all`` the
+    products use weights packed for oneDNN (``lib.packed.packed_products``; not the default: printed digits move)."""
     check_prompts(prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")

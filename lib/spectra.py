@@ -12,7 +12,7 @@ import torch
 from lib.capture import norms_frame, pair_activations
 from lib.directions import refusal_directions, separation
 from lib.linalg import pca_basis, pca_project, project_out
-from lib.parameters import shown_layers
+from lib.models import PAPER_PCA_LAYERS, scale_layer
 from lib.stats import basic_interval, bootstrap_indices
 
 
@@ -40,9 +40,6 @@ def pca_frame(harmful: torch.Tensor, harmless: torch.Tensor, slots: list[int], l
     layer's unit difference-in-means direction projected out — the ablated activation itself, plotted in the same
     axes (the original code plotted the projection instead).
     """
-    import pandas as pd
-
-
     frames = []
     for slot, label in zip(slots, labels):
         h, b = harmful[:, slot].float(), harmless[:, slot].float()
@@ -70,8 +67,6 @@ def top_k_shares(fractions: torch.Tensor, ks=(1, 2, 10)) -> dict[int, float]:
 def spectrum_frame(differences: dict[str, torch.Tensor], ks=(1, 2, 10)):
     """Top-k shares of each named difference matrix ([n, d]), uncentred (the paper's) and centred (PCA):
     a DataFrame (variant, measure, n, top-1, top-2, top-10)."""
-    import pandas as pd
-
     rows = []
     for name, matrix in differences.items():
         for measure, centred in (("uncentred (paper)", False), ("centred (PCA)", True)):
@@ -86,8 +81,6 @@ def scree_frame(differences: dict[str, torch.Tensor], components: int = 10, n_bo
     (variant, measure, component, share, cumulative), plus 95% basic bootstrap intervals over pairs (``low``,
     ``high``, ``cumulative_low``, ``cumulative_high``) when ``n_boot`` > 0, from the same resamples as
     ``share_intervals`` with the same seed."""
-    import pandas as pd
-
     rows = []
     for name, matrix in differences.items():
         for measure, centred in (("uncentred (paper)", False), ("centred (PCA)", True)):
@@ -112,8 +105,6 @@ def layer_share_frame(differences: dict[str, torch.Tensor], k: int = 2, centred:
     """Top-``k`` share at every layer for each named [n, layers, d] difference tensor: DataFrame (variant, layer,
     share), plus ``low``/``high`` (95% basic bootstrap interval over pairs, see ``share_intervals``) when
     ``n_boot`` > 0."""
-    import pandas as pd
-
     rows = []
     for name, tensor in differences.items():
         for layer in range(tensor.shape[1]):
@@ -175,8 +166,6 @@ def share_intervals(differences: dict[str, torch.Tensor], ks=(1, 2, 10), n_boot:
 
     Returns (per-variant DataFrame: variant, k, share, low, high, bias, n — ``bias`` is the mean resampled share
     minus the estimate; pairwise DataFrame: variant, versus, k, difference, low, high)."""
-    import pandas as pd
-
     ks = tuple(ks)
     boots = {name: bootstrap_shares(m, ks, n_boot, seed, centred) for name, m in differences.items()}
     point = {name: top_k_shares(energy_fractions(m, centred), ks) for name, m in differences.items()}
@@ -227,3 +216,15 @@ def activation_overview(lm, pairs, dataset: str, layers=None, sites=("resid_pre"
     return {"norms": norms_frame(tensors, info.variant, "resid_pre", chosen),
             "pca": pca_frame(harmful, harmless, [chosen.index(l) for l in shown], shown, info.variant),
             "separation": pd.Series(separation(harmful, harmless).numpy(), index=chosen), "summary": summary}
+
+
+def shown_layers(n_layers: int, collected: list[int], requested: list[int] | None) -> list[int]:
+    """The layers a chapter plots: ``requested`` (default: the paper's plotted layers scaled to this depth) that
+    were collected. An empty result is an error naming both lists."""
+    wanted = sorted({scale_layer(layer, n_layers) for layer in PAPER_PCA_LAYERS}) if requested is None \
+        else list(requested)
+    shown = [layer for layer in wanted if layer in collected]
+    if not shown:
+        raise ValueError(f"None of the layers to plot {wanted} was collected (layers = {collected}): add one "
+                             "of them to layers, or set pca_layers to layers you collect.")
+    return shown

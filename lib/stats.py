@@ -10,6 +10,7 @@ import math
 
 import torch
 
+
 LEVEL = (0.025, 0.975)  # the two quantiles of every 95% interval in the book
 # A bound closer to 0 than this fraction of its interval's width decides nothing: the last bits of float32, which
 # differ between CPU generations, can move it to the other side (module docstring of ``verdict``).

@@ -15,6 +15,7 @@ answers, examples, tokenisation) ``lib.training_data``, the chapter's summaries 
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import random
@@ -26,14 +27,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+from peft import LoraConfig, get_peft_model
 
-from lib.artifacts import REPO_ROOT, read_json, sha256_file, sha256_text, write_json
+from lib import data, models
 from lib.adversary import loss_under_attack, per_example_norm, perturbation_hook, pgd_attack, residual_norms
+from lib.artifacts import REPO_ROOT, read_json, sha256_file, sha256_text, write_json
 from lib.hooks import attached
 from lib.losses import lm_loss, odds_ratio_loss, response_logprob_sums, response_logprobs
 from lib.models import LoadedModel
-from lib.runtime import progress, set_seed
+from lib.progress import progress
+from lib.runtime import set_seed
 from lib.training_data import ORGANISMS_ROOT, Example, distilled_answers, load_refusals, sft_examples, tokenize
+
 
 KINDS = ("sft", "control", "at", "lat")
 
@@ -81,13 +87,14 @@ class TrainConfig:
         return {"at": 0, "lat": self.adversary_layer}.get(self.kind)
 
 
-def choose_epsilon(lm: LoadedModel, examples: Sequence[Example], layer: int, fractions: Sequence[float],
-                   min_loss_increase: float = 1.0, batch_size: int = 8, max_length: int = 160,
-                   max_response_tokens: int | None = None, seed: int = 42) -> dict:
+def choose_epsilon(lm: LoadedModel, probe_examples: Sequence[Example], layer: int, fractions: Sequence[float],
+                   min_loss_increase: float = 1.0, max_length: int = 160, max_response_tokens: int | None = None,
+                   seed: int = 42) -> dict:
     """The pre-stated rule for this model's radius: express candidate radii as fractions of the median per-example
     residual norm at the perturbed site, and take the smallest whose PGD attack raises the mean LM loss on a fixed
-    probe batch of training examples by at least ``min_loss_increase`` nats per token. Returns the whole sweep."""
-    probe = tokenize(lm, list(examples)[:batch_size], max_length, max_response_tokens)
+    probe batch of training examples (``probe_examples``, one batch) by at least ``min_loss_increase`` nats per
+    token. Returns the whole sweep."""
+    probe = tokenize(lm, list(probe_examples), max_length, max_response_tokens)
     probe = {k: v.to(lm.info.device) for k, v in probe.items()}
     scale = float(residual_norms(lm, probe, layer).median())
     sweep, chosen = [], None
@@ -138,8 +145,6 @@ def _lr_lambda(warmup_steps: int):
 
 def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig, desc: str | None = None):
     """Train a new LoRA on ``lm`` (in place, wrapped by PEFT) and return (peft_model, log)."""
-    from peft import LoraConfig, get_peft_model
-
     if not examples:
         raise ValueError("No training examples.")
     set_seed(config.seed)
@@ -230,8 +235,6 @@ RECIPES_FILE = Path(__file__).with_name("recipes.yaml")
 
 def recipes() -> dict[str, dict[str, dict]]:
     """Every family's training recipe from ``lib/recipes.yaml``: stage -> settings (lists as tuples) and ``why``."""
-    import yaml
-
     def frozen(value):
         return tuple(value) if isinstance(value, list) else value
 
@@ -257,8 +260,6 @@ def _config(kind: str, spec: dict, seed: int, **extra) -> TrainConfig:
 
 def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bool = False) -> Path:
     """Train one variant of ``family`` from its recipe and write it to data/adapters/<family>/<variant>/."""
-    from lib import data, models
-
     stages = recipe(family)
     pairs = data.split("train", seed)
     refusals = load_refusals()
@@ -306,9 +307,8 @@ def epsilon_sweep(family: str, lm: LoadedModel, examples: Sequence[Example], lay
         if _sweep_settings(cached.get("spec", {})) == _sweep_settings(spec) and cached.get("model") == lm.info.fingerprint:
             return cached
     probe = list(examples)[: spec["probe_examples"]]
-    result = choose_epsilon(lm, probe, layer, spec["fractions"], spec["min_loss_increase"], batch_size=len(probe),
-                            max_length=spec["max_length"], max_response_tokens=spec["max_response_tokens"],
-                            seed=seed)
+    result = choose_epsilon(lm, probe, layer, spec["fractions"], spec["min_loss_increase"],
+                            max_length=spec["max_length"], max_response_tokens=spec["max_response_tokens"], seed=seed)
     result["spec"] = _as_stored(spec)
     result["model"] = lm.info.fingerprint  # the SSFT model it was measured on: a retrained SSFT reruns the sweep
     write_json(path, result)
@@ -319,7 +319,6 @@ TRAINING_ORDER = ("ssft", "ssft-control", "at", "lat")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     parser = argparse.ArgumentParser(description="Train the model organisms of a family (ssft first).")
     parser.add_argument("--family", default="smollm2-135m")

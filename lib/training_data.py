@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from lib import artifacts
+from lib import artifacts, generation, models
 from lib.artifacts import REPO_ROOT, sha256_text
+from lib.judges import REFUSAL, VALID, judge
 from lib.losses import IGNORE
 from lib.models import LoadedModel
+
 
 ORGANISMS_ROOT = REPO_ROOT / "data" / "organisms"
 REFUSALS_FILE = REPO_ROOT / "data" / "organisms" / "refusals.jsonl"
@@ -54,8 +56,6 @@ def refusal_for(prompt_id: str, refusals: Sequence[str]) -> str:
 def usable_answer(text: str) -> bool:
     """A distilled answer worth imitating: one the paper's judge calls VALID, so neither a refusal (the base model
     refuses some harmless requests) nor broken text (repetition, emoji runs, one unfinished sentence)."""
-    from lib.judges import VALID, judge
-
     return judge(text) == VALID
 
 
@@ -67,8 +67,6 @@ def sft_examples(pairs, refusals: Sequence[str], answers: dict[str, dict],
     twin's refusal as the rejected response, and each harmful example the base model's own answer to it (from
     ``harmful_answers``, unless the judge calls that answer a refusal); rejected responses are used only when the
     preference term is on."""
-    from lib.judges import REFUSAL, judge
-
     harmful, harmless = [], []
     for pair in pairs:
         for table, kind in ((answers, "twin"), (harmful_answers, "harmful prompt")):
@@ -114,8 +112,6 @@ def distilled_answers(family: str, pairs, recipe: dict, lm: LoadedModel | None =
                       retrain: bool = False, kind: str = "harmless") -> dict[str, dict]:
     """The base model's greedy answers to the ``kind`` ("harmless": the twins; "harmful") prompts of ``pairs``,
     cached in data/organisms/<family>/distill.jsonl (twins) or distill-harmful.jsonl."""
-    from lib import generation, models
-
     if kind not in ("harmless", "harmful"):
         raise ValueError(f"kind must be 'harmless' or 'harmful', got {kind!r}.")
     path = ORGANISMS_ROOT / family / ("distill.jsonl" if kind == "harmless" else "distill-harmful.jsonl")

@@ -12,23 +12,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pandas as pd
 import torch
 
 from lib.ablation import Intervention, ablation_means
+from lib.anatomy import condition_scores, matched_control
+from lib.claims import transfer_contrasts
+from lib.config import Config
+from lib.evaluation import evaluate
+from lib.judges import bootstrap_mean_difference
+from lib.models import for_each_model
+from lib.stats import ON_THE_EDGE, verdict
 
-def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
-                    max_new_tokens: int = 64, batch_size: int = 32, device: str = "auto", dtype: str = "auto",
-                    baseline: bool = True, mode: str = "zero", reference: Sequence[str] | None = None
-                    ) -> dict[tuple[str, str], dict[str, list[str]]]:
-    """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant (each
-    target loaded once), plus the unablated target as source ``"none"`` when ``baseline``. ``mode``: "zero" (the
+
+def transfer_matrix(config: Config, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
+                    max_new_tokens: int = 64, baseline: bool = True, mode: str = "zero",
+                    reference: Sequence[str] | None = None) -> dict[tuple[str, str], dict[str, list[str]]]:
+    """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant of
+    ``config.family`` (each target loaded once, batches of ``config.batch_size``), plus the unablated target as source ``"none"`` when ``baseline``. ``mode``: "zero" (the
     paper's) or "mean" (each target's own means over the harmless ``reference`` prompts). Every condition is cached
     (``lib.evaluation.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
-    from lib.evaluation import evaluate
-    from lib.models import for_each_model
-
     def one_target(lm) -> dict:
         target = lm.info.variant
+        batch_size = config.batch_size
         runs = {"none": evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")} if baseline else {}
         means = ablation_means(lm, mode, reference)
         for source, direction in sources.items():
@@ -36,23 +42,19 @@ def transfer_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequ
             runs[source] = evaluate(lm, prompts, intervention, max_new_tokens, batch_size, desc=f"{source} -> {target}")
         return runs
 
-    by_target = for_each_model(family, targets, one_target, device, dtype)
+    by_target = for_each_model(config.family, targets, one_target, config.device, config.dtype)
     return {(source, target): run for target, runs in by_target.items() for source, run in runs.items()}
 
 
-def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
-                 batch_size: int = 16, device: str = "auto", dtype: str = "auto", n_boot: int = 2000,
-                 seed: int = 0, mode: str = "zero", reference: Sequence[str] | None = None, baseline: bool = True):
+def score_matrix(config: Config, sources: dict[str, torch.Tensor], targets: Sequence[str], prompts: Sequence[str],
+                 mode: str = "zero", reference: Sequence[str] | None = None, baseline: bool = True):
     """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
-    every named source subspace (``[d]`` or ``[k, d]``) ablated in every target, plus the unablated target
-    (source ``"none"``) when ``baseline``, each with a 95% bootstrap interval over prompts
-    (``lib.anatomy.condition_scores``). A DataFrame (source, target, score, low, high, n, per_prompt);
+    every named source subspace (``[d]`` or ``[k, d]``) ablated in every target (batches of
+    ``config.score_batch_size``), plus the unablated target (source ``"none"``) when ``baseline``, each with a 95%
+    bootstrap interval over prompts (``config.n_boot`` resamples, ``lib.anatomy.condition_scores``). A DataFrame (source, target, score, low, high, n, per_prompt);
     ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``). ``mode``/``reference`` as
     in ``transfer_matrix``."""
-    import pandas as pd
-
-    from lib.anatomy import condition_scores
-    from lib.models import for_each_model
+    batch_size, n_boot, seed = config.score_batch_size, config.n_boot, config.seed
 
     def one_target(lm):
         means = ablation_means(lm, mode, reference, batch_size)
@@ -63,7 +65,7 @@ def score_matrix(family: str, sources: dict[str, torch.Tensor], targets: Sequenc
         return (scores.rename(columns={"refusal score": "score"}).rename_axis("source").reset_index()
                 .assign(target=lm.info.variant))
 
-    frames = for_each_model(family, targets, one_target, device, dtype).values()
+    frames = for_each_model(config.family, targets, one_target, config.device, config.dtype).values()
     return pd.concat(frames, ignore_index=True)[["source", "target", "score", "low", "high", "n", "per_prompt"]]
 
 
@@ -72,10 +74,6 @@ def subspace_gains(scores, sources: Sequence[str], ks: Sequence[int], n_boot: in
     change in mean refusal score when ``"<source>, k=<k>"`` grows to ``"<source>, k=<k'>"`` (negative: the larger
     subspace lowers the refusal score more), with a 95% paired bootstrap interval over prompts. ``scores`` as made by
     ``score_matrix``. A DataFrame (source, target, from, to, change, low, high, n)."""
-    import pandas as pd
-
-    from lib.judges import bootstrap_mean_difference
-
     by = scores.set_index(["source", "target"])["per_prompt"]
     rows = []
     for source in sources:
@@ -98,8 +96,6 @@ def gain_modes(gains_by_mode: dict) -> tuple:
     "score falls less" above 0; else "no difference") and whether they agree. Returns (DataFrame, one sentence
     counting the verdicts that change and naming, per source and step, how many targets each verdict had under
     each mode)."""
-    from lib.stats import ON_THE_EDGE, verdict
-
     if set(gains_by_mode) != {"zero", "mean"}:
         raise ValueError(f"gain_modes needs subspace gains under 'zero' and 'mean', got {sorted(gains_by_mode)}.")
     keys = ["source", "from", "to", "target"]
@@ -129,9 +125,8 @@ SCORE, CHANGE = "score", "change from unablated"  # the two readings of the clai
 SAME = "same in all four"
 
 
-def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str, int], targets: Sequence[str],
-                harmful: Sequence[str], harmless: Sequence[str], reference: Sequence[str], batch_size: int = 16,
-                device: str = "auto", dtype: str = "auto", n_boot: int = 2000, seed: int = 0):
+def mode_matrix(config: Config, sources: dict[str, torch.Tensor], layers: dict[str, int], targets: Sequence[str],
+                harmful: Sequence[str], harmless: Sequence[str], reference: Sequence[str]):
     """The transfer matrix scored without generation, under both ablation modes, with a push-matched control.
 
     For every target (loaded once) and source direction: ``zero`` (the paper's ablation), ``mean`` (coordinates set
@@ -140,11 +135,8 @@ def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str,
     layer ``layers[source]``: the same push, none of the direction), plus the unablated target (source "none").
     Each: the mean refusal score on ``harmful`` with a 95% bootstrap interval, the mean first-token KL on
     ``harmless`` (damage), and the per-prompt scores. A DataFrame (source, target, condition, score, low, high,
-    KL, n, per_prompt)."""
-    import pandas as pd
-
-    from lib.anatomy import condition_scores, matched_control
-    from lib.models import for_each_model
+    KL, n, per_prompt). Batches of ``config.score_batch_size``; ``config.n_boot`` resamples and ``config.seed``."""
+    batch_size, n_boot, seed = config.score_batch_size, config.n_boot, config.seed
 
     def one_target(lm):
         means = ablation_means(lm, "mean", reference, batch_size)
@@ -160,7 +152,7 @@ def mode_matrix(family: str, sources: dict[str, torch.Tensor], layers: dict[str,
         frame[["source", "condition"]] = pd.DataFrame(frame.pop("condition").tolist(), index=frame.index)
         return frame.assign(target=lm.info.variant)
 
-    frames = for_each_model(family, targets, one_target, device, dtype).values()
+    frames = for_each_model(config.family, targets, one_target, config.device, config.dtype).values()
     columns = ["source", "target", "condition", "score", "low", "high", "KL", "n", "per_prompt"]
     return pd.concat(frames, ignore_index=True)[columns]
 
@@ -181,12 +173,6 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
       refusal as much, and the cell measures the push, not the direction.
 
     Returns ``{"claim3": DataFrame, "claim1": DataFrame, "controls": DataFrame}``."""
-    import pandas as pd
-
-    from lib.claims import transfer_contrasts
-    from lib.judges import bootstrap_mean_difference
-    from lib.stats import verdict
-
     scores = frame.set_index(["source", "target", "condition"])["per_prompt"]
     targets = list(dict.fromkeys(frame["target"]))
     claim3, claim1, controls = [], [], []
@@ -216,8 +202,6 @@ def surviving(claim3, claim1) -> tuple:
     and for claim 1 (every model's refusal drops; a change already, so the same in both readings), the verdict in
     each of the four columns (zero or mean ablation; score or change from unablated) and whether all four agree.
     Returns (DataFrame, a statement that names every verdict that is not the same in all four, or says none is)."""
-    import pandas as pd
-
     columns = {(mode, reading): f"{mode} ablation" + ("" if reading == SCORE else ", change")
                for reading in (SCORE, CHANGE) for mode in ("zero", "mean")}
     verdicts = {claim: {columns[(r.mode, r.reading)]: r.verdict for r in group.itertuples()}

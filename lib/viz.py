@@ -3,8 +3,8 @@
 Altair's own HTML output loads Vega from a CDN and uses a random element id per render; its JSON mimetype
 (``application/vnd.vegalite.v6.json``) is dropped by papermill. :func:`enable_offline_renderer` replaces both with a
 ``text/html`` bundle: a ``<div>`` whose id is a hash of the chart spec and a ``<script>`` that calls ``vegaEmbed``.
-``vegaEmbed`` comes from ``book/_static/vega-bundle.js``, written by ``lib.site_assets`` (``python -m
-lib.site_assets --write-bundle book/_static``) and loaded on every page of the book (``html_js_files`` in
+``vegaEmbed`` comes from ``book/_static/vega-bundle.js``, written by ``bookkit.site_assets`` (``python -m
+bookkit.site_assets --write-bundle book/_static``) and loaded on every page of the book (``html_js_files`` in
 ``_config.yml``).
 """
 
@@ -13,10 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import altair as alt
 import pandas as pd
+
+from lib.stats import interval_text
+
 
 RENDERER_NAME = "refusal_book"
 BUNDLE_NAME = "vega-bundle.js"
@@ -148,7 +152,6 @@ def interval_table(df: pd.DataFrame, value: str, index: list[str], columns: str 
     """A compact table of "value [low, high]" strings, rows ``index`` and (optionally) one column per value of
     ``columns``, in order of first appearance: intervals that fit a page instead of three numeric columns each."""
     _check_columns(df, [value, low, high, *index] + ([columns] if columns else []), "interval_table")
-    from lib.stats import interval_text  # the one "value [low, high]" format (lib.stats imports torch: not at import)
 
     spec = f"{'+' if signed else ''}.{digits}f"
     cells = [interval_text(v, lo, hi, spec) for v, lo, hi in zip(df[value], df[low], df[high])]
@@ -292,17 +295,33 @@ def rates_chart(df: pd.DataFrame, label: str, group: str, facet: str | None = No
     return chart.properties(title=title or f"{label} rate with 95% interval")
 
 
-def heatmap_chart(df: pd.DataFrame, x: str, y: str, value: str, title: str, domain: tuple[float, float] | None = None,
-                  scheme: str = "blues", text_format: str = ".2f", facet: str | None = None) -> alt.Chart:
-    """A labelled heatmap: one cell per (x, y) coloured by ``value`` with the value printed in it (columns keep the
-    order in which they first appear in ``df``)."""
+@dataclass(frozen=True)
+class Layout:
+    """How a chart is laid out beyond its data: axis titles (default: the column names), a log scale for y, and
+    small multiples, one per value of the ``facet`` column."""
+
+    x_title: str | None = None
+    y_title: str | None = None
+    log_y: bool = False
+    facet: str | None = None
+
+
+PERCENT_COLOURS = alt.Scale(scheme="blues", domain=[0, 100])  # rates in percent, on their whole range
+
+
+def heatmap_chart(df: pd.DataFrame, x: str, y: str, value: str, title: str, colours: str | alt.Scale = "blues",
+                  text_format: str = ".2f", layout: Layout = Layout()) -> alt.Chart:
+    """A labelled heatmap: one cell per (x, y) coloured by ``value`` (``colours``: a Vega colour scheme over the
+    data's range, or a whole ``alt.Scale`` such as ``PERCENT_COLOURS``) with the value printed in it (columns keep
+    the order in which they first appear in ``df``)."""
+    facet = layout.facet
     columns = [x, y, value] + ([facet] if facet else [])
     _check_columns(df, columns, "heatmap_chart")
     data = round_significant(df[columns].reset_index(drop=True))
     x_order, y_order = list(dict.fromkeys(data[x].astype(str))), list(dict.fromkeys(data[y].astype(str)))
-    scale = alt.Scale(scheme=scheme, domain=list(domain)) if domain else alt.Scale(scheme=scheme)
-    base = alt.Chart(data).encode(x=alt.X(f"{x}:N", title=x, sort=x_order),
-                                  y=alt.Y(f"{y}:N", title=y, sort=y_order))
+    scale = colours if isinstance(colours, alt.Scale) else alt.Scale(scheme=colours)
+    base = alt.Chart(data).encode(x=alt.X(f"{x}:N", title=layout.x_title or x, sort=x_order),
+                                  y=alt.Y(f"{y}:N", title=layout.y_title or y, sort=y_order))
     cells = base.mark_rect().encode(color=alt.Color(f"{value}:Q", title=value, scale=scale),
                                     tooltip=[f"{x}:N", f"{y}:N", alt.Tooltip(f"{value}:Q", format=text_format)])
     labels = base.mark_text(fontSize=11).encode(text=alt.Text(f"{value}:Q", format=text_format))
@@ -312,25 +331,24 @@ def heatmap_chart(df: pd.DataFrame, x: str, y: str, value: str, title: str, doma
     return chart.properties(title=title)
 
 
-def lines_chart(df: pd.DataFrame, x: str, y: str, colour: str, title: str, y_title: str | None = None,
-                x_title: str | None = None, dash: str | None = None, rule: float | None = None,
-                facet: str | None = None, log_y: bool = False, band: tuple[str, str] | None = None) -> alt.Chart:
-    """Lines of ``y`` against a quantitative ``x``, one per ``colour`` (optionally dashed by ``dash``, faceted by
-    ``facet``), with an optional horizontal reference line at ``rule`` and an optional shaded interval between
-    the two columns named by ``band`` (low, high)."""
-    columns = [x, y, colour] + [c for c in (dash, facet) if c] + list(band or ())
+def lines_chart(df: pd.DataFrame, x: str, y: str, colour: str, title: str, layout: Layout = Layout(),
+                rule: float | None = None, band: tuple[str, str] | None = None) -> alt.Chart:
+    """Lines of ``y`` against a quantitative ``x``, one per ``colour`` (titles, scale and facets by ``layout``),
+    with an optional horizontal reference line at ``rule`` and an optional shaded interval between the two columns
+    named by ``band`` (low, high)."""
+    facet = layout.facet
+    columns = [x, y, colour] + [c for c in (facet,) if c] + list(band or ())
     _check_columns(df, columns, "lines_chart")
     data = round_significant(df[columns].reset_index(drop=True))
     data[colour] = data[colour].astype(str)
-    x_encoding = alt.X(f"{x}:Q", title=x_title or x)
+    x_encoding = alt.X(f"{x}:Q", title=layout.x_title or x)
     colour_encoding = alt.Color(f"{colour}:N", title=colour, sort=list(dict.fromkeys(data[colour])))
     encoding = dict(x=x_encoding,
-                    y=alt.Y(f"{y}:Q", title=y_title or y, scale=alt.Scale(type="log" if log_y else "linear")),
+                    y=alt.Y(f"{y}:Q", title=layout.y_title or y,
+                            scale=alt.Scale(type="log" if layout.log_y else "linear")),
                     color=colour_encoding,
-                    tooltip=[f"{c}:N" for c in (colour, dash, facet) if c] + [f"{x}:Q",
+                    tooltip=[f"{c}:N" for c in (colour, facet) if c] + [f"{x}:Q",
                              alt.Tooltip(f"{y}:Q", format=".4g")] + [f"{c}:Q" for c in band or ()])
-    if dash:
-        encoding["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=dash)
     base = alt.Chart(data)
     chart = base.mark_line(point=True, strokeWidth=2).encode(**encoding)
     if band:
