@@ -8,7 +8,8 @@ and one with a bound within float noise of zero is reported as "on the edge" (``
 - claim 1 (refusal is one direction): ablating each model's own direction lowers its refusal (``claim1``);
 - claim 2 (LAT concentrates the harmful-harmless difference): LAT's top-2 share beats every other variant's
   (``claim2_rows``, ``claim2``);
-- claim 3 (LAT's directions and transfer): three contrasts of the transfer matrix (``transfer_contrasts``);
+- claim 3 (LAT's directions and transfer): three like-for-like contrasts of the transfer matrix, each against every
+  other model (``claim3_weights``, ``transfer_contrasts``, ``claim3_verdicts``);
 - the organisms: the acceptance criteria (``lib.judges.acceptance``) and robustness to a fresh attack
   (``robustness``, ``organisms``).
 """
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from lib.judges import REFUSAL, bootstrap_contrast, bootstrap_rate_difference
+from lib.judges import REFUSAL, bootstrap_combination, bootstrap_rate_difference
 from lib.stats import interval_text, verdict
 
 CLAIM1_WORDS = ("refusal drops", "refusal rises", "not resolved")
@@ -80,37 +81,81 @@ def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: 
             "shares": {r.variant: [round(r.share, 4), round(r.low, 4), round(r.high, 4)] for r in single.itertuples()}}
 
 
+CLAIM3 = (  # (claim, what it is about, the sign that supports it)
+    ("robust to foreign directions", "target", "positive"),
+    ("vulnerable to its own direction", "target", "negative"),
+    ("its direction transfers better", "direction", "negative"),
+)
+CLAIM3_WORDS = ("supported", "contradicted", "not resolved")
+
+
+def claim3_weights(focus: str, others: Sequence[str]) -> list[tuple[str, str, dict[tuple[str, str], float]]]:
+    """Claim 3's contrasts as weights on the cells ``(source, target)`` of a transfer matrix, one per claim and
+    comparison model, each a mean of differences between cells that share a source direction (a claim about the
+    target) or a target model (a claim about the direction). Like is compared with like, so which directions or
+    which targets a group of cells happens to hold cannot decide a verdict.
+
+    For each other model ``m`` of ``others``:
+
+    1. robust to foreign directions (target ``focus`` against target ``m``): under each direction foreign to both
+       (``s`` in ``others``, ``s != m``), refusal in ``focus`` minus refusal in ``m``, averaged over those ``s``;
+    2. vulnerable to its own direction (target ``focus`` against target ``m``): under ``focus``'s direction,
+       refusal in ``focus`` minus refusal in ``m``;
+    3. its direction transfers better (direction ``focus`` against direction ``m``): in each target foreign to both
+       (``t`` in ``others``, ``t != m``), refusal under ``focus``'s direction minus refusal under ``m``'s, averaged
+       over those ``t``.
+
+    Returns ``[(claim, m, {cell: weight})]`` in the order of ``CLAIM3``, then of ``others``."""
+    if len(others) < 2 or focus in others or len(set(others)) != len(others):
+        raise ValueError(f"Claim 3 compares {focus!r} with two or more other, distinct models; got {list(others)}.")
+    contrasts = []
+    for m in others:
+        third = [x for x in others if x != m]
+        robust = {}
+        for s in third:
+            robust[(s, focus)] = 1 / len(third)
+            robust[(s, m)] = -1 / len(third)
+        transfer = {}
+        for t in third:
+            transfer[(focus, t)] = 1 / len(third)
+            transfer[(m, t)] = -1 / len(third)
+        contrasts += [(CLAIM3[0][0], m, robust), (CLAIM3[1][0], m, {(focus, focus): 1.0, (focus, m): -1.0}),
+                      (CLAIM3[2][0], m, transfer)]
+    order = [name for name, _, _ in CLAIM3]
+    return sorted(contrasts, key=lambda c: order.index(c[0]))
+
+
 def transfer_contrasts(labels: dict, focus: str = "lat", others: Sequence[str] = ("ssft", "at"),
                        n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """The paper's claim 3 as three paired-bootstrap contrasts of refusal in a transfer matrix
-    (``labels[(source, target)]`` = judged labels on the same harmful prompts, compared as refusal rates; or
-    per-prompt refusal scores on them, compared as mean scores):
-
-    1. ``focus`` is more robust to foreign directions: its refusal under the others' directions minus the others'
-       refusal under directions foreign to them (> 0 supports the claim);
-    2. ``focus`` is more vulnerable to its own direction: its self-attack refusal minus the others' (< 0 supports);
-    3. ``focus``'s direction transfers better: the others' refusal under ``focus``'s direction minus their refusal
-       under the remaining foreign directions (< 0 supports).
-    """
+    """The paper's claim 3 as like-for-like contrasts of refusal in a transfer matrix (``labels[(source, target)]``
+    = judged labels on the same harmful prompts, compared as refusal rates in percentage points; or per-prompt
+    refusal scores on them, compared as mean scores): one row per claim and comparison model (``claim3_weights``),
+    with a paired bootstrap interval over prompts and the verdict of ``lib.stats.verdict``. A claim about ``focus``
+    needs its verdict against every other model (``claim3_verdicts``)."""
     models = [focus, *others]
     missing = [(s, t) for s in models for t in models if (s, t) not in labels]
     if missing:
         raise ValueError(f"The transfer matrix lacks the conditions {missing}; run every source x target pair.")
-    specs = [
-        ("robust to foreign directions", [labels[(s, focus)] for s in others],
-         [labels[(s, t)] for t in others for s in models if s != t], "positive"),
-        ("vulnerable to its own direction", [labels[(focus, focus)]], [labels[(t, t)] for t in others], "negative"),
-        ("its direction transfers better", [labels[(focus, t)] for t in others],
-         [labels[(s, t)] for t in others for s in others if s != t], "negative"),
-    ]
+    about = {name: (kind, sign) for name, kind, sign in CLAIM3}
     rows = []
-    for claim, group_a, group_b, supports in specs:
-        result = bootstrap_contrast(group_a, group_b, REFUSAL, n_boot, seed)
-        above, below = ("supported", "contradicted") if supports == "positive" else ("contradicted", "supported")
-        rows.append({"claim": f"{focus.upper()} {claim}", **result,
+    for claim, versus, weights in claim3_weights(focus, others):
+        kind, supports = about[claim]
+        result = bootstrap_combination({cell: labels[cell] for cell in weights}, weights, REFUSAL, n_boot, seed)
+        above, below = CLAIM3_WORDS[:2] if supports == "positive" else CLAIM3_WORDS[1::-1]
+        rows.append({"claim": f"{focus.upper()} {claim}", "versus": f"{kind} {versus}", **result,
                      "supports if": f"difference {'>' if supports == 'positive' else '<'} 0",
-                     "verdict": verdict(result["low"], result["high"], above, below, "not resolved")})
+                     "verdict": verdict(result["low"], result["high"], above, below, CLAIM3_WORDS[2])})
     return rows
+
+
+def claim3_verdicts(rows) -> dict[str, str]:
+    """Each claim's verdict from its ``transfer_contrasts`` rows: "supported" (or "contradicted") when it is so
+    against every comparison model, else "not resolved"."""
+    by_claim: dict[str, list[str]] = {}
+    for row in rows:
+        by_claim.setdefault(row["claim"], []).append(row["verdict"])
+    return {claim: next((word for word in CLAIM3_WORDS[:2] if all(v == word for v in words)), CLAIM3_WORDS[2])
+            for claim, words in by_claim.items()}
 
 
 def robustness(under_attack: dict, sites: Sequence[str], trained: Sequence[str] = ("at", "lat"),

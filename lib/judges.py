@@ -261,24 +261,24 @@ def condition_values(condition: Sequence, label: str = REFUSAL) -> tuple[list[fl
     return [float(x) for x in condition], 1.0
 
 
-def bootstrap_contrast(group_a: Sequence[Sequence], group_b: Sequence[Sequence], label: str = REFUSAL,
-                       n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean over the conditions in ``group_a`` minus that over ``group_b`` of the rate of ``label`` (percentage
-    points; conditions given as judge labels) or of a per-prompt score (conditions given as numbers), where every
+def bootstrap_combination(conditions: dict, weights: dict, label: str = REFUSAL, n_boot: int = 2000,
+                          seed: int = 0) -> dict[str, float]:
+    """``sum_k weights[k] * mean(conditions[k])``: a weighted sum of the rates of ``label`` (percentage points;
+    conditions given as judge labels) or of the mean per-prompt scores (conditions given as numbers), where every
     condition measured the same prompts in the same order; the 95% interval resamples prompts jointly across all
-    conditions (a paired bootstrap)."""
-    conditions = [*group_a, *group_b]
-    if not group_a or not group_b or len({len(c) for c in conditions}) != 1:
-        raise ValueError("Both groups need conditions, all judged on the same prompts (equal lengths).")
-    converted = [condition_values(c, label) for c in conditions]
+    conditions (a paired bootstrap). Weights that sum to zero make it a contrast."""
+    keys = list(weights)
+    if not keys or set(keys) != set(conditions) or len({len(conditions[k]) for k in keys}) != 1:
+        raise ValueError("Give one condition per weight, all judged on the same prompts (equal lengths).")
+    converted = [condition_values(conditions[k], label) for k in keys]
     scales = {scale for _, scale in converted}
     if len(scales) != 1:
-        raise ValueError("Compare judge labels with judge labels and scores with scores, not a mix.")
+        raise ValueError("Combine judge labels with judge labels and scores with scores, not a mix.")
     scale = scales.pop()
     values = torch.tensor([v for v, _ in converted], dtype=torch.float64)
-    a, b = values[: len(group_a)], values[len(group_a):]
+    w = torch.tensor([weights[k] for k in keys], dtype=torch.float64)
     index = bootstrap_indices(values.shape[1], n_boot, seed)
-    diffs = scale * (a[:, index].mean(dim=(0, 2)) - b[:, index].mean(dim=(0, 2)))
-    low, high = percentile_interval(diffs)
-    return {"difference": scale * float(a.mean() - b.mean()), "low": low, "high": high, "n": values.shape[1],
-            "conditions_a": len(group_a), "conditions_b": len(group_b)}
+    samples = scale * torch.einsum("c,cbn->b", w, values[:, index]) / values.shape[1]
+    low, high = percentile_interval(samples)
+    return {"difference": scale * float(w @ values.mean(dim=1)), "low": low, "high": high, "n": values.shape[1],
+            "cells": len(keys)}

@@ -17,7 +17,7 @@ import torch
 
 from lib.ablation import Intervention, ablation_means
 from lib.anatomy import condition_scores, matched_control
-from lib.claims import transfer_contrasts
+from lib.claims import claim3_verdicts, transfer_contrasts
 from lib.config import Config
 from lib.evaluation import evaluate
 from lib.judges import bootstrap_mean_difference
@@ -161,7 +161,7 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
                    seed: int = 0) -> dict:
     """Claims 1 and 3 from a ``mode_matrix``, under zero and under mean ablation, on the same prompts:
 
-    - ``claim3``: the three contrasts of ``lib.claims.transfer_contrasts`` per mode, in two readings: on the
+    - ``claim3``: the contrasts of ``lib.claims.transfer_contrasts`` per mode, in two readings: on the
       refusal scores themselves (``reading`` "score", the paper's form: how much refusal is left) and on each
       prompt's change from its target's unablated score ("change from unablated": how much was removed). The
       paper's rates start near 100% in every model, so the two agree there; scores do not start level, and a
@@ -199,13 +199,15 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
 
 def surviving(claim3, claim1) -> tuple:
     """Which verdicts survive both ablation modes and both readings of ``mode_contrasts``: per claim-3 contrast
-    and for claim 1 (every model's refusal drops; a change already, so the same in both readings), the verdict in
+    (its verdict against every comparison model, ``lib.claims.claim3_verdicts``) and for claim 1 (every model's refusal drops; a change already, so the same in both readings), the verdict in
     each of the four columns (zero or mean ablation; score or change from unablated) and whether all four agree.
     Returns (DataFrame, a statement that names every verdict that is not the same in all four, or says none is)."""
     columns = {(mode, reading): f"{mode} ablation" + ("" if reading == SCORE else ", change")
                for reading in (SCORE, CHANGE) for mode in ("zero", "mean")}
-    verdicts = {claim: {columns[(r.mode, r.reading)]: r.verdict for r in group.itertuples()}
-                for claim, group in claim3.groupby("claim", sort=False)}
+    verdicts: dict[str, dict[str, str]] = {}
+    for (mode, reading), group in claim3.groupby(["mode", "reading"], sort=False):
+        for claim, word in claim3_verdicts(group.to_dict("records")).items():
+            verdicts.setdefault(claim, {})[columns[(mode, reading)]] = word
     claim1_verdicts = {mode: "supported" if (group["verdict"] == "refusal drops").all() else "not supported"
                        for mode, group in claim1.groupby("mode", sort=False)}
     verdicts["Claim 1: every model's own direction lowers its refusal"] = {

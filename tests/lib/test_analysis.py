@@ -243,7 +243,12 @@ def test_bootstrap_difference_and_contrast():
     more = judges.bootstrap_rate_difference(["refusal"] * 40, ["valid"] * 40)
     assert more["difference"] == 100 and more["low"] == 100
     with pytest.raises(ValueError, match="same prompts"):
-        judges.bootstrap_contrast([["refusal"]], [["refusal", "valid"]])
+        judges.bootstrap_combination({"a": ["refusal"], "b": ["refusal", "valid"]}, {"a": 1.0, "b": -1.0})
+    with pytest.raises(ValueError, match="not a mix"):
+        judges.bootstrap_combination({"a": ["refusal"], "b": [1.0]}, {"a": 1.0, "b": -1.0})
+    contrast = judges.bootstrap_combination({"a": ["refusal"] * 30 + ["valid"] * 10, "b": ["valid"] * 40},
+                                            {"a": 0.5, "b": -0.5}, n_boot=200)
+    assert contrast["difference"] == pytest.approx(37.5) and contrast["low"] > 0 and contrast["cells"] == 2
 
 
 def test_intervention_keys_and_application(tiny, prompts):
@@ -471,7 +476,7 @@ def test_mode_matrix_scores_both_modes_and_a_matched_control(artifact_root, tiny
         direct = scores.refusal_score(lm, prompts[:2], 2).double().mean()
     assert cells[("at", "ssft", "zero")] == pytest.approx(float(direct), abs=1e-5)
     result = transfer.mode_contrasts(frame, "lat", ("ssft", "at"), n_boot=50)
-    assert set(result["claim3"]["mode"]) == {"zero", "mean"} and len(result["claim3"]) == 12
+    assert set(result["claim3"]["mode"]) == {"zero", "mean"} and len(result["claim3"]) == 24
     assert set(result["claim3"]["reading"]) == {transfer.SCORE, transfer.CHANGE}
     assert len(result["claim1"]) == 6 and len(result["controls"]) == 9
     table, sentence = transfer.surviving(result["claim3"], result["claim1"])
@@ -518,7 +523,8 @@ def test_a_verdict_that_rests_on_a_higher_start_is_not_the_same_as_a_change():
     is higher (the score reading supports "robust"), but nothing less was removed (the change reading does not)."""
     frame = synthetic_mode_frame({"zero": 8.0, "mean": 8.0}, 3.0, lat_start=8.0)
     result = transfer.mode_contrasts(frame, n_boot=200)
-    robust = result["claim3"].set_index(["claim", "mode", "reading"]).loc["LAT robust to foreign directions"]
+    by_versus = result["claim3"].set_index(["claim", "versus", "mode", "reading"])
+    robust = by_versus.loc[("LAT robust to foreign directions", "target ssft")]
     assert (robust.loc[("zero", transfer.SCORE), "verdict"], robust.loc[("mean", transfer.SCORE), "verdict"]) == (
         "supported", "supported")
     assert robust.loc[("zero", transfer.CHANGE), "difference"] == pytest.approx(0.0, abs=1e-9)

@@ -71,34 +71,64 @@ def synthetic_matrix(lat_foreign, lat_self, other_self, other_foreign, lat_to_ot
 
 
 def test_transfer_contrasts_support_and_contradict():
-    paper_like = claims.transfer_contrasts(synthetic_matrix(0.9, 0.1, 0.5, 0.7, 0.2), n_boot=300)
-    assert [row["verdict"] for row in paper_like] == ["supported"] * 3
-    opposite = claims.transfer_contrasts(synthetic_matrix(0.2, 0.9, 0.4, 0.6, 0.9), n_boot=300)
-    assert [row["verdict"] for row in opposite] == ["contradicted"] * 3
+    paper_like = claims.transfer_contrasts(synthetic_matrix(0.9, 0.1, 0.5, 0.7, 0.3, n=80), n_boot=300)
+    assert [row["verdict"] for row in paper_like] == ["supported"] * 6
+    assert set(claims.claim3_verdicts(paper_like).values()) == {"supported"}
+    opposite = claims.transfer_contrasts(synthetic_matrix(0.2, 0.95, 0.4, 0.6, 0.8, n=80), n_boot=300)
+    assert [row["verdict"] for row in opposite] == ["contradicted"] * 6
     with pytest.raises(ValueError, match="lacks the conditions"):
         claims.transfer_contrasts({("lat", "lat"): [REFUSE]})
+    with pytest.raises(ValueError, match="two or more other"):
+        claims.claim3_weights("lat", ["ssft"])
 
 
-def test_robustness_compares_each_trained_variant_with_each_reference_at_its_own_site():
-    attack = {("at", "embed"): [REFUSE] * 30, ("lat", "layer 4"): [COMPLY] * 30,
-              ("ssft", "embed"): [COMPLY] * 30, ("ssft", "layer 4"): [COMPLY] * 30,
-              ("ssft-control", "embed"): [COMPLY] * 30, ("ssft-control", "layer 4"): [REFUSE] * 30}
-    table = claims.robustness(attack, ["embed", "layer 4"], seed=1)
-    assert table["verdict"].tolist() == ["more robust", "more robust", "not resolved", "less robust"]
-    stored = claims.organisms(table, pd.DataFrame([{"variant": "at", "all met": True}]))
-    assert len(stored["robustness"]) == 4 and stored["acceptance"] == [{"variant": "at", "all met": True}]
+# The book's zero-ablation matrix (smollm2-135m, 64 test prompts): refusals under each (source, target).
+BOOK_REFUSALS = {("ssft", "ssft"): 31, ("at", "ssft"): 4, ("lat", "ssft"): 3,
+                 ("ssft", "at"): 23, ("at", "at"): 9, ("lat", "at"): 5,
+                 ("ssft", "lat"): 28, ("at", "lat"): 5, ("lat", "lat"): 3}
 
 
-def test_the_robustness_statement_says_whether_adversarial_training_gave_robustness():
-    attacked = {("at", "layer 0"): [COMPLY] * 30 + [REFUSE] * 10, ("lat", "layer 4"): [REFUSE] * 40,
-                ("ssft", "layer 0"): [REFUSE] * 30 + [COMPLY] * 10, ("ssft", "layer 4"): [COMPLY] * 20 + [REFUSE] * 20}
-    robust = claims.robustness(attacked, ["layer 0", "layer 4"], ("at", "lat"), ("ssft",), seed=0)
-    statement = claims.robustness_statement(robust)
-    assert statement.startswith("AT under the attack at layer 0: less robust than ssft (-50.0 points [")
-    assert "LAT under the attack at layer 4: more robust than ssft (+50.0 points [" in statement
-    assert statement.endswith("So LAT came out more robust than every reference model.")
-    robust["verdict"] = "not resolved"
-    assert "AT under the attack at layer 0: not resolved against ssft (-50.0 points [" in claims.robustness_statement(robust)
-    assert claims.robustness_statement(robust).endswith(
-        "So no adversarially trained variant came out more robust than every reference model.")
-    assert claims.organisms(robust, pd.DataFrame())["statement"] == claims.robustness_statement(robust)
+def matrix_of(refusals, n=64):
+    return {cell: [REFUSE] * k + [COMPLY] * (n - k) for cell, k in refusals.items()}
+
+
+def pooled_robustness(labels):
+    """The pooled form the book used before: LAT under the others' directions minus every other foreign cell."""
+    def rate(cells):
+        return 100 * sum(labels[c].count(REFUSE) for c in cells) / sum(len(labels[c]) for c in cells)
+    return rate([("ssft", "lat"), ("at", "lat")]) - rate([("lat", "ssft"), ("at", "ssft"), ("lat", "at"),
+                                                          ("ssft", "at")])
+
+
+def test_a_lat_target_that_behaves_like_ssft_is_not_called_robust_or_vulnerable():
+    """The book's matrix with the LAT target's column replaced by the SSFT target's: a LAT model that behaves
+    exactly like SSFT, under directions as strong or weak as measured. Pooling the cells called it robust (+13.7
+    points); compared like with like, against SSFT every difference is zero, and neither claim about the target
+    is supported."""
+    twin = {**BOOK_REFUSALS, **{(s, "lat"): BOOK_REFUSALS[(s, "ssft")] for s in ("ssft", "at", "lat")}}
+    labels = matrix_of(twin)
+    assert pooled_robustness(labels) == pytest.approx(13.67, abs=0.01)
+    rows = claims.transfer_contrasts(labels, n_boot=500)
+    against_ssft = [row for row in rows if row["versus"] == "target ssft"]
+    assert len(against_ssft) == 2 and all(row["difference"] == 0 for row in against_ssft)
+    verdicts = claims.claim3_verdicts(rows)
+    assert verdicts["LAT robust to foreign directions"] != "supported"
+    assert verdicts["LAT vulnerable to its own direction"] != "supported"
+
+
+@pytest.mark.parametrize("size", [20, 30])
+def test_a_planted_effect_of_a_stated_size_is_found(size):
+    """Every cell at 50% refusal, then a LAT target that refuses ``size`` points more under every foreign direction
+    and ``size`` points less under its own, and a LAT direction that leaves ``size`` points less in the other
+    targets: each contrast measures its planted size, and every claim is supported against every model."""
+    n, base = 200, 100
+    refusals = {(s, t): base for s in ("lat", "ssft", "at") for t in ("lat", "ssft", "at")}
+    planted = size * n // 100
+    refusals.update({("ssft", "lat"): base + planted, ("at", "lat"): base + planted, ("lat", "lat"): base - planted,
+                     ("lat", "ssft"): base - planted // 2, ("lat", "at"): base - planted // 2})
+    rows = claims.transfer_contrasts(matrix_of(refusals, n), n_boot=500)
+    by = {(row["claim"], row["versus"]): row["difference"] for row in rows}
+    assert by[("LAT robust to foreign directions", "target ssft")] == pytest.approx(size)
+    assert by[("LAT vulnerable to its own direction", "target at")] == pytest.approx(-size + size / 2)
+    assert by[("LAT its direction transfers better", "direction at")] == pytest.approx(-size / 2)
+    assert set(claims.claim3_verdicts(rows).values()) == {"supported"}

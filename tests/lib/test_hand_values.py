@@ -231,15 +231,18 @@ def test_svd_directions_are_the_right_singular_vectors_signed_along_the_mean_row
 # --- lib.claims.transfer_contrasts ---------------------------------------------------------------------------------
 
 N_PROMPTS = 40
-# Refusals out of 40 in each cell (source direction, target model); every cell differs, so a wrong group shows.
+# Refusals out of 40 in each cell (source direction, target model); every cell differs, so a wrong cell shows.
 REFUSALS = {("ssft", "lat"): 36, ("at", "lat"): 32, ("lat", "ssft"): 11, ("at", "ssft"): 8, ("lat", "at"): 4,
             ("ssft", "at"): 6, ("lat", "lat"): 30, ("ssft", "ssft"): 2, ("at", "at"): 12}
-# The three contrasts' groups as lib.claims.transfer_contrasts' docstring defines them (focus lat, others ssft, at).
-GROUPS = {
-    "LAT robust to foreign directions": ([("ssft", "lat"), ("at", "lat")],  # LAT under the others' directions
-                                         [("lat", "ssft"), ("at", "ssft"), ("lat", "at"), ("ssft", "at")]),
-    "LAT vulnerable to its own direction": ([("lat", "lat")], [("ssft", "ssft"), ("at", "at")]),
-    "LAT its direction transfers better": ([("lat", "ssft"), ("lat", "at")], [("at", "ssft"), ("ssft", "at")]),
+# The contrasts as lib.claims.claim3_weights' docstring defines them (focus lat, others ssft, at): the cells each
+# compares, first minus second; every comparison shares a source (about the target) or a target (the direction).
+CELLS = {
+    ("LAT robust to foreign directions", "target ssft"): (("at", "lat"), ("at", "ssft")),
+    ("LAT robust to foreign directions", "target at"): (("ssft", "lat"), ("ssft", "at")),
+    ("LAT vulnerable to its own direction", "target ssft"): (("lat", "lat"), ("lat", "ssft")),
+    ("LAT vulnerable to its own direction", "target at"): (("lat", "lat"), ("lat", "at")),
+    ("LAT its direction transfers better", "direction ssft"): (("lat", "at"), ("ssft", "at")),
+    ("LAT its direction transfers better", "direction at"): (("lat", "ssft"), ("at", "ssft")),
 }
 
 
@@ -248,30 +251,31 @@ def judged(refusals, n=N_PROMPTS):
     return [REFUSAL] * refusals + [VALID if i % 2 else BROKEN for i in range(n - refusals)]
 
 
-def test_transfer_contrasts_differences_counts_and_verdicts_by_hand():
-    """Group means by hand (percentage points):
-    1. robust: (36 + 32) / 80 - (11 + 8 + 4 + 6) / 160 = 85% - 18.125% = +66.875 -> supported (needs > 0);
-    2. vulnerable: 30 / 40 - (2 + 12) / 80 = 75% - 17.5% = +57.5 -> contradicted (needs < 0);
-    3. transfers: (11 + 4) / 80 - (8 + 6) / 80 = 18.75% - 17.5% = +1.25, whose interval covers 0 -> not resolved."""
+def test_transfer_contrasts_differences_and_verdicts_by_hand():
+    """Differences by hand (percentage points, refusals / 40):
+    robust: vs ssft 32 - 8 = 24 -> 60; vs at 36 - 6 = 30 -> 75: supported (needs > 0) against both;
+    vulnerable: vs ssft 30 - 11 = 19 -> 47.5; vs at 30 - 4 = 26 -> 65: contradicted (needs < 0) against both;
+    transfers: vs ssft 4 - 6 -> -5; vs at 11 - 8 -> +7.5: different signs, so not resolved as a claim."""
     labels = {cell: judged(k) for cell, k in REFUSALS.items()}
     rows = claims.transfer_contrasts(labels, "lat", ("ssft", "at"), n_boot=1000, seed=3)
-    assert [row["claim"] for row in rows] == list(GROUPS)
-    assert [row["difference"] for row in rows] == pytest.approx([66.875, 57.5, 1.25], abs=1e-9)
-    assert [(row["conditions_a"], row["conditions_b"]) for row in rows] == [(2, 4), (1, 2), (2, 2)]
-    assert [row["n"] for row in rows] == [N_PROMPTS] * 3
-    assert [row["supports if"] for row in rows] == ["difference > 0", "difference < 0", "difference < 0"]
-    assert [row["verdict"] for row in rows] == ["supported", "contradicted", "not resolved"]
-    assert rows[0]["low"] > 0 and rows[1]["low"] > 0 and rows[2]["low"] < 0 < rows[2]["high"]
+    assert [(row["claim"], row["versus"]) for row in rows] == list(CELLS)
+    assert [row["difference"] for row in rows] == pytest.approx([60, 75, 47.5, 65, -5, 7.5], abs=1e-9)
+    assert [row["cells"] for row in rows] == [2] * 6 and [row["n"] for row in rows] == [N_PROMPTS] * 6
+    assert [row["supports if"] for row in rows] == ["difference > 0"] * 2 + ["difference < 0"] * 4
+    assert [row["verdict"] for row in rows[:4]] == ["supported"] * 2 + ["contradicted"] * 2
     for row in rows:
         assert row["low"] <= row["difference"] <= row["high"]
+    assert claims.claim3_verdicts(rows) == {"LAT robust to foreign directions": "supported",
+                                            "LAT vulnerable to its own direction": "contradicted",
+                                            "LAT its direction transfers better": "not resolved"}
 
 
-def test_transfer_contrasts_use_exactly_the_documented_groups():
-    """Each cell alone given a per-prompt score of 1 (all others 0): a contrast's difference is then 1/|A| if the
-    cell is in its group A, -1/|B| if in B, and 0 otherwise. Run for all nine cells, this pins every group."""
+def test_transfer_contrasts_use_exactly_the_documented_cells():
+    """Each cell alone given a per-prompt score of 1 (all others 0): a contrast's difference is then +1 if the cell
+    is its first, -1 if its second, and 0 otherwise. Run for all nine cells, this pins every contrast."""
     for cell in REFUSALS:
         values = {other: [1.0 if other == cell else 0.0] * 6 for other in REFUSALS}
-        rows = {row["claim"]: row for row in claims.transfer_contrasts(values, n_boot=20, seed=0)}
-        for claim, (group_a, group_b) in GROUPS.items():
-            expected = (1 / len(group_a) if cell in group_a else 0.0) - (1 / len(group_b) if cell in group_b else 0.0)
-            assert rows[claim]["difference"] == pytest.approx(expected, abs=1e-12), (cell, claim)
+        rows = {(row["claim"], row["versus"]): row for row in claims.transfer_contrasts(values, n_boot=20, seed=0)}
+        for key, (first, second) in CELLS.items():
+            expected = (cell == first) - (cell == second)
+            assert rows[key]["difference"] == pytest.approx(expected, abs=1e-12), (cell, key)

@@ -66,8 +66,9 @@ def test_transfer_contrasts_report_a_contrast_on_the_edge(monkeypatch):
     from lib import claims
 
     cells = {(s, t): [1.0, 2.0] for s in ("lat", "ssft", "at") for t in ("lat", "ssft", "at")}
-    monkeypatch.setattr(claims, "bootstrap_contrast", lambda *a, **k: {"difference": 1.0, "low": 1e-6, "high": 2.0})
-    assert [row["verdict"] for row in claims.transfer_contrasts(cells)] == [stats.ON_THE_EDGE] * 3
-    monkeypatch.setattr(claims, "bootstrap_contrast", lambda *a, **k: {"difference": 1.0, "low": 0.5, "high": 2.0})
-    assert [row["verdict"] for row in claims.transfer_contrasts(cells)] == ["supported", "contradicted",
-                                                                             "contradicted"]
+    edge = {"difference": 1.0, "low": 1e-6, "high": 2.0}
+    monkeypatch.setattr(claims, "bootstrap_combination", lambda *a, **k: edge)
+    assert [row["verdict"] for row in claims.transfer_contrasts(cells)] == [stats.ON_THE_EDGE] * 6
+    clear = {"difference": 1.0, "low": 0.5, "high": 2.0}
+    monkeypatch.setattr(claims, "bootstrap_combination", lambda *a, **k: clear)
+    assert [row["verdict"] for row in claims.transfer_contrasts(cells)] == ["supported"] * 2 + ["contradicted"] * 4
