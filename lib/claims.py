@@ -108,21 +108,18 @@ def claim3_weights(focus: str, others: Sequence[str]) -> list[tuple[str, str, di
     Returns ``[(claim, m, {cell: weight})]`` in the order of ``CLAIM3``, then of ``others``."""
     if len(others) < 2 or focus in others or len(set(others)) != len(others):
         raise ValueError(f"Claim 3 compares {focus!r} with two or more other, distinct models; got {list(others)}.")
-    contrasts = []
+    def averaged(differences: list[tuple[tuple[str, str], tuple[str, str]]]) -> dict[tuple[str, str], float]:
+        """The mean of ``first - second`` over the (first, second) cell pairs, as weights."""
+        return {cell: sign / len(differences) for pair in differences for cell, sign in zip(pair, (1.0, -1.0))}
+
+    robust, vulnerable, transfers = (name for name, _, _ in CLAIM3)
+    by_claim: dict[str, list] = {robust: [], vulnerable: [], transfers: []}
     for m in others:
-        third = [x for x in others if x != m]
-        robust = {}
-        for s in third:
-            robust[(s, focus)] = 1 / len(third)
-            robust[(s, m)] = -1 / len(third)
-        transfer = {}
-        for t in third:
-            transfer[(focus, t)] = 1 / len(third)
-            transfer[(m, t)] = -1 / len(third)
-        contrasts += [(CLAIM3[0][0], m, robust), (CLAIM3[1][0], m, {(focus, focus): 1.0, (focus, m): -1.0}),
-                      (CLAIM3[2][0], m, transfer)]
-    order = [name for name, _, _ in CLAIM3]
-    return sorted(contrasts, key=lambda c: order.index(c[0]))
+        foreign_to_both = [x for x in others if x != m]
+        by_claim[robust].append((m, averaged([((s, focus), (s, m)) for s in foreign_to_both])))
+        by_claim[vulnerable].append((m, averaged([((focus, focus), (focus, m))])))
+        by_claim[transfers].append((m, averaged([((focus, t), (m, t)) for t in foreign_to_both])))
+    return [(claim, m, weights) for claim, contrasts in by_claim.items() for m, weights in contrasts]
 
 
 def transfer_contrasts(labels: dict, focus: str = "lat", others: Sequence[str] = ("ssft", "at"),

@@ -29,12 +29,14 @@ def transfer_matrix(config: Config, sources: dict[str, torch.Tensor], targets: S
                     max_new_tokens: int = 64, baseline: bool = True, mode: str = "zero",
                     reference: Sequence[str] | None = None) -> dict[tuple[str, str], dict[str, list[str]]]:
     """Judged greedy completions of ``prompts`` for every source direction ablated in every target variant of
-    ``config.family`` (each target loaded once, batches of ``config.batch_size``), plus the unablated target as source ``"none"`` when ``baseline``. ``mode``: "zero" (the
-    paper's) or "mean" (each target's own means over the harmless ``reference`` prompts). Every condition is cached
-    (``lib.evaluation.evaluate``). Returns ``{(source, target): {"completions": [...], "labels": [...]}}``."""
+    ``config.family`` (each target loaded once, batches of ``config.batch_size``), plus the unablated target as
+    source ``"none"`` when ``baseline``. ``mode``: "zero" (the paper's) or "mean" (each target's own means over the
+    harmless ``reference`` prompts). Every condition is cached (``lib.evaluation.evaluate``). Returns
+    ``{(source, target): {"completions": [...], "labels": [...]}}``."""
+    batch_size = config.batch_size
+
     def one_target(lm) -> dict:
         target = lm.info.variant
-        batch_size = config.batch_size
         runs = {"none": evaluate(lm, prompts, None, max_new_tokens, batch_size, desc=f"{target}")} if baseline else {}
         means = ablation_means(lm, mode, reference)
         for source, direction in sources.items():
@@ -51,9 +53,9 @@ def score_matrix(config: Config, sources: dict[str, torch.Tensor], targets: Sequ
     """Generation-free transfer matrix: the mean refusal score (log-odds of a refusal opening) on ``prompts`` for
     every named source subspace (``[d]`` or ``[k, d]``) ablated in every target (batches of
     ``config.score_batch_size``), plus the unablated target (source ``"none"``) when ``baseline``, each with a 95%
-    bootstrap interval over prompts (``config.n_boot`` resamples, ``lib.anatomy.condition_scores``). A DataFrame (source, target, score, low, high, n, per_prompt);
-    ``per_prompt`` holds each prompt's score, for paired comparisons (``subspace_gains``). ``mode``/``reference`` as
-    in ``transfer_matrix``."""
+    bootstrap interval over prompts (``config.n_boot`` resamples, ``lib.anatomy.condition_scores``). A DataFrame
+    (source, target, score, low, high, n, per_prompt); ``per_prompt`` holds each prompt's score, for paired
+    comparisons (``subspace_gains``). ``mode``/``reference`` as in ``transfer_matrix``."""
     batch_size, n_boot, seed = config.score_batch_size, config.n_boot, config.seed
 
     def one_target(lm):
@@ -199,8 +201,9 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
 
 def surviving(claim3, claim1) -> tuple:
     """Which verdicts survive both ablation modes and both readings of ``mode_contrasts``: per claim-3 contrast
-    (its verdict against every comparison model, ``lib.claims.claim3_verdicts``) and for claim 1 (every model's refusal drops; a change already, so the same in both readings), the verdict in
-    each of the four columns (zero or mean ablation; score or change from unablated) and whether all four agree.
+    (its verdict against every comparison model, ``lib.claims.claim3_verdicts``) and for claim 1 (every model's
+    refusal drops; a change already, so the same in both readings), the verdict in each of the four columns (zero
+    or mean ablation; score or change from unablated) and whether all four agree.
     Returns (DataFrame, a statement that names every verdict that is not the same in all four, or says none is)."""
     columns = {(mode, reading): f"{mode} ablation" + ("" if reading == SCORE else ", change")
                for reading in (SCORE, CHANGE) for mode in ("zero", "mean")}
