@@ -27,9 +27,8 @@ def log_to_file(path: str | Path) -> Path:
     """From now on in this process, send Python warnings and every library's log records to ``path``, started
     afresh, instead of stderr: every logger's stderr handler (torch's, and transformers' and huggingface_hub's, made
     here by importing them) gives way to one file handler, on the root logger and on those loggers that do not
-    propagate. A chapter calls it first (``bookkit.parameters.check``): whatever reaches a notebook's stderr becomes a
-    stored output, and a line that appears only on some hosts, under load or on a cold cache (a once-per-process
-    warning, a library's log line) fails nbval there. Nothing is lost: the runner names the file when not empty."""
+    propagate. A chapter calls it first (``bookkit.parameters.check``), for the reason the module states. Nothing is
+    lost: the runner names the file when not empty."""
     for module in ("huggingface_hub.utils.logging", "transformers.utils.logging"):
         importlib.import_module(module)  # each adds its own stderr handler when first imported: replace it now
 
