@@ -290,3 +290,10 @@ def read_verdicts(families: str | Sequence[str] = "all", runs: Sequence[str] = (
                              "first (python -m bookkit.runner --profile params/<profile>.yaml).")
     return [read_json(p, "Delete it and re-run the chapter that writes this verdict.")
             for run in runs for family in wanted for p in sorted((verdicts_dir() / family / run).glob("*.json"))]
+
+
+def stated(verdicts: Sequence[dict[str, Any]], claim: str, key: str = "statement") -> str:
+    """The sentences that the stored verdicts of ``claim`` state under ``key``, one per family, each after its
+    family's name when there are several; "" when none is stored."""
+    said = [(v["family"], v[key]) for v in verdicts if v["claim"] == claim and v.get(key)]
+    return " ".join(text if len(said) == 1 else f"{family}: {text}" for family, text in said)

@@ -159,29 +159,36 @@ def bootstrap_shares(matrix: torch.Tensor, ks=(1, 2, 10), n_boot: int = 1000, se
 
 
 def share_intervals(differences: dict[str, torch.Tensor], ks=(1, 2, 10), n_boot: int = 1000, seed: int = 0,
-                    centred: bool = False):
-    """Top-k shares with 95% basic bootstrap intervals over pairs (``basic_interval``), per variant and k, and the
-    paired bootstrap of every variant's share minus every other's (the same resampled pairs for all variants,
-    whose pairs are the same prompts).
+                    centred: bool = False, components=()):
+    """Top-k shares, and the own shares of the single ``components`` (s_c^2 / sum s^2, labelled "component c"),
+    with 95% basic bootstrap intervals over pairs (``basic_interval``), per variant and measure, and the paired
+    bootstrap of every variant's value minus every other's (the same resampled pairs for all variants, whose pairs
+    are the same prompts, and for every measure).
 
-    Returns (per-variant DataFrame: variant, k, share, low, high, bias, n — ``bias`` is the mean resampled share
-    minus the estimate; pairwise DataFrame: variant, versus, k, difference, low, high)."""
-    ks = tuple(ks)
-    boots = {name: bootstrap_shares(m, ks, n_boot, seed, centred) for name, m in differences.items()}
-    point = {name: top_k_shares(energy_fractions(m, centred), ks) for name, m in differences.items()}
+    Returns (per-variant DataFrame: variant, k, share, low, high, bias, n — ``k`` names the measure, "top-2" or
+    "component 2"; ``bias`` is the mean resampled share minus the estimate; pairwise DataFrame: variant, versus, k,
+    difference, low, high)."""
+    def measures(fractions: torch.Tensor) -> torch.Tensor:  # [..., n] fractions -> [..., measures]
+        last = fractions.shape[-1] - 1
+        top = fractions.cumsum(-1)[..., [min(k - 1, last) for k in ks]]
+        return torch.cat([top, fractions[..., [c - 1 for c in components]]], -1)
+
+    labels = [f"top-{k}" for k in ks] + [f"component {c}" for c in components]
+    boots = {name: measures(bootstrap_fractions(m, n_boot, seed, centred)) for name, m in differences.items()}
+    point = {name: measures(energy_fractions(m, centred).double()).tolist() for name, m in differences.items()}
     single, pairs = [], []
-    for j, k in enumerate(ks):
+    for j, label in enumerate(labels):
         for name in differences:
-            low, high = basic_interval(point[name][k], boots[name][:, j])
-            single.append({"variant": name, "k": f"top-{k}", "share": point[name][k], "low": low, "high": high,
-                           "bias": float(boots[name][:, j].mean()) - point[name][k],
+            low, high = basic_interval(point[name][j], boots[name][:, j])
+            single.append({"variant": name, "k": label, "share": point[name][j], "low": low, "high": high,
+                           "bias": float(boots[name][:, j].mean()) - point[name][j],
                            "n": differences[name].shape[0]})
         for a in differences:
             for b in differences:
                 if a != b and differences[a].shape[0] == differences[b].shape[0]:
-                    difference = point[a][k] - point[b][k]
+                    difference = point[a][j] - point[b][j]
                     low, high = basic_interval(difference, boots[a][:, j] - boots[b][:, j])
-                    pairs.append({"variant": a, "versus": b, "k": f"top-{k}", "difference": difference,
+                    pairs.append({"variant": a, "versus": b, "k": label, "difference": difference,
                                   "low": low, "high": high})
     return pd.DataFrame(single), pd.DataFrame(pairs)
 

@@ -159,6 +159,18 @@ def mode_matrix(config: Config, sources: dict[str, torch.Tensor], layers: dict[s
     return pd.concat(frames, ignore_index=True)[columns]
 
 
+def control_damage(frame) -> str:
+    """How the push-matched controls' damage compares with their sources': in a ``mode_matrix`` frame, the number
+    of (source, target) cells whose control has a lower harmless KL than zero ablation of the source, and the range
+    and median of the control's KL as a share of the source's. The control matches the push, not the damage, so
+    where it does less damage a source that beats it may do so partly through damage."""
+    kl = frame[frame["condition"].isin(("zero", "control"))].pivot_table(
+        index=["source", "target"], columns="condition", values="KL", sort=False)
+    share = kl["control"] / kl["zero"]
+    return (f"the control's harmless KL is below its source's in {int((share < 1).sum())} of {len(share)} cells, "
+            f"at {share.min():.0%} to {share.max():.0%} of it (median {share.median():.0%}).")
+
+
 def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "at"), n_boot: int = 2000,
                    seed: int = 0) -> dict:
     """Claims 1 and 3 from a ``mode_matrix``, under zero and under mean ablation, on the same prompts:

@@ -18,6 +18,7 @@ from typing import Any
 
 import altair as alt
 import pandas as pd
+from IPython.display import Markdown
 
 from lib.stats import interval_text
 
@@ -160,6 +161,32 @@ def interval_table(df: pd.DataFrame, value: str, index: list[str], columns: str 
     if not columns:
         return frame.set_index(index)
     return frame.pivot_table(index=index, columns=columns, values=label, aggfunc="first", sort=False)
+
+
+MARKDOWN_SPECIALS = "\\`*_[]<>#|"
+
+
+def prose(text: str) -> Markdown:
+    """A computed sentence as Markdown to glue into the page's prose (``{glue:md}``), where it wraps like the text
+    around it; every character Markdown would read as markup is escaped, so the sentence shows as written."""
+    return Markdown("".join("\\" + ch if ch in MARKDOWN_SPECIALS else ch for ch in text))
+
+
+def report_table(df: pd.DataFrame, index: dict[str, str], value: tuple[str, str], keep: dict[str, str] | None = None,
+                 digits: int = 3, signed: bool = True) -> pd.DataFrame:
+    """A table as a reader reads it: rows ``index`` and columns ``keep`` (each a mapping from the column's name in
+    ``df`` to the name the page shows, in that order), one column for the estimate (``value``: its column in
+    ``df`` and the name shown) and one for its 95% interval, "[low, high]" — instead of raw ``low``/``high``
+    columns and code names."""
+    keep = keep or {}
+    _check_columns(df, [value[0], "low", "high", *index, *keep], "report_table")
+    spec = f"{'+' if signed else ''}.{digits}f"
+    frame = df[list(index)].rename(columns=index).assign(**{
+        value[1]: [f"{v:{spec}}" for v in df[value[0]]],
+        "95% interval": [f"[{lo:{spec}}, {hi:{spec}}]" for lo, hi in zip(df["low"], df["high"])]})
+    for column, shown in keep.items():
+        frame[shown] = df[column].to_numpy()
+    return frame.set_index(list(index.values()))
 
 
 def layer_norms_chart(df: pd.DataFrame) -> alt.Chart:

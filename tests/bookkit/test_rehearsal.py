@@ -74,9 +74,11 @@ def test_every_chapter_of_the_paper_profile_runs_on_the_stand_in(rehearsed):
     assert sorted(p.stem for p in written.glob("*.ipynb")) == sorted(nb.stem for nb, _ in plan)
     conclusions = nbformat.read(written / "09_conclusions.ipynb", as_version=4)
     first = next(c for c in conclusions.cells if c.cell_type == "code" and "read_verdicts" in c.source)
-    assert first.outputs[0]["text"].startswith("verdicts of run llama2-7b for: llama2-7b\n")
+    glued = {o["metadata"]["scrapbook"]["name"]: o["data"]["application/papermill.record/text/markdown"]
+             for o in first.outputs}
+    assert glued["read"] == "run llama2-7b, for llama2-7b"
     assert sorted(p.stem for p in (artifacts_root / "verdicts" / "llama2-7b" / "llama2-7b").glob("*.json")) \
-        == ["ablation_modes", "claim1", "claim2", "claim3", "subspace_modes"]
+        == ["ablation_modes", "beyond", "claim1", "claim2", "claim3", "subspace_modes"]
 
 
 def test_the_paper_profile_without_its_transfer_entry_is_refused_before_anything_runs(tmp_path):

@@ -89,6 +89,19 @@ CHARTS_JS = f"""(() => {{
 MATHS_JS = f"""Array.from(document.querySelectorAll({json.dumps(MATH_SELECTOR)})).map(el => ({{
   rendered: el.querySelector("mjx-container") !== null, text: (el.textContent || "").trim().slice(0, 80)}}))"""
 NAV_JS = f"Array.from(document.querySelectorAll({json.dumps(NAV_SELECTOR)})).map(a => a.href)"
+READING_JS = """(() => {
+  const visible = el => el.offsetParent !== null && !el.closest("details:not([open])");
+  const outputs = Array.from(document.querySelectorAll(".cell_output pre"));
+  return {
+    headers: Array.from(document.querySelectorAll("table th")).map(th => (th.textContent || "").trim()),
+    scrolling: outputs.filter(pre => pre.scrollWidth > pre.clientWidth + 1)
+                      .map(pre => (pre.textContent || "").trim().slice(0, 120)),
+    visibleCode: Array.from(document.querySelectorAll(".cell .cell_input")).filter(visible).length,
+    codeCells: document.querySelectorAll(".cell .cell_input").length,
+    prose: Array.from(document.querySelectorAll("article p")).filter(p => !p.closest(".cell_output"))
+                .map(p => (p.textContent || "").replace(/\\s+/g, " ").replace(/[\u2018\u2019]/g, "'").trim()),
+  };
+})()"""
 TWO_FRAMES_JS = "new Promise(done => requestAnimationFrame(() => requestAnimationFrame(() => done(true))))"
 
 
@@ -299,6 +312,7 @@ class PageReport:
     embed_calls: int = 0  # inline scripts calling vegaEmbed(...)
     maths: list[dict] = field(default_factory=list)  # {"rendered", "text"} per formula (MATH_SELECTOR)
     nav_links: list[str] = field(default_factory=list)  # absolute hrefs of the sidebar's links
+    reading: dict = field(default_factory=dict)  # READING_JS: table headers, sideways-scrolling outputs, code, prose
 
 
 def _remote_value(arg: dict) -> str:
@@ -367,6 +381,7 @@ async def inspect_page(ws_url: str, url: str, screenshot: Path | None = None,
             await asyncio.sleep(0.25)
         report.charts, report.embed_calls, report.maths = state["charts"], state["embedCalls"], maths
         report.nav_links = await page.evaluate(NAV_JS)
+        report.reading = await page.evaluate(READING_JS)
         await page.evaluate(TWO_FRAMES_JS, await_promise=True)
         if screenshot is not None:
             await _save_screenshot(page, screenshot)
@@ -483,6 +498,25 @@ def page_problems(report: PageReport, site: LocalSite, toc: list[str]) -> list[s
     return problems
 
 
+RAW_COLUMNS = ("n_a", "n_b", "low", "high", "k", "versus")  # code names a report page must not show as headers
+
+
+def reading_problems(report: PageReport, statements: tuple[str, ...]) -> list[str]:
+    """What keeps a page from reading as a report (the conclusions): a table header that is a code name
+    (``RAW_COLUMNS``), an output that scrolls sideways, a code cell shown open, or a computed statement that is not
+    in the page's prose (each of ``statements`` must occur in some paragraph outside the cell outputs; Sphinx's
+    curly apostrophes are read as straight ones)."""
+    reading = report.reading
+    problems = [f"table header {name!r} is a code name, not a reader's" for name in reading["headers"]
+                if name in RAW_COLUMNS]
+    problems += [f"output scrolls sideways: {text!r}" for text in reading["scrolling"]]
+    if reading["visibleCode"]:
+        problems.append(f"{reading['visibleCode']} of {reading['codeCells']} code cells are shown open, not collapsed")
+    problems += [f"no paragraph states {text!r}" for text in statements
+                 if not any(text in paragraph for paragraph in reading["prose"])]
+    return problems
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Fixtures and tests
 # --------------------------------------------------------------------------------------------------------------------
@@ -551,6 +585,44 @@ def test_page_renders_offline(page, browser, built_site):
     if Path(page).stem in PAGES_WITH_MATHS:
         assert report.maths, f"{page} shows no formula ({MATH_SELECTOR}): is dollarmath still enabled in _config.yml?"
     assert screenshot.stat().st_size > 10_000, f"{screenshot} looks empty"
+
+
+REPORT_PAGE = "book/09_conclusions.html"
+REPORT_STATEMENTS = ("verdicts are not the same under zero and mean ablation", "LAT's second component's own share",
+                     "came out more robust than every reference model")
+
+
+def test_the_conclusions_read_as_a_report(browser, built_site):
+    """The conclusions page: computed statements wrap in the prose, tables carry names a reader understands, no
+    output scrolls sideways and every code cell is collapsed."""
+    report = browser.inspect(built_site.url(REPORT_PAGE))
+    assert "replication" in report.reading["headers"], "the replication table is missing from the conclusions"
+    problems = reading_problems(report, REPORT_STATEMENTS)
+    assert not problems, f"{REPORT_PAGE} does not read as a report:\n  " + "\n  ".join(problems)
+
+
+def test_reading_check_catches_a_notebook_dump(browser, tmp_path):
+    """The net of the report check: a raw header, a sideways-scrolling output, an open code cell and a statement
+    printed in an output instead of the prose are each reported; the report form passes."""
+    long_line = "x" * 400
+    dump = ('<article><div class="cell"><div class="cell_input"><pre>print(statement)</pre></div>'
+            f'<div class="cell_output"><pre style="overflow-x:auto;width:300px">{long_line}</pre>'
+            '<p>LAT is robust</p><table><tr><th>n_a</th><th>verdict</th></tr></table></div></div></article>')
+    report_form = ('<article><details class="hide above-input"><summary>Show code</summary><div class="cell">'
+                   '<div class="cell_input"><pre>glue()</pre></div></div></details>'
+                   '<p>The verdict: LAT is robust to foreign directions.</p>'
+                   '<table><tr><th>prompts</th><th>verdict</th></tr></table></article>')
+    for name, body in (("dump.html", dump), ("report.html", report_form)):
+        (tmp_path / name).write_text(f"<!DOCTYPE html><html><body>{body}</body></html>", encoding="utf-8")
+    with serve(tmp_path) as site:
+        dumped, reported = (browser.inspect(site.url(name), chart_timeout=1.0) for name in ("dump.html",
+                                                                                           "report.html"))
+    assert reading_problems(reported, ("LAT is robust",)) == []
+    problems = "\n".join(reading_problems(dumped, ("LAT is robust",)))
+    assert "table header 'n_a' is a code name" in problems
+    assert f"output scrolls sideways: {long_line[:120]!r}" in problems
+    assert "1 of 1 code cells are shown open" in problems
+    assert "no paragraph states 'LAT is robust'" in problems
 
 
 def test_browser_check_catches_broken_pages(browser, tmp_path):

@@ -69,7 +69,8 @@ def test_basic_interval_covers_the_population_top_2_share_where_the_percentile_i
     population[0] += 10.0  # E[a^2] for a ~ N(3, 1)
     population[1] += 1.0  # E[b^2] for b ~ N(0, 1)
     target = float(population.sort(descending=True).values[:2].sum() / population.sum())
-    covered = {"percentile": 0, "basic": 0}
+    second_target = float(population.sort(descending=True).values[1] / population.sum())
+    covered = {"percentile": 0, "basic": 0, "second, basic": 0}
     for rep in range(reps):
         generator = torch.Generator().manual_seed(100 + rep)
         x = sigma * torch.randn(n, d, generator=generator, dtype=torch.float64)
@@ -81,8 +82,12 @@ def test_basic_interval_covers_the_population_top_2_share_where_the_percentile_i
         covered["percentile"] += low <= target <= high
         low, high = stats.basic_interval(share, boots)
         covered["basic"] += low <= target <= high
+        second = float(spectra.energy_fractions(x).double()[1])
+        low, high = stats.basic_interval(second, spectra.bootstrap_fractions(x, 150, rep)[:, 1])
+        covered["second, basic"] += low <= second_target <= high
     print(covered)
     assert covered["basic"] / reps >= 0.85 and covered["basic"] > covered["percentile"]
+    assert covered["second, basic"] / reps >= 0.85  # the second component's own share, claim 2's measure
 
 
 def test_share_intervals_report_the_resampling_bias():
@@ -540,3 +545,26 @@ def test_score_matrix_without_the_baseline_scores_only_the_sources(tiny_family, 
     bare = transfer.score_matrix(SCORED, subspaces, ["base"], prompts, baseline=False)
     assert bare["source"].tolist() == ["one"]
     assert bare.iloc[0].drop("per_prompt").tolist() == full.iloc[1].drop("per_prompt").tolist()
+
+
+def test_the_second_components_own_share_is_top2_minus_top1_from_the_same_resamples():
+    matrix = torch.randn(30, 12, generator=torch.Generator().manual_seed(5))
+    other = matrix + 0.3 * torch.randn(30, 12, generator=torch.Generator().manual_seed(6))
+    single, pairwise = spectra.share_intervals({"a": matrix, "b": other}, (1, 2), n_boot=80, seed=2,
+                                               components=(2,))
+    shares = single.set_index(["variant", "k"])["share"]
+    fractions = spectra.energy_fractions(matrix).double()
+    assert shares[("a", "component 2")] == pytest.approx(float(fractions[1]), abs=1e-12)
+    assert shares[("a", "component 2")] == pytest.approx(shares[("a", "top-2")] - shares[("a", "top-1")], abs=1e-12)
+    boots = spectra.bootstrap_fractions(matrix, 80, 2) - spectra.bootstrap_fractions(other, 80, 2)
+    row = pairwise.set_index(["variant", "versus", "k"]).loc[("a", "b", "component 2")]
+    expected = stats.basic_interval(float(fractions[1] - spectra.energy_fractions(other).double()[1]), boots[:, 1])
+    assert (row["low"], row["high"]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_control_damage_counts_the_cells_where_the_control_does_less_damage():
+    cells = [("ssft", "a", 0.58, 0.40), ("ssft", "b", 0.26, 0.26), ("at", "a", 0.50, 0.20)]
+    frame = pd.DataFrame([{"source": s, "target": t, "condition": c, "KL": kl} for s, t, zero, control in cells
+                          for c, kl in (("zero", zero), ("control", control), ("mean", 9.0))])
+    assert transfer.control_damage(frame) == ("the control's harmless KL is below its source's in 2 of 3 cells, "
+                                              "at 40% to 100% of it (median 69%).")

@@ -19,35 +19,47 @@ def test_claim1_is_supported_only_when_every_model_refuses_less_under_its_own_di
     assert table.loc[0, "difference"] == 100
 
 
-def _pairwise(low_high):
-    return pd.DataFrame([{"variant": "lat", "versus": v, "k": "top-2", "difference": (lo + hi) / 2, "low": lo,
+def _pairwise(low_high, k="component 2"):
+    return pd.DataFrame([{"variant": "lat", "versus": v, "k": k, "difference": (lo + hi) / 2, "low": lo,
                           "high": hi} for v, (lo, hi) in low_high.items()])
 
 
-def test_claim2_needs_lat_higher_than_every_other_variant():
-    single = pd.DataFrame([{"variant": v, "share": s, "low": s - 0.05, "high": s + 0.05}
-                           for v, s in (("ssft", 0.5), ("at", 0.5), ("lat", 0.7))])
-    above = _pairwise({"ssft": (0.1, 0.3), "at": (0.05, 0.2)})
-    mixed = _pairwise({"ssft": (0.1, 0.3), "at": (-0.1, 0.2)})
-    assert claims.claim2_rows(mixed)["verdict"].tolist() == ["higher", "not resolved"]
-    stored = claims.claim2(above, mixed, single, 13, 100)
+def _measures(second, top1=None, top2=None):
+    """A pairwise table with the second component's rows from ``second`` and top-1/top-2 rows (default: as it)."""
+    return pd.concat([_pairwise(second), _pairwise(top1 or second, "top-1"), _pairwise(top2 or second, "top-2")],
+                     ignore_index=True)
+
+
+SINGLE = pd.DataFrame([{"variant": v, "k": "component 2", "share": s, "low": s - 0.05, "high": s + 0.05}
+                       for v, s in (("ssft", 0.5), ("at", 0.5), ("lat", 0.7))])
+
+
+def test_claim2_needs_the_second_component_higher_than_in_every_other_variant():
+    above = _measures({"ssft": (0.1, 0.3), "at": (0.05, 0.2)})
+    mixed = _measures({"ssft": (0.1, 0.3), "at": (-0.1, 0.2)})
+    assert claims.claim2_rows(_pairwise({"ssft": (0.1, 0.3), "at": (-0.1, 0.2)}))["verdict"].tolist() == [
+        "higher", "not resolved"]
+    stored = claims.claim2(above, mixed, SINGLE, 13, 100)
     assert stored["verdict"] == "supported" and stored["centred_verdict"] == "not supported"
-    assert stored["statement"] == ("LAT's top-2 share at layer 13 is higher than that of ssft, at beyond the 95% "
-                                   "interval (uncentred, 100 pairs; LAT minus ssft +0.200 [+0.100, +0.300], "
-                                   "at +0.125 [+0.050, +0.200])")
-    assert stored["shares"]["lat"] == [0.7, 0.65, 0.75]
-    assert claims.claim2(mixed, above, single, 13, 100)["verdict"] == "not supported"
+    assert stored["statement"].startswith(
+        "LAT's second component's own share at layer 13 is higher than that of ssft, at beyond the 95% interval "
+        "(uncentred, 100 pairs; LAT minus ssft +0.200 [+0.100, +0.300], at +0.125 [+0.050, +0.200]).")
+    assert stored["shares"]["lat component 2"] == [0.7, 0.65, 0.75]
+    assert claims.claim2(mixed, above, SINGLE, 13, 100)["verdict"] == "not supported"
 
 
-def test_claim2_says_how_much_of_the_top2_excess_is_the_first_component():
-    single = pd.DataFrame([{"variant": v, "share": s, "low": s - 0.05, "high": s + 0.05}
-                           for v, s in (("ssft", 0.5), ("at", 0.5), ("lat", 0.7))])
-    top2 = _pairwise({"ssft": (0.1, 0.3), "at": (0.05, 0.2)})
-    top1 = _pairwise({"ssft": (0.1, 0.3), "at": (0.0, 0.1)}).assign(k="top-1")
-    statement = claims.claim2(top2, top2, single, 13, 100, top1_pairwise=top1)["statement"]
-    assert statement.endswith("Its top-1 share alone differs by ssft +0.200 [+0.100, +0.300], at +0.050 [+0.000, "
-                              "+0.100], which leaves the second component's own share differing by ssft +0.000, "
-                              "at +0.075 (top-2 minus top-1 difference, point estimates)")
+def test_a_top2_excess_that_is_all_first_component_does_not_support_claim2():
+    """The book's case: LAT's top-2 share is higher than every other variant's, but only because its first
+    component is; the second component's own share does not differ. The claim is not supported, and the statement
+    says that the top-2 share is higher."""
+    excess = {"ssft": (0.02, 0.04), "at": (0.015, 0.025)}
+    none = {"ssft": (-0.005, 0.007), "at": (-0.004, 0.006)}
+    stored = claims.claim2(_measures(none, top1=excess, top2=excess), _measures(none), SINGLE, 13, 160)
+    assert stored["verdict"] == "not supported"
+    assert stored["beside"] == {"top-1": "higher", "top-2": "higher"}
+    assert "Its top-2 share is higher than all of theirs (ssft +0.030 [+0.020, +0.040]" in stored["statement"]
+    assert {(r["k"], r["versus"]): r["verdict"] for r in stored["differences"]}[("component 2", "at")] == (
+        "not resolved")
 
 
 def synthetic_matrix(lat_foreign, lat_self, other_self, other_foreign, lat_to_others, n=40):
@@ -132,3 +144,73 @@ def test_a_planted_effect_of_a_stated_size_is_found(size):
     assert by[("LAT vulnerable to its own direction", "target at")] == pytest.approx(-size + size / 2)
     assert by[("LAT its direction transfers better", "direction at")] == pytest.approx(-size / 2)
     assert set(claims.claim3_verdicts(rows).values()) == {"supported"}
+
+
+def _labels(refused, broken=0, n=24):
+    return [REFUSE] * refused + ["broken"] * broken + [COMPLY] * (n - refused - broken)
+
+
+def test_top_pc_removal_is_a_mark_of_lat_only_when_lat_falls_further_than_every_other_model():
+    authors = claims.top_pc_removal({"ssft": _labels(24), "at": _labels(24), "lat": _labels(6)}, n_boot=500)
+    assert authors["verdict"] == "specific"
+    assert authors["statement"].startswith("With the top principal component removed, self-attack refusal left is "
+                                           "SSFT 100.0%, AT 100.0%, LAT 25.0%; LAT minus SSFT -75.0")
+    book = claims.top_pc_removal({"ssft": _labels(18), "at": _labels(5), "lat": _labels(3)}, n_boot=500)
+    assert book["verdict"] == "not specific"
+    assert [c["verdict"] for c in book["comparisons"]] == ["falls further", "not resolved"]
+    assert book["statement"].endswith("So the fall is not specific to LAT in these organisms.")
+
+
+def test_a_subspace_step_into_a_mostly_broken_model_is_not_read_as_refusal():
+    labels = {("lat", "k=2"): _labels(2), ("lat", "k=3"): _labels(1, broken=16),
+              ("ssft", "k=2"): _labels(17), ("ssft", "k=3"): _labels(2, broken=10)}
+    steps = [("ssft", "k=2", "k=3"), ("lat", "k=2", "k=3")]
+    frame, statement = claims.subspace_self_attacks(labels, steps, n_boot=300)
+    assert frame["reading"].tolist() == ["refusal", "mostly broken: no reading"]
+    assert frame["broken % (to)"].round(1).tolist() == [41.7, 66.7]
+    assert frame["difference"].round(1).tolist() == [-62.5, -4.2]
+    assert statement == ("LAT k=2 to k=3 leaves 66.7% broken (more than half): those steps read a broken model, "
+                         "not refusal.")
+    _, none = claims.subspace_self_attacks(labels, steps[:1], n_boot=300)
+    assert none.startswith("No subspace self-attack leaves more than half")
+
+
+def _stored(claim3_words, modes, claim1="supported", second=("not resolved", "not resolved"), robust="not resolved",
+            top_pc=("falls further", "not resolved")):
+    names = [f"LAT {name}" for name, _, _ in claims.CLAIM3]
+    return [
+        {"family": "f", "claim": "organisms", "robustness": [{"variant": v, "versus": r, "verdict": robust}
+                                                             for v in ("at", "lat") for r in ("ssft", "ssft-control")]},
+        {"family": "f", "claim": "claim1", "verdict": claim1},
+        {"family": "f", "claim": "claim2", "layer": 13, "differences": [
+            {"k": k, "versus": v, "verdict": w} for v, w in zip(("ssft", "at"), second)
+            for k in ("component 2", "top-2")]},
+        {"family": "f", "claim": "claim3", "verdicts": dict(zip(names, claim3_words))},
+        {"family": "f", "claim": "ablation_modes", "verdicts": [
+            {"claim": name, **dict(zip(claims.MODE_COLUMNS, words))}
+            for name, words in zip([*names, claims.CLAIM1_MODES_ROW], modes)]},
+        {"family": "f", "claim": "beyond", "comparisons": [{"versus": v, "verdict": w}
+                                                          for v, w in zip(("ssft", "at"), top_pc)]}]
+
+
+def test_the_replication_table_needs_every_reading_to_agree():
+    modes = [["supported"] * 4, ["contradicted"] * 4, ["supported", "not resolved", "supported", "supported"],
+             ["supported"] * 4]
+    table = claims.replication_table(_stored(["supported", "contradicted", "supported"], modes)).set_index("claim")
+    words = table["replication"].tolist()
+    assert words == ["not replicated", "replicated", "not replicated", "replicated", "contradicted",
+                     "not replicated", "not replicated"]
+    assert table.loc["3. LAT: its direction transfers better", "evidence"].endswith(
+        "scores, mean ablation: not resolved; scores, zero ablation, change: supported; "
+        "scores, mean ablation, change: supported")
+    claim2_rows = _stored(["supported"] * 3, modes, second=("higher", "higher"), robust="more robust",
+                          top_pc=("falls further", "falls further"))
+    assert claims.replication_table(claim2_rows)["replication"].tolist()[:3] == ["replicated"] * 3
+    assert claims.replication_table(claim2_rows)["replication"].tolist()[-1] == "replicated"
+
+
+def test_a_claim_without_a_stored_verdict_is_not_testable_here():
+    partial = [v for v in _stored(["supported"] * 3, [["supported"] * 4] * 4) if v["claim"] != "beyond"]
+    last = claims.replication_table(partial).iloc[-1]
+    assert (last["replication"], last["evidence"]) == (
+        "not testable here", "no verdict stored by the beyond chapter in this run")
