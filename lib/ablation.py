@@ -11,6 +11,12 @@ harmless reference prompts at that site (at the last prompt token, where directi
 direction has a component on a coordinate that is large and nearly constant at every position (SmolLM2's massive
 activation on dim 507), that push is large, and zero ablation steers as well as removes. Mean ablation removes the
 variation along R and keeps the offset, so it measures the direction alone.
+
+Where the coordinates are set is a choice of its own (``sites``): at every write site (``WRITE_SITES``, the
+default: the embedding and every attention and MLP output, so no block can write along R) or at the block inputs
+only (``BLOCK_INPUTS``: each block starts from the reset coordinate, and its own attention and MLP writes along R
+stay in the stream until the next block's input, the last block's until the unembedding). They differ in both
+modes, by what a block's attention writes along R for its own MLP to read and by what the last block writes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from lib.models import LoadedModel, ModelInfo
 
 
 MODES = ("zero", "mean")
+BLOCK_INPUTS = ("resid_pre",)  # ``sites`` that reset the coordinates at each block's input only
 
 # The paper's self-attack (each model ablated with its own layer-14 direction; 520 prompts): refusal/valid/broken %.
 PAPER_SELF_ATTACK = {"ssft": (20.38, 76.92, 2.69), "at": (38.08, 59.62, 2.31), "lat": (16.92, 80.96, 2.12)}
@@ -61,6 +68,14 @@ def check_mode_name(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"Unknown ablation mode {mode!r}; choose 'zero' (the paper's) or 'mean'.")
     return mode
+
+
+def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
+    """Validate a non-empty subset of ``WRITE_SITES`` and return it in their order."""
+    unknown = [site for site in sites if site not in WRITE_SITES]
+    if unknown or not sites:
+        raise ValueError(f"Ablation sites must be a non-empty subset of {WRITE_SITES}; got {tuple(sites)}.")
+    return tuple(site for site in WRITE_SITES if site in sites)
 
 
 def check_mode(mode: str, means: torch.Tensor | None, info: ModelInfo) -> torch.Tensor | None:
@@ -97,23 +112,28 @@ def adds_outputs_unchanged(info: ModelInfo, layer: int) -> bool:
     return not any(name.startswith("post_") and name != mid for name, _ in info.layers[layer].named_children())
 
 
-def ablation_hooks(info: ModelInfo, basis: torch.Tensor, layers=None, targets: torch.Tensor | None = None) -> list:
-    """Hooks that project ``basis`` out of every block input, attention output and MLP output of ``layers``; with
-    ``targets`` (``[n_layers, 3, k]``, see ``mean_targets``) the coordinates along ``basis`` are set to those
-    values instead of zero (mean ablation).
+def ablation_hooks(info: ModelInfo, basis: torch.Tensor, layers=None, targets: torch.Tensor | None = None,
+                   sites: Sequence[str] = WRITE_SITES) -> list:
+    """Hooks that project ``basis`` out of ``sites`` (default: every block input, attention output and MLP output)
+    of ``layers``; with ``targets`` (``[n_layers, 3, k]``, see ``mean_targets``) the coordinates along ``basis``
+    are set to those values instead of zero (mean ablation).
 
-    A block input that is the previous ablated block's output is already ablated when that block
-    ``adds_outputs_unchanged`` (its input, attention and MLP outputs are all projected; under mean ablation its
+    With every site hooked, a block input that is the previous ablated block's output is already ablated when that
+    block ``adds_outputs_unchanged`` (its input, attention and MLP outputs are all projected; under mean ablation its
     coordinates are the sum of the three targets, which is the next input's target), so its hook is left out: 65
     hooks instead of 96 for a 32-layer Llama. On a GPU at small batches every hook is host time (launches), and
     this is what limits hooked generation, so each hook runs as few operators as it can (``projection_fn``) and no
     hook runs whose work is already done (see BENCHMARKS.md)."""
+    sites = check_sites(sites)
     shared = projection_fn(basis) if targets is None else None
     chosen = check_layers(info, layers)
     hooks = []
     for layer in chosen:
         for slot, site in enumerate(WRITE_SITES):
-            if site == "resid_pre" and layer - 1 in chosen and adds_outputs_unchanged(info, layer - 1):
+            if site not in sites:
+                continue
+            if (site == "resid_pre" and sites == WRITE_SITES and layer - 1 in chosen
+                    and adds_outputs_unchanged(info, layer - 1)):
                 continue
             fn = shared or projection_fn(basis, targets[layer, slot])
             hooks.append(write_site_hook(info, site, layer, fn))
@@ -154,12 +174,13 @@ def projection_fn(basis: torch.Tensor, target: torch.Tensor | None = None):
 
 @contextlib.contextmanager
 def ablated(lm: LoadedModel, directions: torch.Tensor, layers=None, mode: str = "zero",
-            means: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """Within the block, every forward pass (generation included) runs with ``directions`` ablated everywhere
-    (``mode="mean"``: to the ``[n_layers, 3, d]`` site ``means`` of ``lib.capture.site_statistics``)."""
+            means: torch.Tensor | None = None, sites: Sequence[str] = WRITE_SITES) -> Iterator[torch.Tensor]:
+    """Within the block, every forward pass (generation included) runs with ``directions`` ablated at ``sites``
+    (default: everywhere; ``mode="mean"``: to the ``[n_layers, 3, d]`` site ``means`` of
+    ``lib.capture.site_statistics``)."""
     basis = check_directions(directions, lm.info.d_model)
     targets = mean_targets(basis, check_mode(mode, means, lm.info))
-    with attached(ablation_hooks(lm.info, basis, layers, targets)):
+    with attached(ablation_hooks(lm.info, basis, layers, targets, sites)):
         yield basis
 
 
@@ -258,10 +279,11 @@ def orthogonalizable(lm: LoadedModel) -> bool:
 
 @dataclass(frozen=True)
 class Intervention:
-    """One experimental condition for generation or scoring: ``"ablate"`` (project ``directions`` out everywhere,
+    """One experimental condition for generation or scoring: ``"ablate"`` (project ``directions`` out at ``sites``,
     by weight orthogonalisation where the weights allow it, else by hooks; ``mode`` "zero" or "mean", the latter
     with the target model's site ``means``) or ``"add"`` (activation addition of ``directions`` at ``layer``).
-    ``key()`` identifies it for caching by the exact tensor values."""
+    ``sites``: where an ablation sets the coordinates (every write site, or ``BLOCK_INPUTS``; only the default
+    can be baked into weights). ``key()`` identifies it for caching by the exact tensor values."""
 
     kind: str
     directions: torch.Tensor
@@ -270,6 +292,7 @@ class Intervention:
     label: str = ""
     mode: str = "zero"
     means: torch.Tensor | None = None
+    sites: tuple[str, ...] = WRITE_SITES
 
     def __post_init__(self):
         if self.kind not in ("ablate", "add"):
@@ -279,6 +302,9 @@ class Intervention:
         mean = check_mode_name(self.mode) == "mean"
         if mean != (self.means is not None) or (self.kind == "add" and mean):
             raise ValueError("Site means go with kind='ablate', mode='mean' (and only there): see ablation_means.")
+        object.__setattr__(self, "sites", check_sites(self.sites))  # a list or any order: one canonical tuple
+        if self.sites != WRITE_SITES and self.kind == "add":
+            raise ValueError("Ablation sites go with kind='ablate'; activation addition acts at one layer's input.")
 
     def key(self) -> str:
         values = self.directions.detach().float().cpu().contiguous().numpy().tobytes()
@@ -286,14 +312,16 @@ class Intervention:
         if self.mode == "mean":
             values += self.means.detach().float().cpu().contiguous().numpy().tobytes()
             settings += ("mean",)
+        if self.sites != WRITE_SITES:
+            settings += self.sites
         digest = hashlib.sha256(values + repr(settings).encode()).hexdigest()[:16]
         return f"{self.kind}-{digest}" if self.mode == "zero" else f"{self.kind}-mean-{digest}"
 
     def applied(self, lm: LoadedModel):
         if self.kind == "ablate":
-            if orthogonalizable(lm):
+            if self.sites == WRITE_SITES and orthogonalizable(lm):
                 return orthogonalized(lm, self.directions, self.mode, self.means)
-            return ablated(lm, self.directions, None, self.mode, self.means)
+            return ablated(lm, self.directions, None, self.mode, self.means, self.sites)
         return added(lm, self.directions, self.layer, self.coefficient)
 
 

@@ -7,7 +7,8 @@ larger than the rest, huge at the first token and large and nearly constant at e
 size depends on the direction's few coordinates there, not on how well it captures refusal. The functions here
 measure that offset, compare directions beyond their raw cosine, and run the experiments that separate the push
 from the removal (a coordinate swap, the first token left out, mean ablation, a control direction with the same
-push). The statistics come from ``lib.capture.site_statistics``.
+push), and the two definitions of mean ablation (coordinates reset at every write site, or at the block inputs
+only) with the sites whose writes separate them. The statistics come from ``lib.capture.site_statistics``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import pandas as pd
 import torch
 
-from lib.ablation import ablated, check_directions, projection_fn
+from lib.ablation import BLOCK_INPUTS, ablated, check_directions, projection_fn
 from lib.hooks import WRITE_SITES, attached, write_site_hook
 from lib.linalg import unit
 from lib.models import LoadedModel
@@ -184,6 +185,88 @@ def dissection_conditions(directions: dict[str, torch.Tensor], target: str, mean
     return conditions
 
 
+MEAN_DEFINITIONS = ("every write site", "block inputs", "block inputs + attention outputs",
+                    "block inputs + MLP outputs", "block inputs + last block's writes")
+
+
+@contextlib.contextmanager
+def mean_ablated_at(lm: LoadedModel, direction: torch.Tensor, means: torch.Tensor, definition: str) -> Iterator[None]:
+    """Mean ablation of ``direction`` by one of ``MEAN_DEFINITIONS``: the coordinate reset to the target's harmless
+    mean at every write site (the embedding and every attention and MLP output), at the block inputs only (each
+    block's own writes along it stay until the next block's input, the last block's until the unembedding), or at
+    the block inputs plus one kind of write (every attention output, every MLP output, or the last block's two
+    writes): which writes, left in place, make the two definitions differ."""
+    extra = {"every write site": None, "block inputs": None,
+             "block inputs + attention outputs": (None, ("attn_out",)),
+             "block inputs + MLP outputs": (None, ("mlp_out",)),
+             "block inputs + last block's writes": ([lm.info.n_layers - 1], ("attn_out", "mlp_out"))}
+    if definition not in extra:
+        raise ValueError(f"Unknown mean-ablation definition {definition!r}; choose from {MEAN_DEFINITIONS}.")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ablated(lm, direction, mode="mean", means=means,
+                                    sites=WRITE_SITES if definition == MEAN_DEFINITIONS[0] else BLOCK_INPUTS))
+        if extra[definition] is not None:
+            layers, sites = extra[definition]
+            stack.enter_context(ablated(lm, direction, layers, mode="mean", means=means, sites=sites))
+        yield
+
+
+OTHER_POSITIONS = "every write site, means of every token but the first"
+MIN_GAP = 1e-3  # a gap between the definitions' drops below this (refusal-score units) has no shares to split
+
+
+def definition_conditions(directions: dict[str, torch.Tensor], means: torch.Tensor,
+                          other_means: torch.Tensor | None = None) -> dict:
+    """Per source direction, mean ablation by each of ``MEAN_DEFINITIONS`` (``"<s>: mean, <definition>"``), for
+    ``condition_scores``; ``means``: the target's site means at the last prompt token. With ``other_means`` (site
+    means over other positions, e.g. every token but the first), also mean ablation at every write site to those
+    (``OTHER_POSITIONS``): the position the means are taken at is a choice of the definition too."""
+    conditions = {f"{s}: mean, {definition}": (lambda lm, r=r, d=definition: mean_ablated_at(lm, r, means, d))
+                  for s, r in directions.items() for definition in MEAN_DEFINITIONS}
+    if other_means is not None:
+        conditions.update({f"{s}: mean, {OTHER_POSITIONS}": (lambda lm, r=r: ablated(lm, r, mode="mean",
+                                                                                     means=other_means))
+                           for s, r in directions.items()})
+    return conditions
+
+
+def definition_summary(scores, sources: Sequence[str]):
+    """From ``condition_scores`` of ``definition_conditions`` (and "none"): per source, the drop in mean refusal
+    score under each definition, for each of the three partial definitions the share of the gap between the
+    block-input and the every-write-site drops that resetting that kind of write as well closes (1: those writes
+    are the whole difference; 0: none of it; NaN where the two definitions agree within ``MIN_GAP``), and the drop
+    with the other positions' means where scored."""
+    score = scores["refusal score"]
+    rows = []
+    for s in sources:
+        drops = {d: score["none"] - score[f"{s}: mean, {d}"] for d in MEAN_DEFINITIONS}
+        gap = drops["every write site"] - drops["block inputs"]
+        closes = {f"closes of the gap: {d.removeprefix('block inputs + ')}":
+                  (drops[d] - drops["block inputs"]) / gap if abs(gap) > MIN_GAP else float("nan")
+                  for d in MEAN_DEFINITIONS[2:]}
+        other = f"{s}: mean, {OTHER_POSITIONS}"
+        elsewhere = {f"drop, {OTHER_POSITIONS}": score["none"] - score[other]} if other in score else {}
+        rows.append({"source": s, **{f"drop, {d}": v for d, v in drops.items()}, **closes, **elsewhere})
+    return pd.DataFrame(rows).set_index("source")
+
+
+def describe_definitions(summary, target: str) -> str:
+    """The definitions' summary in sentences: the drops under each definition, and which writes close the gap."""
+    drops = {d: ", ".join(f"{s} {summary.loc[s, f'drop, {d}']:.1f}" for s in summary.index)
+             for d in MEAN_DEFINITIONS[:2]}
+    closing = "; ".join(f"{s}: " + ", ".join(f"{column.removeprefix('closes of the gap: ')} "
+                                             f"{summary.loc[s, column]:.0%}"
+                                             for column in summary.columns if column.startswith("closes"))
+                        for s in summary.index)
+    other = f"drop, {OTHER_POSITIONS}"
+    positions = ("" if other not in summary.columns else
+                 " With the means taken over every token but the first instead of at the last prompt token (every "
+                 "write site): " + ", ".join(f"{s} {summary.loc[s, other]:.1f}" for s in summary.index) + ".")
+    return (f"Mean ablation at every write site lowers {target}'s mean refusal score by {drops['every write site']}; "
+            f"at the block inputs only by {drops['block inputs']}. Share of that gap closed by also resetting "
+            f"each kind of write: {closing}.{positions}")
+
+
 def condition_scores(lm: LoadedModel, conditions: dict, harmful: Sequence[str], harmless: Sequence[str] | None,
                      batch_size: int = 16, n_boot: int = 2000, seed: int = 0):
     """Generation-free effect of each named condition (a context-manager factory ``lm -> context``, or None for the
@@ -247,11 +330,12 @@ def describe(summary, target: str, coordinate: int) -> str:
     """The summary in sentences, one per source other than ``target`` (numbers as computed, one decimal)."""
     own = summary.loc[target]
     lines = [f"{target}'s own direction lowers its mean refusal score by {own['drop, zero']:.1f} under zero ablation "
-             f"and by {own['drop, mean']:.1f} under mean ablation."]
+             f"and by {own['drop, mean']:.1f} under mean ablation at every write site."]
     for source, row in summary.drop(index=target).iterrows():
         lines.append(
             f"{source}'s direction: {row['drop, zero']:.1f} under zero ablation, {row['drop, mean']:.1f} under mean "
-            f"ablation, {row['drop, first token spared']:.1f} with the first token spared; giving {target}'s direction "
+            f"ablation at every write site, {row['drop, first token spared']:.1f} with the first token spared; giving "
+            f"{target}'s direction "
             f"this direction's value on coordinate {coordinate} alone moves {row['swap moves (share of gap)']:.1%} of "
             f"the zero-ablation gap between the two; a random direction with the same mean projection changes the "
             f"score by {-row['drop, matched control']:+.1f}, against {-row['drop, zero']:+.1f} for the source.")

@@ -280,7 +280,8 @@ def disagreements(rows: Sequence[dict], predicted: Sequence[str], means: dict[st
 def _precision(table, prompts: str, label: str) -> str:
     """"precision% [low, high] of n" for one judge label of an ``audit_table``."""
     row = table[(table["prompts"] == prompts) & (table["judge label"] == label)].iloc[0]
-    return f"{row['precision %']:.0f}% [{row['precision low']:.0f}, {row['precision high']:.0f}] of {row['precision n']}"
+    interval = f"[{row['precision low']:.0f}, {row['precision high']:.0f}]"
+    return f"{row['precision %']:.0f}% {interval} of {row['precision n']}"
 
 
 def judge_summary(table) -> str:

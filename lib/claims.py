@@ -20,6 +20,7 @@ and one with a bound within float noise of zero is reported as "on the edge" (``
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import pandas as pd
@@ -32,16 +33,23 @@ CLAIM2_WORDS = ("higher", "lower", "not resolved")
 ROBUSTNESS_WORDS = ("more robust", "less robust", "not resolved")
 
 
+def claim1_word(drop_verdicts) -> str:
+    """Claim 1's word from each model's drop verdict: "supported" when every model's refusal drops,
+    "contradicted" when every model's rises, else "not supported"."""
+    words = set(drop_verdicts)
+    return "supported" if words == {CLAIM1_WORDS[0]} else "contradicted" if words == {CLAIM1_WORDS[1]} else (
+        "not supported")
+
+
 def claim1(labels: dict, models: Sequence[str], n_test: int, n_boot: int = 2000, seed: int = 0) -> tuple:
     """Claim 1 from a generated transfer matrix (``labels[(source, target)]``, source "none" for the unablated
     target): per model, its refusal rate unablated minus with its own direction ablated (percentage points, paired
-    bootstrap over the same prompts) and the verdict; supported when every model's refusal drops. Returns
-    (DataFrame, the stored verdict)."""
+    bootstrap over the same prompts) and the verdict; supported when every model's refusal drops (``claim1_word``).
+    Returns (DataFrame, the stored verdict)."""
     drops = pd.DataFrame([{"model": m, **bootstrap_rate_difference(labels[("none", m)], labels[(m, m)],
                                                                    n_boot=n_boot, seed=seed)} for m in models])
     drops["verdict"] = [verdict(lo, hi, *CLAIM1_WORDS) for lo, hi in zip(drops["low"], drops["high"])]
-    all_drop = bool((drops["verdict"] == CLAIM1_WORDS[0]).all())
-    return drops, {"verdict": "supported" if all_drop else "not supported",
+    return drops, {"verdict": claim1_word(drops["verdict"]),
                    "drops": drops.round(2).to_dict("records"), "n_test": n_test}
 
 
@@ -89,6 +97,20 @@ def claim2(pairwise, centred_pairwise, single, layer: int, n_pairs: int, focus: 
             "differences": table[["k", "versus", "difference", "low", "high", "verdict"]].round(4).to_dict("records"),
             "shares": {f"{r.variant} {r.k}": [round(r.share, 4), round(r.low, 4), round(r.high, 4)]
                        for r in single.itertuples()}}
+
+
+def claim2_band(pairwise, focus: str = "lat") -> tuple:
+    """Claim 2's rule at every layer of a band (``lib.spectra.band_share_intervals``): at each layer, "supported"
+    when ``focus``'s second-component share is higher than that of every other variant present (SSFT, AT, the
+    control) beyond the 95% interval, as in ``claim2``; "contradicted" when it is lower than every one of theirs.
+    Returns (the rows that decide it, with their verdicts;
+    ``{layer: verdict}``)."""
+    rows = claim2_rows(pairwise[pairwise["k"] == CLAIM2_MEASURE], focus)
+    rows = rows[rows["versus"].isin(("ssft", "at", "ssft-control"))]
+    words = {int(layer): "supported" if set(group["verdict"]) == {CLAIM2_WORDS[0]} else
+             "contradicted" if set(group["verdict"]) == {CLAIM2_WORDS[1]} else "not supported"
+             for layer, group in rows.groupby("layer", sort=True)}
+    return rows, words
 
 
 CLAIM3 = (  # (claim, what it is about, the sign that supports it)
@@ -178,8 +200,9 @@ def top_pc_removal(labels: dict, focus: str = "lat", others: Sequence[str] = ("s
     """The authors' top-PC-removal finding as a test. ``labels[model]`` holds the judged self-attack completions of
     each model under its own difference in means taken after removing the first principal component of the pooled
     activations, on the same prompts. In the authors' models only LAT's refusal fell (LAT 26.56%, SSFT 100%, AT
-    99.69% left); here the finding is a mark of ``focus`` only if its refusal falls further than every other
-    model's beyond the 95% interval (paired over prompts); a fall that another model shares makes it none."""
+    99.69% left); here the finding is a mark of ``focus`` only if less of its refusal is left than of every other
+    model's beyond the 95% interval (paired over prompts; the authors compared refusal left, and every model
+    refuses nearly all harmful prompts unattacked); a fall that another model shares makes it none."""
     rows = [{"versus": o, **bootstrap_rate_difference(labels[focus], labels[o], n_boot=n_boot, seed=seed)}
             for o in others]
     for row in rows:
@@ -258,33 +281,97 @@ def organisms(robust, acceptance) -> dict:
 
 
 REPLICATION_WORDS = ("replicated", "not replicated", "contradicted", "not testable here")
-MODE_COLUMNS = ("zero ablation", "mean ablation", "zero ablation, change", "mean ablation, change")
+ABLATION_MODES = {"zero": "zero ablation", "mean": "mean ablation (write sites)",
+                  "mean-inputs": "mean ablation (block inputs)"}  # the transfer chapter's modes and their names
+READING_SUFFIXES = ("", ", change")  # scores as levels; as each prompt's change from its target's unablated score
+MODE_COLUMNS = tuple(name + suffix for suffix in READING_SUFFIXES for name in ABLATION_MODES.values())
 CLAIM1_MODES_ROW = "Claim 1: every model's own direction lowers its refusal"
 
 
-def _readings(stored: dict) -> list[tuple[str, str, dict[str, str] | None, tuple[str, str]]]:
+def across_layers(words: dict) -> str:
+    """One reading from a verdict per layer: the verdict when every layer gives the same, else how many layers gave
+    which ("supported at 3, not resolved at 8 of 11 layers"), which neither supports nor contradicts."""
+    counts = Counter(words.values())
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{word} at {n}" for word, n in counts.most_common()) + f" of {len(words)} layers"
+
+
+def _band_modes(rows: list[dict]) -> list[str]:
+    """The mode columns of stored band rows, in ``ABLATION_MODES``' order (stored JSON has its keys sorted)."""
+    return [name for name in ABLATION_MODES.values() if name in rows[0]]
+
+
+def _band(stored: dict, claim: str) -> dict[str, str]:
+    """The layer band's readings of one claim-3 part (``lib.transfer.band_verdicts`` rows stored as "layer_band"):
+    one per mode, across the layers of the band where claim 1 holds in that mode. Claim 3 compares attacks, and at
+    a layer whose directions do not lower their own model's refusal there is no attack to compare; a mode with no
+    such layer gives no reading."""
+    rows = [r for r in stored.get("layer_band", {}).get("verdicts", []) if r["claim"] == claim]
+    attacks = {r["layer"]: r for r in stored.get("layer_band", {}).get("verdicts", [])
+               if r["claim"] == CLAIM1_MODES_ROW}
+    if not rows:
+        return {}
+    span = f"{min(r['layer'] for r in rows)}-{max(r['layer'] for r in rows)}"
+    readings = {}
+    for mode in _band_modes(rows):
+        working = {r["layer"]: r[mode] for r in rows if attacks.get(r["layer"], {}).get(mode) == "supported"}
+        if working:
+            readings[f"scores at the {len(working)} layers of {span} where claim 1 holds, {mode}"] = (
+                across_layers(working))
+    return readings
+
+
+def _band_shown(stored: dict, claim: str) -> str:
+    """The layer band's verdicts of ``claim`` as text, per mode, for the evidence only (claim 1: a direction at
+    another layer need not carry refusal; that is why a layer is chosen)."""
+    rows = [r for r in stored.get("layer_band", {}).get("verdicts", []) if r["claim"] == claim]
+    if not rows:
+        return ""
+    span = f"{min(r['layer'] for r in rows)}-{max(r['layer'] for r in rows)}"
+    modes = _band_modes(rows)
+    return "; shown, not counted: " + "; ".join(
+        f"scores at layers {span}, {mode}: {across_layers({r['layer']: r[mode] for r in rows})}" for mode in modes)
+
+
+def _claim2_band(band: list[dict]) -> dict[str, str]:
+    """Claim 2's reading across the layer band (stored as [{"layer", "verdict"}]): "higher" when its rule holds at
+    every layer, "lower" when it is contradicted at every layer."""
+    if not band:
+        return {}
+    words = {r["layer"]: {"supported": "higher", "contradicted": "lower"}.get(r["verdict"], "not higher")
+             for r in band}
+    return {f"second component at layers {min(words)}-{max(words)}": across_layers(words)}
+
+
+def _readings(stored: dict) -> list[tuple[str, str, dict[str, str] | None, tuple[str, str], str]]:
     """Per claim of one family's stored verdicts: (claim, chapter, {reading: word} or None when the chapter stored
-    no verdict, (the word that supports, the word that contradicts)). The first reading is the paper's own test."""
-    modes = {r["claim"]: {f"scores, {c}": r[c] for c in MODE_COLUMNS}
+    no verdict, (the word that supports, the word that contradicts), evidence shown but not counted). The first
+    reading is the paper's own test."""
+    modes = {r["claim"]: {f"scores, {c}": r[c] for c in MODE_COLUMNS if c in r}  # older runs stored fewer modes
              for r in stored.get("ablation_modes", {}).get("verdicts", [])}
     organisms, claim1, claim2, claim3, beyond = (stored.get(k) for k in ("organisms", "claim1", "claim2", "claim3",
                                                                          "beyond"))
     rows = [("Premise: adversarial training made AT and LAT more robust than SSFT and the control", "organisms",
              organisms and {f"fresh attack, {r['variant'].upper()} against {r['versus']}": r["verdict"]
-                            for r in organisms["robustness"]}, ROBUSTNESS_WORDS[:2]),
+                            for r in organisms["robustness"]}, ROBUSTNESS_WORDS[:2], ""),
             ("1. Ablating a model's own refusal direction lowers its refusal", "transfer",
-             claim1 and {"judged, zero ablation (the paper's)": "supported" if claim1["verdict"] == "supported"
-                         else "not supported", **modes.get(CLAIM1_MODES_ROW, {})}, ("supported", "contradicted")),
+             claim1 and {"judged, zero ablation (the paper's)": claim1["verdict"], **modes.get(CLAIM1_MODES_ROW, {})},
+             ("supported", "contradicted"),
+             _band_shown(stored, CLAIM1_MODES_ROW)),
             ("2. LAT's second component carries more of the harmful-harmless difference", "spectra",
-             claim2 and {f"second component's share against {r['versus']}": r["verdict"]
-                         for r in claim2["differences"] if r["k"] == CLAIM2_MEASURE}, CLAIM2_WORDS[:2])]
+             claim2 and {**{f"second component's share against {r['versus']}": r["verdict"]
+                            for r in claim2["differences"] if r["k"] == CLAIM2_MEASURE},
+                         **_claim2_band(claim2.get("band", []))},
+             CLAIM2_WORDS[:2], "")]
     rows += [(f"3. LAT: {name}", "transfer",
               claim3 and {"judged, zero ablation (the paper's), against both other models":
-                          claim3["verdicts"][f"LAT {name}"], **modes.get(f"LAT {name}", {})}, CLAIM3_WORDS[:2])
+                          claim3["verdicts"][f"LAT {name}"], **modes.get(f"LAT {name}", {}),
+                          **_band(stored, f"LAT {name}")}, CLAIM3_WORDS[:2], "")
              for name, _, _ in CLAIM3]
     rows.append(("Authors' code: only LAT's refusal falls to its top-PC-removed direction", "beyond",
                  beyond and {f"judged self-attack, LAT against {c['versus']}": c["verdict"]
-                             for c in beyond["comparisons"]}, FALL_WORDS[1::-1]))
+                             for c in beyond["comparisons"]}, FALL_WORDS[1::-1], ""))
     return rows
 
 
@@ -292,16 +379,18 @@ def replication_table(verdicts: Sequence[dict]) -> pd.DataFrame:
     """One row per claim of the paper (with its premise and the authors' top-PC finding) and family, from the
     stored verdicts of one run: "replicated" when the paper's test and every other reading the book computes
     (ablation mode, reading of the scores, comparison model) say it holds, "contradicted" when they all say the
-    opposite, "not replicated" otherwise, "not testable here" when the chapter stored no verdict. The evidence
-    lists each reading's word, so a row shows what decides it."""
+    opposite, "not replicated" otherwise, "not testable here" when the chapter stored no verdict. Across the layer
+    band, claims 2 and 3 must hold at every layer (claim 3 at those where claim 1 holds: elsewhere there is no
+    attack); claim 1's band is shown, not counted, since a direction at another layer need not carry refusal. The
+    evidence lists each reading's word, so a row shows what decides it."""
     rows = []
     for family in dict.fromkeys(v["family"] for v in verdicts):
         stored = {v["claim"]: v for v in verdicts if v["family"] == family}
-        for claim, chapter, readings, (supports, contradicts) in _readings(stored):
+        for claim, chapter, readings, (supports, contradicts), shown in _readings(stored):
             words = set(readings.values()) if readings else set()
             replication = (REPLICATION_WORDS[3] if not readings else REPLICATION_WORDS[0] if words == {supports}
                            else REPLICATION_WORDS[2] if words == {contradicts} else REPLICATION_WORDS[1])
-            evidence = ("; ".join(f"{name}: {word}" for name, word in readings.items()) if readings
+            evidence = ("; ".join(f"{name}: {word}" for name, word in readings.items()) + shown if readings
                         else f"no verdict stored by the {chapter} chapter in this run")
             rows.append({"family": family, "claim": claim, "replication": replication, "evidence": evidence,
                          "chapter": chapter})

@@ -193,6 +193,15 @@ def share_intervals(differences: dict[str, torch.Tensor], ks=(1, 2, 10), n_boot:
     return pd.DataFrame(single), pd.DataFrame(pairs)
 
 
+def band_share_intervals(differences: dict[str, torch.Tensor], layers, ks=(1, 2), n_boot: int = 1000, seed: int = 0,
+                         components=(2,)):
+    """``share_intervals`` (uncentred) at every layer of ``layers`` of the named [n, layers, d] difference tensors:
+    the pairwise table with a ``layer`` column, for the claim-2 verdict at every layer of a band."""
+    return pd.concat([share_intervals({name: d[:, layer] for name, d in differences.items()}, ks, n_boot, seed,
+                                      components=components)[1].assign(layer=layer) for layer in layers],
+                     ignore_index=True)
+
+
 def svd_directions(matrix: torch.Tensor, k: int) -> torch.Tensor:
     """The top-``k`` right singular vectors ([k, d]) of the uncentred ``matrix`` (the paper's D), each signed so that
     it points along the mean row (harmful minus harmless)."""

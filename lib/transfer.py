@@ -2,10 +2,12 @@
 
 Measured two ways. ``transfer_matrix`` generates and judges (the paper's measure, zero ablation by default).
 ``mode_matrix`` scores without generation (the refusal score on harmful prompts, the first-token KL on harmless
-ones) under both ablation modes of ``lib.ablation`` and a push-matched control per source (``lib.anatomy``), and
-``mode_contrasts`` turns it into the claim-1 and claim-3 verdicts under each mode, with the rule that says which
-verdicts survive both. ``score_matrix``, ``subspace_gains`` and ``gain_modes`` serve the subspace attacks of "Beyond
-the paper".
+ones) under zero ablation and both definitions of mean ablation (``lib.ablation``) and a push-matched control per
+source (``lib.anatomy``), and ``mode_contrasts`` turns it into the claim-1 and claim-3 verdicts under each mode,
+with the rule that says which verdicts survive every mode. ``score_matrix``, ``subspace_gains`` and ``gain_modes``
+serve the subspace attacks of "Beyond the paper". ``band_matrix`` and ``band_verdicts`` repeat the generation-free
+verdicts at every layer of a band around the chosen one, so that a verdict that holds at one layer only shows as
+such.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from lib.ablation import Intervention, ablation_means
+from lib.ablation import BLOCK_INPUTS, Intervention, ablation_means
 from lib.anatomy import condition_scores, matched_control
-from lib.claims import claim3_verdicts, transfer_contrasts
+from lib.claims import (ABLATION_MODES, CLAIM1_MODES_ROW, MODE_COLUMNS, across_layers, claim1_word,
+                        claim3_verdicts, transfer_contrasts)
 from lib.config import Config
 from lib.evaluation import evaluate
 from lib.judges import bootstrap_mean_difference
@@ -122,17 +125,18 @@ def gain_modes(gains_by_mode: dict) -> tuple:
     return table.set_index(keys), f"{head}: {'; '.join(steps)}." if steps else f"{head}."
 
 
-MODE_CONDITIONS = ("zero", "mean", "control")
+MODE_CONDITIONS = (*ABLATION_MODES, "control")
 SCORE, CHANGE = "score", "change from unablated"  # the two readings of the claim-3 contrasts (``mode_contrasts``)
-SAME = "same in all four"
+SAME = "same in every column"
 
 
 def mode_matrix(config: Config, sources: dict[str, torch.Tensor], layers: dict[str, int], targets: Sequence[str],
                 harmful: Sequence[str], harmless: Sequence[str], reference: Sequence[str]):
-    """The transfer matrix scored without generation, under both ablation modes, with a push-matched control.
+    """The transfer matrix scored without generation, under every ablation mode, with a push-matched control.
 
     For every target (loaded once) and source direction: ``zero`` (the paper's ablation), ``mean`` (coordinates set
-    to the target's harmless means at the last token of ``reference``) and ``control`` (zero ablation of a random
+    to the target's harmless means at the last token of ``reference`` at every write site), ``mean-inputs`` (the
+    same, at each block's input only, ``lib.ablation.BLOCK_INPUTS``) and ``control`` (zero ablation of a random
     unit direction orthogonal to the source's with the same harmless mean projection in the target at the source's
     layer ``layers[source]``: the same push, none of the direction), plus the unablated target (source "none").
     Each: the mean refusal score on ``harmful`` with a 95% bootstrap interval, the mean first-token KL on
@@ -145,9 +149,11 @@ def mode_matrix(config: Config, sources: dict[str, torch.Tensor], layers: dict[s
         conditions = {("none", "none"): None}
         for source, direction in sources.items():
             control = matched_control(direction, means[layers[source], 0], seed)
-            for condition, intervention in (("zero", Intervention("ablate", direction)),
-                                            ("mean", Intervention("ablate", direction, mode="mean", means=means)),
-                                            ("control", Intervention("ablate", control))):
+            for condition, intervention in (
+                    ("zero", Intervention("ablate", direction)),
+                    ("mean", Intervention("ablate", direction, mode="mean", means=means)),
+                    ("mean-inputs", Intervention("ablate", direction, mode="mean", means=means, sites=BLOCK_INPUTS)),
+                    ("control", Intervention("ablate", control))):
                 conditions[(source, condition)] = intervention.applied
         scores = condition_scores(lm, conditions, harmful, harmless, batch_size, n_boot, seed)
         frame = scores.reset_index().rename(columns={"refusal score": "score", "harmless KL": "KL"})
@@ -172,8 +178,9 @@ def control_damage(frame) -> str:
 
 
 def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "at"), n_boot: int = 2000,
-                   seed: int = 0) -> dict:
-    """Claims 1 and 3 from a ``mode_matrix``, under zero and under mean ablation, on the same prompts:
+                   seed: int = 0, modes: Sequence[str] = tuple(ABLATION_MODES)) -> dict:
+    """Claims 1 and 3 from a ``mode_matrix``, under each ablation mode (``lib.claims.ABLATION_MODES``: zero, mean
+    at every write site, mean at the block inputs), on the same prompts:
 
     - ``claim3``: the contrasts of ``lib.claims.transfer_contrasts`` per mode, in two readings: on the
       refusal scores themselves (``reading`` "score", the paper's form: how much refusal is left) and on each
@@ -184,13 +191,14 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
       ablated; paired bootstrap), per mode, with the verdict "refusal drops" / "refusal rises" / "not resolved";
     - ``controls``: per cell, the source's zero-ablation score minus its matched control's (paired bootstrap):
       "direction beats its control" when the interval lies below 0; otherwise the control (the push alone) moves
-      refusal as much, and the cell measures the push, not the direction.
+      refusal as much, and the cell measures the push, not the direction (empty where the frame has no controls).
 
-    Returns ``{"claim3": DataFrame, "claim1": DataFrame, "controls": DataFrame}``."""
+    ``modes``: the ablation modes to read (those of ``frame``). Returns ``{"claim3": DataFrame, "claim1": DataFrame,
+    "controls": DataFrame}``."""
     scores = frame.set_index(["source", "target", "condition"])["per_prompt"]
     targets = list(dict.fromkeys(frame["target"]))
     claim3, claim1, controls = [], [], []
-    for mode in ("zero", "mean"):
+    for mode in modes:
         values = {(s, t): scores[(s, t, mode)] for s, t, c in scores.index if c == mode}
         changes = {(s, t): [a - b for a, b in zip(v, scores[("none", t, "none")])] for (s, t), v in values.items()}
         for reading, cells in ((SCORE, values), (CHANGE, changes)):
@@ -203,7 +211,7 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
                            "verdict": verdict(drop["low"], drop["high"], "refusal drops", "refusal rises",
                                               "not resolved")})
     for s, t, c in scores.index:
-        if c == "zero":
+        if c == "zero" and (s, t, "control") in scores.index:
             gap = bootstrap_mean_difference(scores[(s, t, "zero")], scores[(s, t, "control")], n_boot, seed)
             controls.append({"source": s, "target": t, **gap,
                              "verdict": verdict(gap["low"], gap["high"], "control stronger",
@@ -212,20 +220,19 @@ def mode_contrasts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "
 
 
 def surviving(claim3, claim1) -> tuple:
-    """Which verdicts survive both ablation modes and both readings of ``mode_contrasts``: per claim-3 contrast
+    """Which verdicts survive every ablation mode and both readings of ``mode_contrasts``: per claim-3 contrast
     (its verdict against every comparison model, ``lib.claims.claim3_verdicts``) and for claim 1 (every model's
-    refusal drops; a change already, so the same in both readings), the verdict in each of the four columns (zero
-    or mean ablation; score or change from unablated) and whether all four agree.
-    Returns (DataFrame, a statement that names every verdict that is not the same in all four, or says none is)."""
-    columns = {(mode, reading): f"{mode} ablation" + ("" if reading == SCORE else ", change")
-               for reading in (SCORE, CHANGE) for mode in ("zero", "mean")}
+    refusal drops; a change already, so the same in both readings), the verdict in each column
+    (``lib.claims.MODE_COLUMNS``: each mode, read as scores and as changes from unablated) and whether all agree.
+    Returns (DataFrame, a statement that names every verdict that is not the same in every column, or says none
+    is)."""
+    columns = dict(zip(((mode, reading) for reading in (SCORE, CHANGE) for mode in ABLATION_MODES), MODE_COLUMNS))
     verdicts: dict[str, dict[str, str]] = {}
     for (mode, reading), group in claim3.groupby(["mode", "reading"], sort=False):
         for claim, word in claim3_verdicts(group.to_dict("records")).items():
             verdicts.setdefault(claim, {})[columns[(mode, reading)]] = word
-    claim1_verdicts = {mode: "supported" if (group["verdict"] == "refusal drops").all() else "not supported"
-                       for mode, group in claim1.groupby("mode", sort=False)}
-    verdicts["Claim 1: every model's own direction lowers its refusal"] = {
+    claim1_verdicts = {mode: claim1_word(group["verdict"]) for mode, group in claim1.groupby("mode", sort=False)}
+    verdicts[CLAIM1_MODES_ROW] = {
         column: claim1_verdicts[mode] for (mode, _), column in columns.items()}
     table = pd.DataFrame([{"claim": claim, **v} for claim, v in verdicts.items()]).set_index("claim")
     table = table[list(columns.values())]
@@ -233,7 +240,79 @@ def surviving(claim3, claim1) -> tuple:
     flips = [f"{claim}: " + ", ".join(f"{row[column]} under {column.replace(', change', ' (change)')}"
                                       for column in columns.values())
              for claim, row in table.iterrows() if not row[SAME]]
-    where = "under zero and mean ablation, read as scores and as changes from the unablated score"
+    where = ("under zero ablation and both definitions of mean ablation, read as scores and as changes from the "
+             "unablated score")
     if not flips:
         return table, f"Every verdict is the same {where}."
     return table, f"{len(flips)} of {len(table)} verdicts are not the same {where}. {'. '.join(flips)}."
+
+
+BAND_MODES = ("zero", "mean")  # the modes of the layer band: the paper's, and mean ablation at every write site
+
+
+def band_matrix(config: Config, units: dict[str, torch.Tensor], band: Sequence[int], targets: Sequence[str],
+                harmful: Sequence[str], reference: Sequence[str]):
+    """The generation-free transfer matrix at every layer of ``band``: in each target (loaded once), each source's
+    unit direction taken at layer L (``units[source]`` is [n_layers, d]) ablated under each of ``BAND_MODES``
+    (mean ablation with the target's own harmless means at the last token of ``reference``), scored on
+    ``harmful`` (no KL: the band asks which verdicts hold, not what they cost), and the unablated target once.
+    A DataFrame (layer, source, target, condition, score, low, high, n, per_prompt), the unablated rows repeated
+    at every layer so that each layer's rows form a ``mode_contrasts`` frame."""
+    batch_size, n_boot, seed = config.score_batch_size, config.n_boot, config.seed
+
+    def one_target(lm):
+        means = ablation_means(lm, "mean", reference, batch_size)
+        conditions = {(None, "none", "none"): None}
+        for layer in band:
+            for source, unit in units.items():
+                for mode in BAND_MODES:
+                    intervention = Intervention("ablate", unit[layer], mode=mode,
+                                                means=means if mode == "mean" else None)
+                    conditions[(layer, source, mode)] = intervention.applied
+        scores = condition_scores(lm, conditions, harmful, None, batch_size, n_boot, seed).reset_index()
+        scores[["layer", "source", "condition"]] = pd.DataFrame(scores.pop("condition").tolist(), index=scores.index)
+        none = scores[scores["source"] == "none"]
+        scores = pd.concat([scores[scores["source"] != "none"]] + [none.assign(layer=layer) for layer in band])
+        return scores.rename(columns={"refusal score": "score"}).assign(target=lm.info.variant)
+
+    frames = for_each_model(config.family, targets, one_target, config.device, config.dtype).values()
+    columns = ["layer", "source", "target", "condition", "score", "low", "high", "n", "per_prompt"]
+    frame = pd.concat(frames, ignore_index=True)[columns]
+    return frame.astype({"layer": int}).sort_values(["layer", "target", "source", "condition"], kind="stable",
+                                                     ignore_index=True)
+
+
+def band_verdicts(frame, focus: str = "lat", others: Sequence[str] = ("ssft", "at"), n_boot: int = 2000,
+                  seed: int = 0) -> dict:
+    """Claims 1 and 3 at every layer of a ``band_matrix``, under each of ``BAND_MODES``, read on the scores (the
+    paper's form): ``{"claim3": contrasts per layer (``mode_contrasts``' rows with a layer column), "claim1":
+    drops per layer, "verdicts": one row per (claim, layer) with the verdict under each mode}``. Claim 3's verdict
+    at a layer is ``lib.claims.claim3_verdicts`` of that layer's contrasts; claim 1's is "supported" when every
+    model's own direction lowers its score there."""
+    claim3, claim1, rows = [], [], []
+    for layer, cells in frame.groupby("layer", sort=True):
+        result = mode_contrasts(cells, focus, others, n_boot, seed, BAND_MODES)
+        scored = result["claim3"][result["claim3"]["reading"] == SCORE].assign(layer=layer)
+        claim3.append(scored)
+        claim1.append(result["claim1"].assign(layer=layer))
+        words: dict[str, dict[str, str]] = {}
+        for mode, group in scored.groupby("mode", sort=False):
+            for claim, word in claim3_verdicts(group.to_dict("records")).items():
+                words.setdefault(claim, {})[ABLATION_MODES[mode]] = word
+        for mode, group in result["claim1"].groupby("mode", sort=False):
+            words.setdefault(CLAIM1_MODES_ROW, {})[ABLATION_MODES[mode]] = claim1_word(group["verdict"])
+        rows += [{"claim": claim, "layer": layer, **by_mode} for claim, by_mode in words.items()]
+    return {"claim3": pd.concat(claim3, ignore_index=True), "claim1": pd.concat(claim1, ignore_index=True),
+            "verdicts": pd.DataFrame(rows)}
+
+
+def band_statement(verdicts) -> str:
+    """``band_verdicts``' verdict table in words: per claim and mode, the verdict when it is the same at every layer
+    of the band, else how many layers gave which (``lib.claims.across_layers``), at every layer (the conclusions
+    read claim 3 only where claim 1 holds, ``lib.claims.replication_table``)."""
+    modes = [column for column in verdicts.columns if column not in ("claim", "layer")]
+    span = f"layers {verdicts['layer'].min()} to {verdicts['layer'].max()}"
+    parts = [f"{claim}: " + ", ".join(f"{across_layers(dict(zip(group['layer'], group[mode])))} under {mode}"
+                                      for mode in modes)
+             for claim, group in verdicts.groupby("claim", sort=False)]
+    return f"Across {span}: " + "; ".join(parts) + "."

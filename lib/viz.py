@@ -324,13 +324,15 @@ def rates_chart(df: pd.DataFrame, label: str, group: str, facet: str | None = No
 
 @dataclass(frozen=True)
 class Layout:
-    """How a chart is laid out beyond its data: axis titles (default: the column names), a log scale for y, and
-    small multiples, one per value of the ``facet`` column."""
+    """How a chart is laid out beyond its data: axis titles (default: the column names), a log scale for y, small
+    multiples, one per value of the ``facet`` column, and a vertical line marking one x (``mark_x``, e.g. the layer
+    a verdict was computed at)."""
 
     x_title: str | None = None
     y_title: str | None = None
     log_y: bool = False
     facet: str | None = None
+    mark_x: float | None = None
 
 
 PERCENT_COLOURS = alt.Scale(scheme="blues", domain=[0, 100])  # rates in percent, on their whole range
@@ -386,6 +388,9 @@ def lines_chart(df: pd.DataFrame, x: str, y: str, colour: str, title: str, layou
     if rule is not None:
         chart = chart + alt.Chart(pd.DataFrame({"rule": [rule]})).mark_rule(color="grey", strokeDash=[4, 4]).encode(
             y="rule:Q")
+    if layout.mark_x is not None:
+        chart = chart + alt.Chart(pd.DataFrame({"mark": [layout.mark_x]})).mark_rule(color="black").encode(
+            x=alt.X("mark:Q", title=None))
     if facet:
         chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
     return chart.properties(title=title)

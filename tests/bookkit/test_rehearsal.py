@@ -78,7 +78,7 @@ def test_every_chapter_of_the_paper_profile_runs_on_the_stand_in(rehearsed):
              for o in first.outputs}
     assert glued["read"] == "run llama2-7b, for llama2-7b"
     assert sorted(p.stem for p in (artifacts_root / "verdicts" / "llama2-7b" / "llama2-7b").glob("*.json")) \
-        == ["ablation_modes", "beyond", "claim1", "claim2", "claim3", "subspace_modes"]
+        == ["ablation_modes", "beyond", "claim1", "claim2", "claim3", "layer_band", "subspace_modes"]
 
 
 def test_the_paper_profile_without_its_transfer_entry_is_refused_before_anything_runs(tmp_path):

@@ -220,6 +220,46 @@ def test_mean_ablation_of_partial_layers_matches_per_site_targets(tiny, prompts,
                                atol=1e-4, rtol=1e-4)
 
 
+def test_mean_ablation_at_block_inputs_resets_each_input_and_keeps_each_blocks_writes(tiny, prompts, site_means):
+    """The second definition: every block input lands on its harmless mean along the direction, while the block's
+    attention and MLP writes along it stay as the prompt makes them (so resid_mid and resid_post are not reset)."""
+    direction = random_direction(64, 7)
+    unit = direction / direction.norm()
+    sites = ("resid_pre", "resid_mid", "resid_post")
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means, sites=ablation.BLOCK_INPUTS):
+        acts = capture.collect(tiny, prompts, sites=sites)
+    targets = site_means @ unit  # [layers, 3]
+    torch.testing.assert_close(acts["resid_pre"] @ unit, targets[:, 0].expand(len(prompts), -1), atol=1e-4, rtol=1e-4)
+    writes = acts["resid_mid"] @ unit - acts["resid_pre"] @ unit  # the attention outputs along the direction
+    assert (writes - targets[:, 1]).abs().max() > 1e-3  # left as the prompts make them
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means):
+        everywhere = logits(tiny, prompts)
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means, sites=["mlp_out", "resid_pre", "attn_out"]):
+        listed = logits(tiny, prompts)
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means, sites=ablation.BLOCK_INPUTS):
+        inputs_only = logits(tiny, prompts)
+    assert (everywhere - listed).abs().max() < 1e-5  # every site, in any order, is the default
+    assert (everywhere - inputs_only).abs().max() > 1e-3
+
+
+def test_interventions_at_block_inputs_use_hooks_and_their_own_cache_key(tiny, prompts, site_means):
+    direction = random_direction(64, 8)
+    inputs = ablation.Intervention("ablate", direction, mode="mean", means=site_means, sites=["resid_pre"])
+    assert inputs.sites == ablation.BLOCK_INPUTS and ablation.orthogonalizable(tiny)
+    with inputs.applied(tiny):
+        applied = logits(tiny, prompts)
+    with ablation.ablated(tiny, direction, mode="mean", means=site_means, sites=ablation.BLOCK_INPUTS):
+        hooked = logits(tiny, prompts)
+    assert torch.equal(applied, hooked)
+    every = ablation.Intervention("ablate", direction, mode="mean", means=site_means)
+    assert every.key() != inputs.key()
+    with pytest.raises(ValueError, match="non-empty subset"):
+        ablation.Intervention("ablate", direction, sites=("resid_mid",))
+    with pytest.raises(ValueError, match="non-empty subset"):
+        with ablation.ablated(tiny, direction, sites=()):
+            pass
+
+
 def test_bad_ablation_modes(tiny, site_means):
     direction = random_direction(64)
     with pytest.raises(ValueError, match="Unknown ablation mode 'median'"):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import (ablation, artifacts, directions, judges, layer_selection, linalg, models, scores, spectra, stats,
+from lib import (ablation, artifacts, claims, directions, judges, layer_selection, linalg, models, scores, spectra, stats,
                  transfer, viz)
 from lib.config import Config
 from lib.layer_selection import LayerRule
@@ -470,20 +470,22 @@ def test_mode_matrix_scores_both_modes_and_a_matched_control(artifact_root, tiny
     sources = {s: gaussian(1, 64, 40 + i)[0] for i, s in enumerate(("ssft", "at", "lat"))}
     frame = transfer.mode_matrix(replace(SCORED, family=tiny_three), sources, {s: 2 for s in sources},
                                  ["ssft", "at", "lat"], prompts[:2], prompts[2:], reference=prompts)
-    assert len(frame) == 3 * (1 + 3 * 3) and set(frame["condition"]) == {"none", "zero", "mean", "control"}
+    assert len(frame) == 3 * (1 + 3 * 4) and set(frame["condition"]) == {"none", "zero", "mean", "mean-inputs",
+                                                                          "control"}
     none = frame[frame["source"] == "none"]
     assert (none["KL"].abs() < 1e-9).all() and (frame["n"] == 2).all()
     cells = frame.set_index(["source", "target", "condition"])["score"]
     assert abs(cells[("at", "ssft", "zero")] - cells[("at", "ssft", "mean")]) > 1e-3
     assert abs(cells[("at", "ssft", "zero")] - cells[("at", "ssft", "control")]) > 1e-3
+    assert abs(cells[("at", "ssft", "mean")] - cells[("at", "ssft", "mean-inputs")]) > 1e-3
     lm = models.load(tiny_three, "ssft", device="cpu")
     with ablation.Intervention("ablate", sources["at"]).applied(lm):
         direct = scores.refusal_score(lm, prompts[:2], 2).double().mean()
     assert cells[("at", "ssft", "zero")] == pytest.approx(float(direct), abs=1e-5)
     result = transfer.mode_contrasts(frame, "lat", ("ssft", "at"), n_boot=50)
-    assert set(result["claim3"]["mode"]) == {"zero", "mean"} and len(result["claim3"]) == 24
+    assert set(result["claim3"]["mode"]) == {"zero", "mean", "mean-inputs"} and len(result["claim3"]) == 36
     assert set(result["claim3"]["reading"]) == {transfer.SCORE, transfer.CHANGE}
-    assert len(result["claim1"]) == 6 and len(result["controls"]) == 9
+    assert len(result["claim1"]) == 9 and len(result["controls"]) == 9
     table, sentence = transfer.surviving(result["claim3"], result["claim1"])
     assert len(table) == 4 and sentence
 
@@ -491,7 +493,8 @@ def test_mode_matrix_scores_both_modes_and_a_matched_control(artifact_root, tiny
 def synthetic_mode_frame(lat_self_drop: dict, control_shift: float, lat_start: float = 5.0):
     """A mode_matrix frame for lat/ssft/at on 40 prompts: unablated scores ~5 (lat's ~``lat_start``); every
     foreign direction lowers the score by 2, ssft's and at's own directions by 4, lat's by
-    ``lat_self_drop[mode]``; each control lies ``control_shift`` above its zero-ablation cell."""
+    ``lat_self_drop[mode]`` (the block-input mean ablation as the write-site one); each control lies
+    ``control_shift`` above its zero-ablation cell."""
     noise = torch.linspace(-0.5, 0.5, 40).tolist()
     rows = []
     for t in ("lat", "ssft", "at"):
@@ -500,6 +503,7 @@ def synthetic_mode_frame(lat_self_drop: dict, control_shift: float, lat_start: f
                      "per_prompt": tuple(start + x for x in noise)})
         for s in ("lat", "ssft", "at"):
             drops = {mode: (lat_self_drop[mode] if s == "lat" else 4.0) if s == t else 2.0 for mode in ("zero", "mean")}
+            drops["mean-inputs"] = drops["mean"]
             for condition, drop in (*drops.items(), ("control", drops["zero"] - control_shift)):
                 rows.append({"source": s, "target": t, "condition": condition,
                              "per_prompt": tuple(start - drop + x for x in noise)})
@@ -509,17 +513,19 @@ def synthetic_mode_frame(lat_self_drop: dict, control_shift: float, lat_start: f
 def test_mode_contrasts_name_the_verdicts_that_flip():
     steady = transfer.mode_contrasts(synthetic_mode_frame({"zero": 8.0, "mean": 8.0}, 3.0), n_boot=200)
     table, sentence = transfer.surviving(steady["claim3"], steady["claim1"])
-    assert table[transfer.SAME].all() and sentence.startswith("Every verdict is the same under zero and mean")
+    assert table[transfer.SAME].all() and sentence.startswith("Every verdict is the same under zero ablation and "
+                                                              "both definitions of mean ablation")
     assert table.loc["LAT vulnerable to its own direction", "zero ablation"] == "supported"
     assert (steady["claim1"]["verdict"] == "refusal drops").all()
     assert (steady["controls"]["verdict"] == "direction beats its control").all()
     flipping = transfer.mode_contrasts(synthetic_mode_frame({"zero": 8.0, "mean": -1.0}, 0.0), n_boot=200)
     table, sentence = transfer.surviving(flipping["claim3"], flipping["claim1"])
     vulnerable = table.loc["LAT vulnerable to its own direction"]
-    assert (vulnerable["zero ablation"], vulnerable["mean ablation"]) == ("supported", "contradicted")
+    assert (vulnerable["zero ablation"], vulnerable["mean ablation (write sites)"]) == ("supported", "contradicted")
     assert not table.loc["Claim 1: every model's own direction lowers its refusal", transfer.SAME]
     assert sentence.startswith(f"{(~table[transfer.SAME]).sum()} of 4 verdicts are not the same")
-    assert "LAT vulnerable to its own direction: supported under zero ablation, contradicted under mean" in sentence
+    assert ("LAT vulnerable to its own direction: supported under zero ablation, contradicted under mean ablation "
+            "(write sites), contradicted under mean ablation (block inputs)") in sentence
     assert (flipping["controls"]["verdict"] == "no difference: the push alone").all()
 
 
@@ -568,3 +574,41 @@ def test_control_damage_counts_the_cells_where_the_control_does_less_damage():
                           for c, kl in (("zero", zero), ("control", control), ("mean", 9.0))])
     assert transfer.control_damage(frame) == ("the control's harmless KL is below its source's in 2 of 3 cells, "
                                               "at 40% to 100% of it (median 69%).")
+
+
+def test_band_matrix_scores_each_layers_direction_in_each_target(artifact_root, tiny_three, prompts):
+    units = {s: torch.stack([gaussian(1, 64, 60 + 4 * i + layer)[0] for layer in range(4)])
+             for i, s in enumerate(("ssft", "at", "lat"))}
+    units = {s: u / u.norm(dim=-1, keepdim=True) for s, u in units.items()}
+    frame = transfer.band_matrix(replace(SCORED, family=tiny_three), units, [1, 2], ["ssft", "lat"], prompts[:2],
+                                 reference=prompts)
+    assert len(frame) == 2 * 2 * (1 + 3 * 2) and set(frame["condition"]) == {"none", "zero", "mean"}
+    cells = frame.set_index(["layer", "source", "target", "condition"])["score"]
+    assert cells[(1, "none", "lat", "none")] == cells[(2, "none", "lat", "none")]
+    lm = models.load(tiny_three, "lat", device="cpu")
+    with ablation.Intervention("ablate", units["at"][2]).applied(lm):
+        direct = scores.refusal_score(lm, prompts[:2], 2).double().mean()
+    assert cells[(2, "at", "lat", "zero")] == pytest.approx(float(direct), abs=1e-5)
+    assert cells[(2, "at", "lat", "zero")] != pytest.approx(cells[(1, "at", "lat", "zero")], abs=1e-6)
+
+
+def test_band_verdicts_show_a_verdict_that_holds_at_one_layer_only():
+    """At layer 3 LAT's own direction removes more from LAT than from the others (vulnerable: supported); at layer 4
+    as little as a foreign direction does (not supported). The band's table says so layer by layer, in both modes."""
+    frames = [synthetic_mode_frame({"zero": drop, "mean": drop}, 3.0).assign(layer=layer)
+              for layer, drop in ((3, 8.0), (4, 2.0))]
+    band = transfer.band_verdicts(pd.concat(frames, ignore_index=True), n_boot=200)
+    table = band["verdicts"].set_index(["claim", "layer"])
+    vulnerable = table.loc["LAT vulnerable to its own direction"]
+    assert vulnerable.loc[3, "zero ablation"] == "supported" and vulnerable.loc[4, "zero ablation"] != "supported"
+    assert list(table.columns) == ["zero ablation", "mean ablation (write sites)"]
+    assert table.loc[(claims.CLAIM1_MODES_ROW, 3), "zero ablation"] == "supported"
+    assert set(band["claim3"]["layer"]) == {3, 4} and set(band["claim3"]["mode"]) == {"zero", "mean"}
+
+
+def test_band_statement_names_the_verdicts_that_depend_on_the_layer():
+    verdicts = pd.DataFrame([{"claim": "A", "layer": 9, "zero ablation": "supported", "mean": "supported"},
+                             {"claim": "A", "layer": 10, "zero ablation": "supported", "mean": "not resolved"}])
+    assert transfer.band_statement(verdicts) == (
+        "Across layers 9 to 10: A: supported under zero ablation, supported at 1, not resolved at 1 of 2 layers "
+        "under mean.")

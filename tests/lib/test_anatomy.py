@@ -1,6 +1,7 @@
 """lib.anatomy: massive-coordinate statistics, direction offsets and similarities, the coordinate swap, the
 push-matched control, ablation that leaves the first token alone, and generation-free condition scores."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -127,6 +128,52 @@ def test_offset_summary_and_its_sentences():
     assert summary.loc["at", "swap moves (share of gap)"] == pytest.approx(0.9)  # (-6.4 + 1) / (-7 + 1)
     assert summary.loc["at", "control / source (zero)"] == pytest.approx(1 / 12)
     text = anatomy.describe(summary, "ssft", 507).splitlines()
-    assert text[0] == "ssft's own direction lowers its mean refusal score by 6.0 under zero ablation and by 12.0 under mean ablation."
+    assert text[0] == ("ssft's own direction lowers its mean refusal score by 6.0 under zero ablation and by 12.0 "
+                       "under mean ablation at every write site.")
     assert "giving ssft's direction this direction's value on coordinate 507 alone moves 90.0% of the" in text[1]
     assert "changes the score by -1.0, against -12.0" in text[1]
+
+
+def test_the_mean_ablation_definitions_and_the_writes_that_separate_them(tiny, prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_BOOK_ARTIFACTS", str(tmp_path))
+    direction = unit_of(torch.randn(64, generator=torch.Generator().manual_seed(9))).float()
+    means = capture.site_statistics(tiny, prompts[2:], batch_size=2)["mean"]
+    rest = capture.site_statistics(tiny, prompts[2:], batch_size=2, positions="rest")["mean"]
+    conditions = anatomy.definition_conditions({"s": direction}, means, rest)
+    assert list(conditions) == [f"s: mean, {d}" for d in anatomy.MEAN_DEFINITIONS] + [
+        f"s: mean, {anatomy.OTHER_POSITIONS}"]
+    table = anatomy.condition_scores(tiny, {"none": None, **conditions}, prompts[:2], None, batch_size=2, n_boot=20)
+    expected = {"every write site": lambda lm: ablation.ablated(lm, direction, mode="mean", means=means),
+                "block inputs": lambda lm: ablation.ablated(lm, direction, mode="mean", means=means,
+                                                             sites=ablation.BLOCK_INPUTS),
+                "block inputs + MLP outputs": lambda lm: ablation.ablated(
+                    lm, direction, mode="mean", means=means, sites=("resid_pre", "mlp_out")),
+                anatomy.OTHER_POSITIONS: lambda lm: ablation.ablated(lm, direction, mode="mean", means=rest)}
+    for name, condition in expected.items():
+        with condition(tiny):
+            score = float(scores.refusal_score(tiny, prompts[:2]).mean())
+        assert table.loc[f"s: mean, {name}", "refusal score"] == pytest.approx(score, abs=1e-5), name
+    with pytest.raises(ValueError, match="Unknown mean-ablation definition 'somewhere'"):
+        with anatomy.mean_ablated_at(tiny, direction, means, "somewhere"):
+            pass
+
+
+def test_definition_summary_shares_of_the_gap():
+    drops = {"every write site": 10.0, "block inputs": 2.0, "block inputs + attention outputs": 4.0,
+             "block inputs + MLP outputs": 10.0, "block inputs + last block's writes": 2.0}
+    scores_frame = pd.DataFrame({"refusal score": {"none": 5.0, **{f"s: mean, {d}": 5.0 - v for d, v in drops.items()}}})
+    summary = anatomy.definition_summary(scores_frame, ["s"])
+    assert summary.loc["s", "drop, block inputs"] == 2.0
+    assert summary.loc["s", "closes of the gap: MLP outputs"] == 1.0
+    assert summary.loc["s", "closes of the gap: attention outputs"] == 0.25
+    assert summary.loc["s", "closes of the gap: last block's writes"] == 0.0
+    with_positions = scores_frame.copy()
+    with_positions.loc[f"s: mean, {anatomy.OTHER_POSITIONS}", "refusal score"] = 4.0
+    assert anatomy.definition_summary(with_positions, ["s"]).loc["s", f"drop, {anatomy.OTHER_POSITIONS}"] == 1.0
+    assert anatomy.describe_definitions(anatomy.definition_summary(with_positions, ["s"]), "t").endswith(
+        "With the means taken over every token but the first instead of at the last prompt token (every write "
+        "site): s 1.0.")
+    assert anatomy.describe_definitions(summary, "t") == (
+        "Mean ablation at every write site lowers t's mean refusal score by s 10.0; at the block inputs only by s "
+        "2.0. Share of that gap closed by also resetting each kind of write: s: attention outputs 25%, MLP outputs "
+        "100%, last block's writes 0%.")

@@ -194,15 +194,16 @@ def _stored(claim3_words, modes, claim1="supported", second=("not resolved", "no
 
 
 def test_the_replication_table_needs_every_reading_to_agree():
-    modes = [["supported"] * 4, ["contradicted"] * 4, ["supported", "not resolved", "supported", "supported"],
-             ["supported"] * 4]
+    modes = [["supported"] * 6, ["contradicted"] * 6, ["supported", "not resolved"] + ["supported"] * 4,
+             ["supported"] * 6]
     table = claims.replication_table(_stored(["supported", "contradicted", "supported"], modes)).set_index("claim")
     words = table["replication"].tolist()
     assert words == ["not replicated", "replicated", "not replicated", "replicated", "contradicted",
                      "not replicated", "not replicated"]
     assert table.loc["3. LAT: its direction transfers better", "evidence"].endswith(
-        "scores, mean ablation: not resolved; scores, zero ablation, change: supported; "
-        "scores, mean ablation, change: supported")
+        "scores, mean ablation (write sites): not resolved; scores, mean ablation (block inputs): supported; "
+        "scores, zero ablation, change: supported; scores, mean ablation (write sites), change: supported; "
+        "scores, mean ablation (block inputs), change: supported")
     claim2_rows = _stored(["supported"] * 3, modes, second=("higher", "higher"), robust="more robust",
                           top_pc=("falls further", "falls further"))
     assert claims.replication_table(claim2_rows)["replication"].tolist()[:3] == ["replicated"] * 3
@@ -210,7 +211,77 @@ def test_the_replication_table_needs_every_reading_to_agree():
 
 
 def test_a_claim_without_a_stored_verdict_is_not_testable_here():
-    partial = [v for v in _stored(["supported"] * 3, [["supported"] * 4] * 4) if v["claim"] != "beyond"]
+    partial = [v for v in _stored(["supported"] * 3, [["supported"] * 6] * 4) if v["claim"] != "beyond"]
     last = claims.replication_table(partial).iloc[-1]
     assert (last["replication"], last["evidence"]) == (
         "not testable here", "no verdict stored by the beyond chapter in this run")
+
+
+def test_claim2_band_applies_claim2s_rule_at_every_layer():
+    rows = [_pairwise({"ssft": (0.01, 0.03), "at": (0.02, 0.04)}).assign(layer=12),
+            _pairwise({"ssft": (0.01, 0.03), "at": (-0.01, 0.04)}).assign(layer=13),
+            _pairwise({"ssft": (0.2, 0.3)}, "top-2").assign(layer=13),
+            _pairwise({"base": (-0.3, -0.2)}).assign(layer=13)]
+    decided, words = claims.claim2_band(pd.concat(rows, ignore_index=True))
+    assert words == {12: "supported", 13: "not supported"}
+    assert set(decided["versus"]) == {"ssft", "at"} and set(decided["k"]) == {"component 2"}
+
+
+def test_a_verdict_that_changes_across_the_layer_band_is_not_replicated():
+    stored = _stored(["supported"] * 3, [["supported"] * 6] * 4, second=("higher", "higher"))
+    stored[2]["band"] = [{"layer": 9, "verdict": "supported"}, {"layer": 10, "verdict": "not supported"}]
+    names = [f"LAT {name}" for name, _, _ in claims.CLAIM3]
+    stored.append({"family": "f", "claim": "layer_band", "verdicts": [
+        {"claim": claim, "layer": layer, "zero ablation": "supported",
+         "mean ablation (write sites)": "supported" if layer == 9 or claim != names[0] else "not resolved"}
+        for claim in [*names, claims.CLAIM1_MODES_ROW] for layer in (9, 10)]})
+    table = claims.replication_table(stored).set_index("claim")
+    assert table.loc["2. LAT's second component carries more of the harmful-harmless difference",
+                     "replication"] == "not replicated"
+    assert "second component at layers 9-10: higher at 1, not higher at 1 of 2 layers" in table.loc[
+        "2. LAT's second component carries more of the harmful-harmless difference", "evidence"]
+    assert table.loc["3. LAT: robust to foreign directions", "replication"] == "not replicated"
+    assert table.loc["3. LAT: vulnerable to its own direction", "replication"] == "replicated"
+    assert ("scores at the 2 layers of 9-10 where claim 1 holds, mean ablation (write sites): supported at 1, not "
+            "resolved at 1 of 2 layers" in table.loc["3. LAT: robust to foreign directions", "evidence"])
+
+
+def test_claim3_across_the_band_is_read_where_claim1_holds_and_claim1s_band_is_shown_not_counted():
+    """At layer 10 no direction lowers its own model's refusal: claim 3 there compares no attacks, so its
+    not-resolved verdict does not count; claim 1 failing at another layer does not undo it at the chosen one."""
+    stored = _stored(["supported"] * 3, [["supported"] * 6] * 4)
+    names = [f"LAT {name}" for name, _, _ in claims.CLAIM3]
+    modes = ("zero ablation", "mean ablation (write sites)")
+    stored.append({"family": "f", "claim": "layer_band", "verdicts": [
+        *[{"claim": claim, "layer": layer, **dict.fromkeys(modes, "supported" if layer == 9 else "not resolved")}
+          for claim in names for layer in (9, 10)],
+        *[{"claim": claims.CLAIM1_MODES_ROW, "layer": layer,
+           **dict.fromkeys(modes, "supported" if layer == 9 else "not supported")} for layer in (9, 10)]]})
+    table = claims.replication_table(stored).set_index("claim")
+    assert table.loc["3. LAT: robust to foreign directions", "replication"] == "replicated"
+    assert "scores at the 1 layers of 9-10 where claim 1 holds, zero ablation: supported" in table.loc[
+        "3. LAT: robust to foreign directions", "evidence"]
+    claim1 = table.loc["1. Ablating a model's own refusal direction lowers its refusal"]
+    assert claim1["replication"] == "replicated"
+    assert claim1["evidence"].endswith("; shown, not counted: scores at layers 9-10, zero ablation: supported at 1, "
+                                       "not supported at 1 of 2 layers; scores at layers 9-10, mean ablation (write "
+                                       "sites): supported at 1, not supported at 1 of 2 layers")
+
+
+def test_claims_1_and_2_can_be_contradicted_and_old_runs_still_read():
+    assert claims.claim1_word(["refusal rises", "refusal rises"]) == "contradicted"
+    assert claims.claim1_word(["refusal drops", "not resolved"]) == "not supported"
+    rows = [_pairwise({"ssft": (-0.03, -0.01), "at": (-0.04, -0.02)}).assign(layer=12)]
+    assert claims.claim2_band(pd.concat(rows, ignore_index=True))[1] == {12: "contradicted"}
+    stored = _stored(["supported"] * 3, [["supported"] * 6] * 4, claim1="contradicted",
+                     second=("lower", "lower"))
+    stored[2]["band"] = [{"layer": 12, "verdict": "contradicted"}]
+    for row in stored[4]["verdicts"]:  # an ablation_modes verdict stored before the block-input mode existed
+        for column in ("mean ablation (block inputs)", "mean ablation (block inputs), change"):
+            row.pop(column)
+    stored[4]["verdicts"][-1].update(dict.fromkeys(
+        ("zero ablation", "mean ablation (write sites)", "zero ablation, change", "mean ablation (write sites), change"),
+        "contradicted"))
+    table = claims.replication_table(stored).set_index("claim")["replication"]
+    assert table["1. Ablating a model's own refusal direction lowers its refusal"] == "contradicted"
+    assert table["2. LAT's second component carries more of the harmful-harmless difference"] == "contradicted"
