@@ -53,8 +53,10 @@ browser:
 	} || echo "warning: could not install chromium; tests/bookkit/test_site_browser.py will be skipped" >&2
 
 # Retrain the model organisms (ssft, ssft-control, at, lat) into data/adapters/ (about an hour on 2 CPU cores).
+# ORGANISMS_ARGS=--dose: the dose-response run of the control, AT and LAT instead (hours; resumable: run it again to
+# go on from its last checkpoint under artifacts/checkpoints/).
 organisms: setup
-	$(PY) -m lib.training --family smollm2-135m
+	$(PY) -m lib.training --family smollm2-135m $(ORGANISMS_ARGS)
 
 # Throughput benchmarks (BENCHMARKS.md) in .venv-bench with the `bench` extra: make bench [FAMILY=..] [BENCH_ARGS=..]
 bench:
@@ -71,5 +73,7 @@ lock: setup
 	      echo "# Used as \`pip install -c requirements.lock -e .\`; regenerate with \`make lock\` after changing a pin."; cat; } \
 	  > requirements.lock
 
+# Keeps artifacts/checkpoints: hours of training state that nothing else can rebuild quickly.
 clean:
-	rm -rf _build artifacts book/_static/vega-bundle.js book/_static/mathjax
+	rm -rf _build book/_static/vega-bundle.js book/_static/mathjax
+	test ! -d artifacts || find artifacts -mindepth 1 -maxdepth 1 ! -name checkpoints -exec rm -rf {} +

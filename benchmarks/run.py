@@ -6,7 +6,8 @@ weights | the paper's loop without KV cache | TransformerLens hooks); ``capture`
 last token: a bare forward pass | ``lib.capture.collect`` | ``output_hidden_states``; time and peak memory);
 ``scoring`` (the refusal score with the prompts' shared prefix run once, against whole prompts); ``packed`` (the
 optional CPU speed-up ``lib.packed`` against MKL on what it packs: a transfer condition generated and the PGD attack
-by default, a layer sweep and capture with ``all``). Medians of ``--repeats`` interleaved rounds after a warm-up;
+by default, a layer sweep and capture with ``all``); ``training`` (one optimiser step of the control, AT and LAT
+from SSFT, packed and MKL, and AT's and LAT's step against the plain PEFT step). Medians of ``--repeats`` interleaved rounds after a warm-up;
 ratios are medians of within-round ratios. Tables go to stdout and ``artifacts/benchmarks/bench-*.{json,md}``.
 """
 
@@ -24,7 +25,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import agreement, hf_greedy, log, paired, random_directions, recompute_greedy
 from benchmarks.peers import PeerUnavailable, TransformerLensPeer
-from lib import batching, layer_selection
+from lib import batching, layer_selection, training
 from lib.ablation import ablated, check_directions, orthogonalized
 from lib.adversary import Attack, attacked_completions
 from lib.capture import collect, order_by_length
@@ -34,7 +35,7 @@ from lib.hooks import check_layers
 from lib.inputs import LAST_POSITION, encode, forward, split_common_prefix
 from lib.models import available_variants, load
 from lib.organisms import chosen_radius
-from lib.packed import PACKED_ENV, packed_linears_available
+from lib.packed import PACKED_ENV, packed_linears_available, packed_products
 from lib.runtime import resolve_device
 from lib.scores import next_token_log_probs
 from lib.training_data import load_refusals, refusal_for
@@ -233,6 +234,55 @@ def bench_packed(args, device, results: dict) -> None:
     results["packed"] = {"target": target, "threads": torch.get_num_threads(), "rows": rows, "times": all_times}
 
 
+TRAINING_KINDS = {"control": "plain PEFT step (the control: one forward and backward)",
+                  "at": "AT step (PGD at the embeddings, then the step)",
+                  "lat": "LAT step (PGD at the LAT layer, then the step)"}
+
+
+def bench_training(args, device, results: dict) -> None:
+    """One optimiser step of each organism kind (``lib.training.training_step``) on the same batch of the recipe's
+    size, from the SSFT model: the control's plain PEFT step against AT's and LAT's (``pgd_steps`` PGD steps, each a
+    forward and a backward pass, then the step: about 7 passes), each with the frozen weights packed for oneDNN
+    (``REFUSAL_BOOK_PACKED_LINEAR=1``, the default) and with MKL (``0``). Each round times ``--train-steps`` steps in
+    one packing, as a training run packs once."""
+    if args.family not in training.recipes():
+        log(f"training: skipped, {args.family} has no training recipe in lib/recipes.yaml")
+        return
+    stages = training.recipe(args.family)
+    examples = training.recipe_examples(args.family)
+    start = "ssft" if "ssft" in available_variants(args.family) else "base"  # what AT and LAT train from
+    rows, all_times = [], {}
+    for kind, name in TRAINING_KINDS.items():
+        lm = load(args.family, start, device=args.device, dtype=args.dtype)
+        layer = {"at": 0, "lat": lm.info.adversary_layer}.get(kind)
+        extra = {} if layer is None else {"epsilon": chosen_radius(args.family, layer), "adversary_layer": layer}
+        config = training.TrainConfig(kind=kind, seed=args.seed, **{k: v for k, v in stages["adversarial"].items()
+                                                                     if k not in ("why", "kind")}, **extra)
+        model, optimizer, scheduler, trainable = training.prepare_run(lm, config)
+        chosen = examples[:config.batch_size]
+        generator = torch.Generator().manual_seed(args.seed)
+
+        def steps():
+            with packed_products(lm.model, "training", gradients=True):
+                return [training.training_step(lm, model, chosen, config, optimizer, scheduler, trainable, generator,
+                                               step)["loss"] for step in range(args.train_steps)]
+
+        log(f"training: {name}")
+        methods = {"packed": with_setting("1", steps), "MKL": with_setting("0", steps)}
+        times, _ = common.interleaved(methods, args.repeats, {"packed": methods["packed"]}, device)
+        all_times.update({f"packed: {name}": times["packed"], f"MKL: {name}": times["MKL"]})
+        rows.append({"step": name, "packed s/step": common.median(times["packed"]) / args.train_steps,
+                     "MKL s/step": common.median(times["MKL"]) / args.train_steps,
+                     "packed vs MKL": paired(times, "packed", "MKL")})
+    plain = {setting: all_times[f"{setting}: {TRAINING_KINDS['control']}"] for setting in ("packed", "MKL")}
+    for row, kind in zip(rows, TRAINING_KINDS):
+        for setting in ("packed", "MKL"):
+            row[f"vs plain step ({setting})"] = common.median(
+                [t / p for t, p in zip(all_times[f"{setting}: {TRAINING_KINDS[kind]}"], plain[setting])])
+    results["training"] = {"start": start, "batch_size": stages["adversarial"]["batch_size"], "steps_per_round": args.train_steps,
+                           "threads": torch.get_num_threads(), "rows": rows, "times": all_times}
+
+
 # (what, numerator, denominator, section, goal): ratios of throughputs measured side by side in this run
 TARGETS = [("hooks vs plain generate", HOOKS, PLAIN, "generation", 0.85),
            ("orthogonalised vs plain generate", ORTHO, PLAIN, "generation", 0.97),
@@ -240,7 +290,9 @@ TARGETS = [("hooks vs plain generate", HOOKS, PLAIN, "generation", 0.85),
            ("hooks vs TransformerLens hooks", HOOKS, PEER_GENERATE, "generation", 1.5),
            ("capture vs bare forward", COLLECT, BARE, "capture", 0.9),
            ("refusal score: shared prefix vs whole prompts", SCORE_LIB, SCORE_WHOLE, "scoring", 1.5),
-           ("greedy generation: packed weights vs MKL", f"packed: {GENERATION}", f"MKL: {GENERATION}", "packed", 1.0)]
+           ("greedy generation: packed weights vs MKL", f"packed: {GENERATION}", f"MKL: {GENERATION}", "packed", 1.0),
+           ("LAT training step: packed weights vs MKL", f"packed: {TRAINING_KINDS['lat']}",
+            f"MKL: {TRAINING_KINDS['lat']}", "training", 1.0)]
 SECTIONS = {  # section: (title from its results, columns)
     "generation": (lambda g: f"Ablated greedy generation: {g['prompts']} prompts x {g['new_tokens']} new tokens, "
                    f"batch {g['batch_size']} (orthogonalisation {g['orthogonalisation_setup_s']:.3f} s a condition, "
@@ -252,6 +304,11 @@ SECTIONS = {  # section: (title from its results, columns)
     "scoring": (lambda s: f"Refusal score: {s['prompts']} prompts, batch {s['batch_size']}, shared prefix "
                 f"{s['prefix_tokens']} tokens", ["method", "runs", "median s", "vs whole prompts",
                                                  "max |diff| of log-probs"]),
+    "training": (lambda t: f"One training step from {t['start']}, batch {t['batch_size']} ({t['steps_per_round']} steps a round, "
+                 f"torch threads {t['threads']}); 'vs plain step': a step's time over the plain PEFT step's, in the "
+                 "same setting (7 passes is the naive cost of 6 PGD steps)",
+                 ["step", "packed s/step", "MKL s/step", "packed vs MKL", "vs plain step (packed)",
+                  "vs plain step (MKL)"]),
     "packed": (lambda p: f"oneDNN's packed weights (lib.packed) vs MKL, {p['target']}, torch threads {p['threads']}",
                ["workload", "setting", "packed median s", "MKL median s", "packed vs MKL", "agreement"]),
 }
@@ -292,14 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: the cores left idle")
-    parser.add_argument("--sections", default="generation,capture,scoring,packed")
+    parser.add_argument("--sections", default="generation,capture,scoring,packed,training")
     parser.add_argument("--peer", choices=("transformer_lens", "none"), default="transformer_lens")
     parser.add_argument("--batch-size", type=int, default=None, help="generation/capture batch (default: auto)")
     parser.add_argument("--packed-variant", default=None, help="default: ssft, else the first trained variant")
     # --prompts: generation's (8 keeps the paper's loop short); --recompute-repeats 0 skips the paper's loop
     for flag, default in (("--prompts", 8), ("--new-tokens", 64), ("--repeats", 3), ("--recompute-repeats", 1),
                           ("--capture-prompts", 32), ("--score-prompts", 64), ("--score-batch", 16),
-                          ("--packed-prompts", 64), ("--packed-batch", 32), ("--seed", 0)):
+                          ("--packed-prompts", 64), ("--packed-batch", 32), ("--train-steps", 2), ("--seed", 0)):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--out", default=None, help="results folder (default: artifacts/benchmarks)")
     args = parser.parse_args(argv)
@@ -335,6 +392,8 @@ def _main(args, argv) -> dict:
     del lm, peer
     if "packed" in sections:
         bench_packed(args, device, results)
+    if "training" in sections:
+        bench_training(args, device, results)
     results["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     results["wall_s"] = time.perf_counter() - wall
     text = report(results)

@@ -55,6 +55,8 @@ ARTIFACT_KINDS = {  # every folder under artifacts/, what writes it (README, "Ar
     "verdicts": "each chapter's verdict on a claim, per family and run, read by the conclusions (write_verdict)",
     "runs": "chapters executed under a profile other than the book's, per profile (bookkit.runner)",
     "logs": "warnings and library log lines raised while a chapter ran, one file per chapter (bookkit.chapter_log)",
+    "checkpoints": "resumable training state of long runs, per variant and seed (lib.training_state; kept by make "
+                   "clean, never committed)",
 }
 
 

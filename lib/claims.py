@@ -33,12 +33,19 @@ CLAIM2_WORDS = ("higher", "lower", "not resolved")
 ROBUSTNESS_WORDS = ("more robust", "less robust", "not resolved")
 
 
+def unanimous(words, supports: str, contradicts: str,
+              outcomes: tuple[str, str, str] = ("supported", "contradicted", "not supported")) -> str:
+    """The rule every combined verdict of the book follows: ``outcomes[0]`` when every one of ``words`` is
+    ``supports``, ``outcomes[1]`` when every one is ``contradicts``, else ``outcomes[2]`` (a mixture, or nothing,
+    neither supports nor contradicts)."""
+    found = set(words)
+    return outcomes[0] if found == {supports} else outcomes[1] if found == {contradicts} else outcomes[2]
+
+
 def claim1_word(drop_verdicts) -> str:
     """Claim 1's word from each model's drop verdict: "supported" when every model's refusal drops,
     "contradicted" when every model's rises, else "not supported"."""
-    words = set(drop_verdicts)
-    return "supported" if words == {CLAIM1_WORDS[0]} else "contradicted" if words == {CLAIM1_WORDS[1]} else (
-        "not supported")
+    return unanimous(drop_verdicts, *CLAIM1_WORDS[:2])
 
 
 def claim1(labels: dict, models: Sequence[str], n_test: int, n_boot: int = 2000, seed: int = 0) -> tuple:
@@ -107,8 +114,7 @@ def claim2_band(pairwise, focus: str = "lat") -> tuple:
     ``{layer: verdict}``)."""
     rows = claim2_rows(pairwise[pairwise["k"] == CLAIM2_MEASURE], focus)
     rows = rows[rows["versus"].isin(("ssft", "at", "ssft-control"))]
-    words = {int(layer): "supported" if set(group["verdict"]) == {CLAIM2_WORDS[0]} else
-             "contradicted" if set(group["verdict"]) == {CLAIM2_WORDS[1]} else "not supported"
+    words = {int(layer): unanimous(group["verdict"], *CLAIM2_WORDS[:2])
              for layer, group in rows.groupby("layer", sort=True)}
     return rows, words
 
@@ -183,8 +189,7 @@ def claim3_verdicts(rows) -> dict[str, str]:
     by_claim: dict[str, list[str]] = {}
     for row in rows:
         by_claim.setdefault(row["claim"], []).append(row["verdict"])
-    return {claim: next((word for word in CLAIM3_WORDS[:2] if all(v == word for v in words)), CLAIM3_WORDS[2])
-            for claim, words in by_claim.items()}
+    return {claim: unanimous(words, *CLAIM3_WORDS[:2], outcomes=CLAIM3_WORDS) for claim, words in by_claim.items()}
 
 
 FALL_WORDS = ("falls less", "falls further", "not resolved")  # refusal of focus minus another's: + less, - further
@@ -259,8 +264,9 @@ def robustness(under_attack: dict, sites: Sequence[str], trained: Sequence[str] 
 
 def robustness_statement(robust) -> str:
     """The answer of a ``robustness`` table in words: each trained variant's verdict against each reference, with
-    the difference in refusal (points) and its interval, and whether any variant came out more robust than every
-    reference, the property that adversarial training is meant to give."""
+    the difference in refusal (points) and its interval, whether any variant came out more robust than every
+    reference (the property that adversarial training is meant to give), and which variants' later comparisons
+    therefore lack it."""
     parts, gained = [], []
     for (variant, site), group in robust.groupby(["variant", "attack site"], sort=False):
         against = ", ".join(f"{r.verdict} {'against' if r.verdict == ROBUSTNESS_WORDS[2] else 'than'} {r.versus} "
@@ -268,9 +274,13 @@ def robustness_statement(robust) -> str:
         parts.append(f"{variant.upper()} under the attack at {site}: {against}")
         if (group["verdict"] == ROBUSTNESS_WORDS[0]).all():
             gained.append(variant.upper())
+    lacking = [v.upper() for v in robust["variant"].drop_duplicates() if v.upper() not in gained]
     closing = (f"{' and '.join(gained)} came out more robust than every reference model" if gained else
                "no adversarially trained variant came out more robust than every reference model")
-    return f"{'; '.join(parts)}. So {closing}."
+    consequence = (f" Every later comparison of {' or '.join(lacking)} with SSFT compares "
+                   f"{'adapters' if len(lacking) > 1 else 'an adapter'} without the property that defines "
+                   f"{'them' if len(lacking) > 1 else 'it'}." if lacking else "")
+    return f"{'; '.join(parts)}. So {closing}.{consequence}"
 
 
 def organisms(robust, acceptance) -> dict:
@@ -278,6 +288,37 @@ def organisms(robust, acceptance) -> dict:
     table."""
     return {"robustness": robust.round(2).to_dict("records"), "statement": robustness_statement(robust),
             "acceptance": acceptance.to_dict("records")}
+
+
+def chosen_dose(by_step: dict, trained: Sequence[str] = ("at", "lat")) -> dict:
+    """The rule, stated before the dose-response run, that picks the dose (training steps) the book ships.
+    ``by_step[step]`` holds that checkpoint's ``robustness`` table (each trained variant against SSFT and the control
+    at the same step, under a fresh attack at its own site, on `pairs` prompts, never the test split) and its
+    acceptance table (``lib.judges.acceptance`` of the control, AT and LAT on the same prompts).
+
+    1. the first checkpoint at which every variant of ``trained`` is more robust than every reference (beyond the
+       95% interval) and every variant meets the acceptance criteria;
+    2. else the last checkpoint at which every variant meets the acceptance criteria;
+    3. else the last checkpoint.
+
+    Returns {"step", "rule" (which of the three decided), "robust" (steps where 1's robustness held)}."""
+    if not by_step:
+        raise ValueError("chosen_dose needs the measurements of at least one checkpoint.")
+    steps = sorted(by_step)
+    robust, accepted = [], []
+    for step in steps:
+        table, acceptance = by_step[step]
+        verdicts = table[table["variant"].isin(trained)]
+        if set(verdicts["variant"]) == set(trained) and (verdicts["verdict"] == ROBUSTNESS_WORDS[0]).all():
+            robust.append(step)
+        if bool(acceptance["all met"].all()):
+            accepted.append(step)
+    both = [step for step in robust if step in accepted]
+    if both:
+        return {"step": both[0], "rule": "first checkpoint robust and accepted", "robust": robust}
+    if accepted:
+        return {"step": accepted[-1], "rule": "no checkpoint robust and accepted: the last accepted", "robust": robust}
+    return {"step": steps[-1], "rule": "no checkpoint accepted: the last", "robust": robust}
 
 
 REPLICATION_WORDS = ("replicated", "not replicated", "contradicted", "not testable here")
@@ -302,17 +343,22 @@ def _band_modes(rows: list[dict]) -> list[str]:
     return [name for name in ABLATION_MODES.values() if name in rows[0]]
 
 
+def _band_rows(stored: dict, claim: str) -> tuple[list[dict], str]:
+    """The stored layer-band verdict rows of ``claim`` ("layer_band", ``lib.transfer.band_verdicts``) and the span
+    of their layers ("9-19"; empty when there are none)."""
+    rows = [r for r in stored.get("layer_band", {}).get("verdicts", []) if r["claim"] == claim]
+    return rows, f"{min(r['layer'] for r in rows)}-{max(r['layer'] for r in rows)}" if rows else ""
+
+
 def _band(stored: dict, claim: str) -> dict[str, str]:
     """The layer band's readings of one claim-3 part (``lib.transfer.band_verdicts`` rows stored as "layer_band"):
     one per mode, across the layers of the band where claim 1 holds in that mode. Claim 3 compares attacks, and at
     a layer whose directions do not lower their own model's refusal there is no attack to compare; a mode with no
     such layer gives no reading."""
-    rows = [r for r in stored.get("layer_band", {}).get("verdicts", []) if r["claim"] == claim]
-    attacks = {r["layer"]: r for r in stored.get("layer_band", {}).get("verdicts", [])
-               if r["claim"] == CLAIM1_MODES_ROW}
+    rows, span = _band_rows(stored, claim)
+    attacks = {r["layer"]: r for r in _band_rows(stored, CLAIM1_MODES_ROW)[0]}
     if not rows:
         return {}
-    span = f"{min(r['layer'] for r in rows)}-{max(r['layer'] for r in rows)}"
     readings = {}
     for mode in _band_modes(rows):
         working = {r["layer"]: r[mode] for r in rows if attacks.get(r["layer"], {}).get(mode) == "supported"}
@@ -325,10 +371,9 @@ def _band(stored: dict, claim: str) -> dict[str, str]:
 def _band_shown(stored: dict, claim: str) -> str:
     """The layer band's verdicts of ``claim`` as text, per mode, for the evidence only (claim 1: a direction at
     another layer need not carry refusal; that is why a layer is chosen)."""
-    rows = [r for r in stored.get("layer_band", {}).get("verdicts", []) if r["claim"] == claim]
+    rows, span = _band_rows(stored, claim)
     if not rows:
         return ""
-    span = f"{min(r['layer'] for r in rows)}-{max(r['layer'] for r in rows)}"
     modes = _band_modes(rows)
     return "; shown, not counted: " + "; ".join(
         f"scores at layers {span}, {mode}: {across_layers({r['layer']: r[mode] for r in rows})}" for mode in modes)
@@ -387,9 +432,9 @@ def replication_table(verdicts: Sequence[dict]) -> pd.DataFrame:
     for family in dict.fromkeys(v["family"] for v in verdicts):
         stored = {v["claim"]: v for v in verdicts if v["family"] == family}
         for claim, chapter, readings, (supports, contradicts), shown in _readings(stored):
-            words = set(readings.values()) if readings else set()
-            replication = (REPLICATION_WORDS[3] if not readings else REPLICATION_WORDS[0] if words == {supports}
-                           else REPLICATION_WORDS[2] if words == {contradicts} else REPLICATION_WORDS[1])
+            replicated, not_replicated, contradicted, untestable = REPLICATION_WORDS
+            replication = (unanimous(readings.values(), supports, contradicts,
+                                     (replicated, contradicted, not_replicated)) if readings else untestable)
             evidence = ("; ".join(f"{name}: {word}" for name, word in readings.items()) + shown if readings
                         else f"no verdict stored by the {chapter} chapter in this run")
             rows.append({"family": family, "claim": claim, "replication": replication, "evidence": evidence,

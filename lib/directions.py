@@ -95,6 +95,33 @@ def settled_at(frame, tolerance: float = 0.01) -> int | None:
     return last + 1 if last < int(frame["n"].max()) else None
 
 
+def settling(frames: dict, tolerance: float = 0.01, at_n: int = 100) -> tuple:
+    """The paper's check of how many pairs a direction needs, per variant (``frames[variant]`` is a
+    ``convergence`` frame): the n from which every step stays below ``tolerance`` (``settled_at``; None: never within
+    the pairs available) and the cosine of the ``at_n``-pair direction with the all-pairs one (None with fewer
+    pairs). Returns (DataFrame, the outcome in one sentence)."""
+    rows = []
+    for variant, frame in frames.items():
+        cosine = frame[frame["n"] == at_n]["cosine to final"]
+        rows.append({"variant": variant, f"steps stay below {tolerance} from n": settled_at(frame, tolerance),
+                     f"cosine at n = {at_n} with all pairs": float(cosine.iloc[0]) if len(cosine) else None})
+    table = pd.DataFrame(rows)
+    settled = table.iloc[:, 1]
+    n_pairs = max(int(frame["n"].max()) for frame in frames.values())
+    unsettled = [v for v, n in zip(table["variant"], settled) if n is None or pd.isna(n)]
+    criterion = f"By the paper's criterion (every later step below {tolerance}), "
+    if len(unsettled) == len(table):
+        head = f"{criterion}no variant's direction settled within the {n_pairs} pairs"
+    else:
+        head = (f"{criterion}the directions settled from n = "
+                + ", ".join(f"{v} {int(n)}" for v, n in zip(table["variant"], settled) if v not in unsettled)
+                + (f"; {', '.join(unsettled)} not within the {n_pairs} pairs" if unsettled else ""))
+    cosines = table.iloc[:, 2].dropna()
+    tail = (f"; the {at_n}-pair direction's cosine with the all-pairs one is {cosines.min():.3f} to {cosines.max():.3f}"
+            if len(cosines) else "")
+    return table, f"{head}{tail}."
+
+
 def top_pc_removed_direction(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     """The paper's variant: fit a 1-component PCA on the pooled activations ([n, d] each, one layer), remove that
     component from every activation, then take the unit difference in means."""

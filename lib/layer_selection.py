@@ -63,6 +63,38 @@ def _qualifying(sweep, n_layers: int, max_kl: float, max_depth: float):
     return sweep[(sweep["layer"] >= 0) & (sweep["layer"] < max_depth * n_layers) & (sweep["KL"] < max_kl)]
 
 
+def selection_statement(sweeps, chosen: dict[str, int], n_layers: int, rule: LayerRule) -> str:
+    """The layer choice in words, from ``select_layers``' sweeps: which variants' layers the rule chose (with the KL
+    there) and which fell back (with the smallest KL of their sweep, where it was, and the KL at the fallback)."""
+    by_rule, fell_back = [], []
+    for variant, layer in chosen.items():
+        own = sweeps[(sweeps["variant"] == variant) & (sweeps["layer"] >= 0)]
+        at = float(own[own["layer"] == layer]["KL"].item())
+        if _qualifying(own, n_layers, rule.max_kl, rule.max_depth).empty:
+            lowest = own.sort_values(["KL", "layer"], kind="stable").iloc[0]
+            fell_back.append((variant, layer, at, float(lowest["KL"]), int(lowest["layer"])))
+        else:
+            by_rule.append(f"{variant} at layer {layer} (KL {at:.3f})")
+    parts = [f"The rule chose {', '.join(by_rule)}."] if by_rule else []
+    if fell_back:
+        names = ", ".join(f[0] for f in fell_back)
+        smallest = [f[3] for f in fell_back]
+        where = sorted({f[4] for f in fell_back})
+        at = [f[2] for f in fell_back]
+        layers = sorted({f[1] for f in fell_back})
+        parts.append(f"No layer of the sweep kept the harmless KL under {rule.max_kl} for {names} (the smallest KL, "
+                     f"{_span(smallest)}, was at layer{'s' if len(where) > 1 else ''} "
+                     f"{', '.join(map(str, where))}), so {'each is' if len(fell_back) > 1 else 'it is'} attacked at "
+                     f"the fallback, layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}, where "
+                     f"ablation moves the harmless first token by {_span(at)} nats.")
+    return " ".join(parts)
+
+
+def _span(values: Sequence[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.3f}" if f"{low:.3f}" == f"{high:.3f}" else f"{low:.3f} to {high:.3f}"
+
+
 def select_layer(sweep, n_layers: int, fallback: int, max_kl: float = 0.1, max_depth: float = 0.8) -> tuple[int, str]:
     """Arditi et al.'s rule: among layers below ``max_depth`` of the depth whose ablation keeps the harmless
     first-token KL under ``max_kl``, the one whose ablation lowers the refusal score most. Where no layer qualifies,

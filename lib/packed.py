@@ -18,8 +18,10 @@ from lib.batching import available_memory
 
 
 PACKED_ENV = "REFUSAL_BOOK_PACKED_LINEAR"  # where lib multiplies by packed weights: see packed_setting
-# which of lib's forward passes each setting packs (generation; the robustness check's PGD; scores and capture)
-PACKED_USES = {"0": (), "1": ("generation", "attack"), "all": ("generation", "attack", "measurement")}
+# which of lib's forward passes each setting packs (generation; the robustness check's PGD; the frozen weights in
+# training; scores and capture)
+PACKED_USES = {"0": (), "1": ("generation", "attack", "training"),
+               "all": ("generation", "attack", "training", "measurement")}
 
 
 def packed_linears_available(model: torch.nn.Module, gradients: bool = False) -> bool:
@@ -46,15 +48,17 @@ def _packable(model: torch.nn.Module, gradients: bool) -> list[torch.nn.Linear]:
 def packed_setting() -> str:
     """``REFUSAL_BOOK_PACKED_LINEAR``: where lib multiplies by weights packed for oneDNN (``packed_products``).
     ``1`` (or unset, the default): generation and the robustness check's PGD attacks, whose outputs (greedy
-    completions, judged rates) are the same as with MKL in every chapter and on both kernels (AVX-512, AVX2).
+    completions, judged rates) are the same as with MKL in every chapter and on both kernels (AVX-512, AVX2), and the
+    frozen weights of a training run (``lib.training``): a trained adapter's last bits depend on the setting, as they
+    do on the CPU, so every training log records it.
     ``all``: also the generation-free scores and activation capture, faster again, but the numbers the chapters
     print from them move in the last bits, and a few that sit on a rounding boundary print differently on oneDNN's
     AVX-512 and AVX2 kernels (``BENCHMARKS.md``, "Levers in the code today"), so the committed chapters use 1.
     ``0``: MKL everywhere."""
     value = os.environ.get(PACKED_ENV, "1")
     if value not in PACKED_USES:
-        raise ValueError(f"{PACKED_ENV}={value!r}: use 1 (the default: generation and the PGD attacks multiply by "
-                         "weights packed for oneDNN), all (scores and capture too; their printed digits move) or 0 "
+        raise ValueError(f"{PACKED_ENV}={value!r}: use 1 (the default: generation, the PGD attacks and training "
+                         "multiply by weights packed for oneDNN), all (scores and capture too; their printed digits move) or 0 "
                          "(the default kernel everywhere, MKL on x86).")
     return value
 
@@ -103,8 +107,8 @@ def packed_linears(model: torch.nn.Module, gradients: bool = False) -> Iterator[
 @contextlib.contextmanager
 def packed_products(model: torch.nn.Module, use: str, gradients: bool = False) -> Iterator[int]:
     """``packed_linears`` where ``packed_setting`` packs this ``use`` of the model ("generation", "attack": the
-    robustness check's PGD, "measurement": the generation-free scores and activation capture), else nothing: how
-    lib's forward passes multiply."""
+    robustness check's PGD, "training": the frozen weights while a LoRA trains, "measurement": the generation-free
+    scores and activation capture), else nothing: how lib's forward passes multiply."""
     if use not in PACKED_USES["all"]:
         raise ValueError(f"Unknown use {use!r}; one of {PACKED_USES['all']}.")
     packs = use in PACKED_USES[packed_setting()]

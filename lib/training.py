@@ -32,13 +32,15 @@ from peft import LoraConfig, get_peft_model
 
 from lib import data, models
 from lib.adversary import loss_under_attack, per_example_norm, perturbation_hook, pgd_attack, residual_norms
-from lib.artifacts import REPO_ROOT, read_json, sha256_file, sha256_text, write_json
+from lib.artifacts import REPO_ROOT, artifact_path, read_json, sha256_file, sha256_text, write_json
 from lib.hooks import attached
 from lib.losses import lm_loss, odds_ratio_loss, response_logprob_sums, response_logprobs
 from lib.models import LoadedModel
+from lib.packed import packed_products, packed_setting
 from lib.progress import progress
 from lib.runtime import set_seed
 from lib.training_data import ORGANISMS_ROOT, Example, distilled_answers, load_refusals, sft_examples, tokenize
+from lib.training_state import Checkpoints, RunState, latest_checkpoint, restore_checkpoint, save_checkpoint
 
 
 KINDS = ("sft", "control", "at", "lat")
@@ -143,10 +145,9 @@ def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig, desc: str | None = None):
-    """Train a new LoRA on ``lm`` (in place, wrapped by PEFT) and return (peft_model, log)."""
-    if not examples:
-        raise ValueError("No training examples.")
+def prepare_run(lm: LoadedModel, config: TrainConfig):
+    """Seed everything and wrap ``lm`` in a new LoRA (PEFT) with its optimiser and warm-up schedule: (peft_model,
+    optimizer, scheduler, trainable parameters)."""
     set_seed(config.seed)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
@@ -155,55 +156,106 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = max(1, round(config.warmup_fraction * config.steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup))
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup)), trainable
+
+
+def run_identity(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig) -> str:
+    """What a checkpoint must share with a run to be resumed by it: the settings, the examples in order, the model
+    the LoRA is trained on, and where the products are packed (``lib.packed``; packing moves the last bits)."""
+    return sha256_text(json.dumps({"config": asdict(config), "examples": [asdict(e) for e in examples],
+                                   "model": lm.info.fingerprint, "packed": packed_setting()}, sort_keys=True,
+                                  default=str))
+
+
+def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig, desc: str | None = None,
+               checkpoints: Checkpoints | None = None, stop_at: int | None = None):
+    """Train a new LoRA on ``lm`` (in place, wrapped by PEFT) and return (peft_model, log).
+
+    With ``checkpoints``, the whole state of the run is written every ``checkpoints.every`` steps, at ``stop_at``
+    and at the end (``lib.training_state``), and a run started with the same settings, examples and model resumes
+    from the latest one: the adapter comes out the same, bit for bit, as from a run that went straight through.
+    ``stop_at`` ends this call after that many steps of the run (``log["complete"]`` is then False); the next call
+    goes on from there. The frozen weights are multiplied packed for oneDNN where ``lib.packed`` packs training."""
+    if not examples:
+        raise ValueError("No training examples.")
+    if stop_at is not None and not 0 < stop_at <= config.steps:
+        raise ValueError(f"stop_at must be a step of the run (1 to {config.steps}), got {stop_at}.")
+    model, optimizer, scheduler, trainable = prepare_run(lm, config)
     order_rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    device = lm.info.device
-    layer = config.adversary_site_layer
-    pool: list[int] = []
-    log = {"config": asdict(config), "steps": []}
-    start = time.perf_counter()
-    for step in progress(range(config.steps), desc=desc or f"train {config.kind}", total=config.steps):
-        if len(pool) < config.batch_size:
-            refill = list(range(len(examples)))
-            order_rng.shuffle(refill)
-            pool += refill
-        indices, pool = pool[:config.batch_size], pool[config.batch_size:]
-        chosen = [examples[i] for i in indices]
-        batch = {k: v.to(device) for k, v in tokenize(lm, chosen, config.max_length,
-                                                           config.max_response_tokens).items()}
-        record = {"step": step}
-        preference = None
-        with_preference = config.preference_weight > 0 and any(e.rejected is not None for e in chosen)
-        if layer is not None:
-            model.eval()  # the adversary sees the model without dropout
-            delta = pgd_attack(lm, batch, layer, config.epsilon, config.pgd_steps, generator)
-            model.train()
-            with attached([perturbation_hook(lm, layer, {"delta": delta})]):
-                loss = lm_loss(lm, batch)
-            record["delta_norm"] = round(float(per_example_norm(delta).mean()), 4)
-            if with_preference:
-                preference = preference_loss(lm, chosen, config)
-        elif with_preference:
-            loss, preference = lm_and_preference_loss(lm, chosen, config)
-        else:
-            loss = lm_loss(lm, batch)
-        record["loss"] = round(float(loss.detach()), 5)
-        if preference is not None:
-            record["preference_loss"] = round(float(preference.detach()), 5)
-            loss = loss + config.preference_weight * preference
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        record["grad_norm"] = round(float(grad_norm), 5)
-        log["steps"].append(record)
+    state = RunState(log={"config": asdict(config), "steps": [], "wall_seconds": 0.0, "sessions": []})
+    identity = run_identity(lm, examples, config)
+    if checkpoints is not None:
+        found = latest_checkpoint(checkpoints, identity, config.steps)
+        if found is not None:
+            state = restore_checkpoint(found, model, optimizer, scheduler, order_rng, generator)
+    last = config.steps if stop_at is None else stop_at
+    first, start = state.step, time.perf_counter()
+
+    with packed_products(lm.model, "training", gradients=True):
+        for step in progress(range(first, last), desc=desc or f"train {config.kind}", total=last - first):
+            if len(state.pool) < config.batch_size:
+                refill = list(range(len(examples)))
+                order_rng.shuffle(refill)
+                state.pool += refill
+            indices, state.pool = state.pool[:config.batch_size], state.pool[config.batch_size:]
+            state.log["steps"].append(training_step(lm, model, [examples[i] for i in indices], config, optimizer,
+                                                    scheduler, trainable, generator, step))
+            if checkpoints is not None and ((step + 1) % checkpoints.every == 0 or step + 1 == last):
+                save_checkpoint(checkpoints, identity, RunState(step + 1, state.pool, _with_session(
+                    state.log, first, step + 1, start, lm)), model, optimizer, scheduler, order_rng, generator)
     model.eval()
-    log["wall_seconds"] = round(time.perf_counter() - start, 1)
-    log["machine"] = {"platform": platform.platform(), "processor": platform.machine(),
-                      "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+    log = _with_session(state.log, first, last, start, lm)
+    log["complete"] = last == config.steps
+    log["machine"] = log["sessions"][-1]["machine"]
     return model, log
+
+
+def training_step(lm: LoadedModel, model, chosen: Sequence[Example], config: TrainConfig, optimizer, scheduler,
+                  trainable: Sequence[torch.nn.Parameter], generator: torch.Generator, step: int) -> dict:
+    """One optimiser step on the batch ``chosen``: under a fresh PGD perturbation at the adversary's site for AT
+    and LAT, plain for the control and SSFT, with the odds-ratio term where the recipe weights it. Returns the
+    step's log record (loss, gradient norm, the perturbation's mean norm)."""
+    batch = {k: v.to(lm.info.device) for k, v in tokenize(lm, chosen, config.max_length,
+                                                       config.max_response_tokens).items()}
+    record = {"step": step}
+    preference = None
+    with_preference = config.preference_weight > 0 and any(e.rejected is not None for e in chosen)
+    layer = config.adversary_site_layer
+    if layer is not None:
+        model.eval()  # the adversary sees the model without dropout
+        delta = pgd_attack(lm, batch, layer, config.epsilon, config.pgd_steps, generator)
+        model.train()
+        with attached([perturbation_hook(lm, layer, {"delta": delta})]):
+            loss = lm_loss(lm, batch)
+        record["delta_norm"] = round(float(per_example_norm(delta).mean()), 4)
+        if with_preference:
+            preference = preference_loss(lm, chosen, config)
+    elif with_preference:
+        loss, preference = lm_and_preference_loss(lm, chosen, config)
+    else:
+        loss = lm_loss(lm, batch)
+    record["loss"] = round(float(loss.detach()), 5)
+    if preference is not None:
+        record["preference_loss"] = round(float(preference.detach()), 5)
+        loss = loss + config.preference_weight * preference
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    record["grad_norm"] = round(float(grad_norm), 5)
+    return record
+
+
+def _with_session(log: dict, first: int, last: int, start: float, lm: LoadedModel) -> dict:
+    """``log`` with this call's stretch of the run so far (steps, wall time, machine) added to its sessions and
+    the run's total wall time updated; ``log`` itself is left as it is."""
+    session = {"steps": [first, last], "wall_seconds": round(time.perf_counter() - start, 1), "machine": {
+        "platform": platform.platform(), "processor": platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "device": str(lm.info.device), "packed": packed_setting()}}
+    sessions = [*log["sessions"], session]
+    return {**log, "sessions": sessions, "wall_seconds": round(sum(s["wall_seconds"] for s in sessions), 1)}
 
 
 def save_adapter(peft_model, folder: Path, log: dict) -> Path:
@@ -258,14 +310,36 @@ def _config(kind: str, spec: dict, seed: int, **extra) -> TrainConfig:
     return TrainConfig(kind=kind, seed=seed, **fields, **extra)
 
 
-def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bool = False) -> Path:
-    """Train one variant of ``family`` from its recipe and write it to data/adapters/<family>/<variant>/."""
-    stages = recipe(family)
+def recipe_examples(family: str, seed: int = 42, retrain_distill: bool = False) -> list[Example]:
+    """The training examples of ``family``'s recipe: the `train` split's harmful prompts with their refusals and
+    its harmless twins with the base model's own (distilled, cached) answers."""
     pairs = data.split("train", seed)
-    refusals = load_refusals()
+    stages = recipe(family)
     answers = distilled_answers(family, pairs, stages["distill"], retrain=retrain_distill)
     harmful_answers = distilled_answers(family, pairs, stages["distill"], retrain=retrain_distill, kind="harmful")
-    examples = sft_examples(pairs, refusals, answers, harmful_answers)
+    return sft_examples(pairs, load_refusals(), answers, harmful_answers)
+
+
+def dose_checkpoints(family: str, variant: str, seed: int) -> Checkpoints:
+    """Where the dose-response run (the recipe's ``dose`` stage) of ``variant`` with ``seed`` keeps its resumable
+    checkpoints: ``artifacts/checkpoints/<family>/<variant>-seed<seed>-steps<steps>/``, one every
+    ``checkpoint_every`` steps, all kept (each one is measured)."""
+    dose = recipe(family)["dose"]
+    return Checkpoints(artifact_path("checkpoints", family, f"{variant}-seed{seed}-steps{dose['steps']}"),
+                       every=dose["checkpoint_every"])
+
+
+def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bool = False,
+                  dose: bool = False) -> Path:
+    """Train one variant of ``family`` from its recipe and write it to data/adapters/<family>/<variant>/. With
+    ``dose``, the control, AT or LAT trains for the recipe's ``dose`` stage instead (its steps, with a resumable
+    checkpoint every ``checkpoint_every`` steps, ``dose_checkpoints``), resuming where an earlier call stopped, and
+    the checkpoint folder is returned: which checkpoint ships is decided by the measurements of every one
+    (``lib.claims.chosen_dose``)."""
+    if dose and variant == "ssft":
+        raise ValueError("The dose-response run trains the control, AT and LAT from the shipped SSFT, not SSFT.")
+    stages = recipe(family)
+    examples = recipe_examples(family, seed, retrain_distill)
     data_hash = sha256_text(json.dumps([asdict(e) for e in examples]))
     if variant == "ssft":
         lm = models.load(family, "base", device="auto")
@@ -278,9 +352,14 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
             layer = 0 if kind == "at" else lm.info.adversary_layer
             sweep = epsilon_sweep(family, lm, examples, layer, stages["epsilon"], seed)
             extra = {"epsilon": sweep["epsilon"], "adversary_layer": layer, "notes": {"epsilon_sweep": sweep}}
-        config = _config(kind, stages["adversarial"], seed, **extra)
+        settings = {**stages["adversarial"], "steps": stages["dose"]["steps"]} if dose else stages["adversarial"]
+        config = _config(kind, settings, seed, **extra)
     else:
         raise ValueError(f"Unknown variant {variant!r} to train; choose ssft, ssft-control, at or lat.")
+    if dose:
+        checkpoints = dose_checkpoints(family, variant, seed)
+        train_lora(lm, examples, config, desc=f"train {variant} (dose run, seed {seed})", checkpoints=checkpoints)
+        return Path(checkpoints.folder)
     model, log = train_lora(lm, examples, config, desc=f"train {variant}")
     log.update(family=family, variant=variant, data_sha256=data_hash, n_examples=len(examples),
                recipe_why={k: v.get("why") for k, v in stages.items()})
@@ -324,10 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", default="smollm2-135m")
     parser.add_argument("--variants", nargs="*", default=list(TRAINING_ORDER))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--dose", action="store_true", help="the recipe's dose-response run of the control, AT and "
+                        "LAT (resumable checkpoints under artifacts/checkpoints/; run it again to go on)")
     args = parser.parse_args(argv)
-    for variant in [v for v in TRAINING_ORDER if v in args.variants]:
+    variants = [v for v in TRAINING_ORDER if v in args.variants and not (args.dose and v == "ssft")]
+    for variant in variants:
         start = time.perf_counter()
-        folder = train_variant(args.family, variant, args.seed)
+        folder = train_variant(args.family, variant, args.seed, dose=args.dose)
         print(f"{variant}: {folder.relative_to(REPO_ROOT)} in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

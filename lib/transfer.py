@@ -98,9 +98,9 @@ def gain_modes(gains_by_mode: dict) -> tuple:
     """Which subspace-growth verdicts survive both ablation modes. ``gains_by_mode`` maps a mode ("zero", "mean") to
     a ``subspace_gains`` frame of the same sources, targets and steps. Per (source, step, target): the verdict under
     each mode ("score falls more": the larger subspace lowers the refusal score more, the interval lies below 0;
-    "score falls less" above 0; else "no difference") and whether they agree. Returns (DataFrame, one sentence
-    counting the verdicts that change and naming, per source and step, how many targets each verdict had under
-    each mode)."""
+    "score falls less" above 0; else "no difference") and whether they agree. Returns (DataFrame, a statement: the
+    number of verdicts that change, and per source and step how many targets had each verdict, under each mode
+    where they differ and once where both modes agree)."""
     if set(gains_by_mode) != {"zero", "mean"}:
         raise ValueError(f"gain_modes needs subspace gains under 'zero' and 'mean', got {sorted(gains_by_mode)}.")
     keys = ["source", "from", "to", "target"]
@@ -112,17 +112,25 @@ def gain_modes(gains_by_mode: dict) -> tuple:
     if table[["zero ablation", "mean ablation"]].isna().any().any():
         raise ValueError("The zero- and mean-ablation gains cover different sources, steps or targets.")
     table["same under both"] = table["zero ablation"] == table["mean ablation"]
-    steps = []
+    changed_steps, held_steps = [], []
     for (source, a, b), group in table.groupby(["source", "from", "to"], sort=False):
+        counts = {mode: _verdict_counts(group[f"{mode} ablation"]) for mode in ("zero", "mean")}
         if group["same under both"].all():
-            continue
-        counts = {mode: ", ".join(f"{word} in {n}" for word in (*GAIN_WORDS, ON_THE_EDGE)
-                                  if (n := int((group[f"{mode} ablation"] == word).sum()))) for mode in ("zero", "mean")}
-        steps.append(f"{source} {a} to {b} ({counts['zero']} of {len(group)} targets under zero ablation; "
-                     f"{counts['mean']} under mean ablation)")
+            held_steps.append(f"{source} {a} to {b} ({counts['zero']} of {len(group)} targets)")
+        else:
+            changed_steps.append(f"{source} {a} to {b} ({counts['zero']} of {len(group)} targets under zero "
+                                 f"ablation; {counts['mean']} under mean ablation)")
     changed = int((~table["same under both"]).sum())
     head = f"{changed} of {len(table)} subspace-growth verdicts change between zero and mean ablation"
-    return table.set_index(keys), f"{head}: {'; '.join(steps)}." if steps else f"{head}."
+    sentences = [f"{head}: {'; '.join(changed_steps)}." if changed_steps else f"{head}."]
+    if held_steps:
+        sentences.append(f"The same under both modes: {'; '.join(held_steps)}.")
+    return table.set_index(keys), " ".join(sentences)
+
+
+def _verdict_counts(words: pd.Series) -> str:
+    """How many targets had each growth verdict, e.g. "score falls more in 2, no difference in 2"."""
+    return ", ".join(f"{word} in {n}" for word in (*GAIN_WORDS, ON_THE_EDGE) if (n := int((words == word).sum())))
 
 
 MODE_CONDITIONS = (*ABLATION_MODES, "control")

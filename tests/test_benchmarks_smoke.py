@@ -1,6 +1,7 @@
 """benchmarks/: `make bench` and the GPU script's Python part run end to end on tiny models (seconds), the methods
 they time produce the same greedy tokens, and the report's targets are the ratios measured side by side."""
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -37,8 +38,29 @@ def test_make_bench_path_on_the_tiny_family(tiny_family, tmp_path):
         assert float(packed[name]["agreement"].split()[-1]) < 1e-3  # the same up to the order of the sums
     targets = {row["target"] for row in run.target_rows(results)}
     assert "hooks vs the paper's recompute loop" in targets and "greedy generation: packed weights vs MKL" in targets
+    assert "training" not in results  # the tiny family has no training recipe: the section says so and is skipped
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["family"] == "tiny-llama"
     assert "## Targets" in next(tmp_path.glob("bench-*.md")).read_text()
+
+
+def test_training_steps_are_timed_packed_and_with_mkl(tiny_family, tmp_path, monkeypatch):
+    from lib import training
+    from tests.lib.test_training import EXAMPLES
+
+    adversarial = {"steps": 4, "batch_size": 2, "learning_rate": 1e-2, "lora_r": 2, "lora_alpha": 2, "pgd_steps": 2}
+    monkeypatch.setattr(training, "recipes", lambda: {"tiny-llama": {"adversarial": adversarial}})
+    monkeypatch.setattr(training, "recipe_examples", lambda family: EXAMPLES)
+    monkeypatch.setattr(run, "chosen_radius", lambda family, layer: 1.0)
+    results = {}
+    run.bench_training(argparse.Namespace(family="tiny-llama", device="cpu", dtype="auto", seed=0, repeats=1,
+                                          train_steps=1), "cpu", results)
+    assert results["training"]["start"] == "base"  # the tiny family has no SSFT variant
+    rows = rows_by(results["training"]["rows"], "step")
+    assert set(rows) == set(run.TRAINING_KINDS.values())
+    assert all(row["packed s/step"] > 0 and row["MKL s/step"] > 0 for row in rows.values())
+    assert rows[run.TRAINING_KINDS["control"]]["vs plain step (MKL)"] == 1.0
+    assert rows[run.TRAINING_KINDS["lat"]]["vs plain step (MKL)"] > 0  # tiny-model timings are noise: no ordering
+    assert "LAT training step: packed weights vs MKL" in {row["target"] for row in run.target_rows(results)}
 
 
 def test_targets_are_within_round_ratios_against_their_goal():

@@ -406,7 +406,8 @@ def test_gain_modes_names_the_steps_whose_verdict_flips():
                          "(score falls less in 1, no difference in 1 of 2 targets under zero ablation; "
                          "score falls more in 1, no difference in 1 under mean ablation).")
     same, sentence = transfer.gain_modes({"zero": gains([(1.0, 2.0)] * 2), "mean": gains([(1.0, 3.0)] * 2)})
-    assert sentence == "0 of 2 subspace-growth verdicts change between zero and mean ablation."
+    assert sentence == ("0 of 2 subspace-growth verdicts change between zero and mean ablation. The same under both "
+                        "modes: lat k=2 to k=3 (score falls less in 2 of 2 targets).")
     with pytest.raises(ValueError, match="'zero' and 'mean'"):
         transfer.gain_modes({"zero": gains([(1.0, 2.0)] * 2)})
     with pytest.raises(ValueError, match="different sources"):
@@ -612,3 +613,14 @@ def test_band_statement_names_the_verdicts_that_depend_on_the_layer():
     assert transfer.band_statement(verdicts) == (
         "Across layers 9 to 10: A: supported under zero ablation, supported at 1, not resolved at 1 of 2 layers "
         "under mean.")
+
+
+def test_unanimous_needs_every_word_to_agree():
+    from lib.claims import unanimous
+
+    assert unanimous(["up", "up"], "up", "down") == "supported"
+    assert unanimous(["down"], "up", "down") == "contradicted"
+    assert unanimous(["up", "down"], "up", "down") == "not supported"
+    assert unanimous(["up", "unclear"], "up", "down") == "not supported"
+    assert unanimous([], "up", "down") == "not supported"
+    assert unanimous(["down", "down"], "up", "down", ("yes", "no", "mixed")) == "no"

@@ -285,3 +285,39 @@ def test_claims_1_and_2_can_be_contradicted_and_old_runs_still_read():
     table = claims.replication_table(stored).set_index("claim")["replication"]
     assert table["1. Ablating a model's own refusal direction lowers its refusal"] == "contradicted"
     assert table["2. LAT's second component carries more of the harmful-harmless difference"] == "contradicted"
+
+
+def test_robustness_statement_names_the_variants_without_robustness():
+    refusing, complying = ["refusal"] * 8, ["valid"] * 8
+    under_attack = {("at", "emb"): refusing, ("lat", "l4"): complying[:4] + refusing[:4],
+                    ("ssft", "emb"): complying, ("ssft-control", "emb"): complying,
+                    ("ssft", "l4"): complying[:4] + refusing[:4], ("ssft-control", "l4"): complying[:4] + refusing[:4]}
+    robust = claims.robustness(under_attack, ["emb", "l4"])
+    assert list(robust["verdict"]) == ["more robust", "more robust", "not resolved", "not resolved"]
+    statement = claims.robustness_statement(robust)
+    assert statement.startswith("AT under the attack at emb: more robust than ssft (+100.0 points [+100.0, +100.0])")
+    assert statement.endswith("So AT came out more robust than every reference model. Every later comparison of LAT "
+                              "with SSFT compares an adapter without the property that defines it.")
+    none = claims.robustness_statement(claims.robustness({**under_attack, ("at", "emb"): complying}, ["emb", "l4"]))
+    assert none.endswith("So no adversarially trained variant came out more robust than every reference model. Every "
+                         "later comparison of AT or LAT with SSFT compares adapters without the property that "
+                         "defines them.")
+
+
+def test_chosen_dose_follows_the_stated_rule():
+    def measured(at, lat, accepted=True):
+        robust = pd.DataFrame([{"variant": v, "versus": r, "verdict": word} for v, word in (("at", at), ("lat", lat))
+                               for r in ("ssft", "ssft-control")])
+        return robust, pd.DataFrame([{"variant": v, "all met": accepted} for v in ("ssft-control", "at", "lat")])
+
+    more, none = "more robust", "not resolved"
+    by_step = {70: measured(none, none), 140: measured(more, none), 210: measured(more, more, accepted=False),
+               280: measured(more, more), 350: measured(more, more)}
+    assert claims.chosen_dose(by_step) == {"step": 280, "rule": "first checkpoint robust and accepted",
+                                           "robust": [210, 280, 350]}
+    never = {70: measured(none, none), 140: measured(more, none), 210: measured(none, none, accepted=False)}
+    assert claims.chosen_dose(never)["step"] == 140 and claims.chosen_dose(never)["rule"].endswith("the last accepted")
+    rejected = {70: measured(more, more, accepted=False), 140: measured(none, none, accepted=False)}
+    assert claims.chosen_dose(rejected) == {"step": 140, "rule": "no checkpoint accepted: the last", "robust": [70]}
+    with pytest.raises(ValueError, match="at least one"):
+        claims.chosen_dose({})

@@ -195,3 +195,22 @@ def test_a_corrupt_cache_is_recomputed_with_a_warning_and_a_stale_one_quietly(tm
     json_path.write_text("{")
     with pytest.warns(UserWarning, match="not valid JSON.*recomputing it"):
         assert artifacts.cached_json(json_path, "k", lambda: [1]) == [1]
+
+
+def test_settling_states_when_each_direction_settled():
+    import pandas as pd
+
+    from lib import directions
+
+    def frame(steps):
+        return pd.DataFrame({"n": range(2, 2 + len(steps)), "step distance": steps,
+                             "cosine to final": [0.9 + 0.01 * i for i in range(len(steps))]})
+
+    table, statement = directions.settling({"a": frame([0.5, 0.2, 0.005, 0.004]), "b": frame([0.5, 0.2, 0.1, 0.02])},
+                                           at_n=4)
+    assert table.iloc[:, 1].tolist()[0] == 4 and pd.isna(table.iloc[1, 1])
+    assert statement == ("By the paper's criterion (every later step below 0.01), the directions settled from n = "
+                         "a 4; b not within the 5 pairs; the 4-pair direction's cosine with the all-pairs one is "
+                         "0.920 to 0.920.")
+    _, never = directions.settling({"b": frame([0.5, 0.2, 0.1, 0.02])}, at_n=100)
+    assert never == "By the paper's criterion (every later step below 0.01), no variant's direction settled within the 5 pairs."

@@ -77,3 +77,20 @@ def test_select_layers_sweeps_each_variant_in_its_own_weights(tiny_family, promp
     assert table.loc["base", "KL at chosen layer"] == row["KL"]
     assert table.loc["base", "unablated refusal score"] == base.set_index("layer").loc[-1, "refusal score"]
     assert table.loc["lora", "why"] == reasons["lora"]
+
+
+def test_selection_statement_says_which_layers_fell_back():
+    import pandas as pd
+
+    from lib.layer_selection import LayerRule, selection_statement
+
+    def sweep(variant, kls):
+        return pd.DataFrame([{"variant": variant, "layer": -1, "refusal score": 5.0, "KL": 0.0}] +
+                            [{"variant": variant, "layer": i, "refusal score": -float(i), "KL": kl}
+                             for i, kl in enumerate(kls, 1)])
+
+    sweeps = pd.concat([sweep("a", [0.3, 0.2, 0.5, 0.6]), sweep("b", [0.05, 0.3, 0.4, 0.5])], ignore_index=True)
+    statement = selection_statement(sweeps, {"a": 3, "b": 1}, 5, LayerRule(fallback=3, max_kl=0.1))
+    assert statement == ("The rule chose b at layer 1 (KL 0.050). No layer of the sweep kept the harmless KL under 0.1 "
+                         "for a (the smallest KL, 0.200, was at layer 2), so it is attacked at the fallback, layer 3, "
+                         "where ablation moves the harmless first token by 0.500 nats.")

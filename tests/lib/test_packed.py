@@ -34,11 +34,13 @@ def test_a_packed_linear_setting_other_than_0_1_or_all_and_an_unknown_use_are_er
             pass
 
 
-@pytest.mark.parametrize("setting, packings", [("0", [0, 0, 0, 0]), ("1", [1, 2, 0, 0]), ("all", [1, 2, 1, 1])])
+@pytest.mark.parametrize("setting, packings", [("0", [0, 0, 0, 0, 0]), ("1", [1, 2, 0, 0, 1]),
+                                               ("all", [1, 2, 1, 1, 1])])
 def test_each_setting_packs_its_own_forward_passes(tiny, prompts, monkeypatch, setting, packings):
-    """Generation and the PGD attack (then generation under it) pack by default; the scores and the capture, whose
-    printed digits would move, only under ``all``."""
-    from lib import capture, scores
+    """Generation, the PGD attack (then generation under it) and training pack by default; the scores and the
+    capture, whose printed digits would move, only under ``all``."""
+    from lib import capture, models, scores, training
+    from lib.training_data import Example
 
     calls = []
     real = packing.packed_linears
@@ -53,11 +55,14 @@ def test_each_setting_packs_its_own_forward_passes(tiny, prompts, monkeypatch, s
     for run in (lambda: generation.generate(tiny, prompts[:2], 2, batch_size=2),
                 lambda: adversary.attacked_completions(tiny, prompts[:2], ["No."] * 2, adversary.Attack(1, 1.0, 1, 1)),
                 lambda: scores.refusal_score(tiny, prompts[:2]),
-                lambda: capture.collect(tiny, prompts[:2], [0])):
+                lambda: capture.collect(tiny, prompts[:2], [0]),
+                lambda: training.train_lora(models.load("tiny-llama", "base", device="cpu"),
+                                            [Example("how do i bake bread", "sure here is a poem")],
+                                            training.TrainConfig("control", steps=1, learning_rate=1e-2, batch_size=1))):
         before = len(calls)
         run()
         counts.append(len(calls) - before)
-    assert counts == packings and calls.count(True) == (setting != "0")  # the attack's packing carries gradients
+    assert counts == packings and calls.count(True) == 2 * (setting != "0")  # the attack's and training's carry gradients
 
 
 def test_packed_linears_see_weight_edits_made_before_entering(tiny, prompts):

@@ -131,3 +131,56 @@ def test_attacked_completions_perturb_only_the_prompt(tiny):
     assert none == plain  # a vanishing budget changes nothing
     strong = adversary.attacked_completions(tiny, prompts, targets, adversary.Attack(1, 50.0, 3, 6))
     assert strong != plain and len(strong) == 2
+
+
+@pytest.mark.parametrize("kind", ["control", "lat"])
+def test_a_stopped_and_resumed_run_equals_one_straight_through(tiny_family, tmp_path, kind):
+    from lib.training_state import Checkpoints
+
+    config = TrainConfig(kind=kind, steps=5, learning_rate=1e-2, batch_size=3, lora_r=2, lora_alpha=2,
+                         lora_dropout=0.2, epsilon=1.0 if kind == "lat" else None,
+                         adversary_layer=1 if kind == "lat" else None, pgd_steps=2)
+
+    def adapter(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    straight, straight_log = training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config)
+    checkpoints = Checkpoints(tmp_path / "run", every=2)
+    _, partial = training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config,
+                                     checkpoints=checkpoints, stop_at=3)
+    assert not partial["complete"] and len(partial["steps"]) == 3
+    assert checkpoints.written() == [2, 3]
+    resumed, resumed_log = training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config,
+                                               checkpoints=checkpoints)
+    assert resumed_log["complete"] and checkpoints.written() == [2, 3, 4, 5]
+    assert [s["steps"] for s in resumed_log["sessions"]] == [[0, 3], [3, 5]]
+    assert resumed_log["steps"] == straight_log["steps"]  # the same losses, gradient norms and perturbations
+    expected, found = adapter(straight), adapter(resumed)
+    assert expected.keys() == found.keys()
+    assert all(torch.equal(expected[n], found[n]) for n in expected)  # bit for bit
+
+
+def test_a_checkpoint_of_another_run_is_refused(tiny_family, tmp_path):
+    from lib.artifacts import ArtifactError
+    from lib.training_state import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "run", every=1, keep_all=False)
+    config = TrainConfig(kind="control", steps=2, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2)
+    training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config, checkpoints=checkpoints)
+    assert checkpoints.written() == [2]  # keep_all=False keeps the latest only
+    other = TrainConfig(kind="control", steps=2, learning_rate=2e-2, batch_size=2, lora_r=2, lora_alpha=2)
+    with pytest.raises(ArtifactError, match="another training run"):
+        training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, other, checkpoints=checkpoints)
+    with pytest.raises(ValueError, match="stop_at"):
+        training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config, stop_at=3)
+    with pytest.raises(ValueError, match="every"):
+        Checkpoints(tmp_path, every=0)
+
+
+def test_the_dose_run_keeps_its_checkpoints_by_variant_and_seed():
+    checkpoints = training.dose_checkpoints("smollm2-135m", "lat", 43)
+    dose = training.recipe("smollm2-135m")["dose"]
+    assert checkpoints.folder.name == f"lat-seed43-steps{dose['steps']}" and checkpoints.every == dose["checkpoint_every"]
+    assert checkpoints.folder.parent.parent.name == "checkpoints" and checkpoints.keep_all
+    with pytest.raises(ValueError, match="not SSFT"):
+        training.train_variant("smollm2-135m", "ssft", dose=True)
