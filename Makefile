@@ -57,6 +57,7 @@ browser:
 # go on from its last checkpoint under artifacts/checkpoints/).
 organisms: setup
 	$(PY) -m lib.training --family smollm2-135m $(ORGANISMS_ARGS)
+	$(PY) -m lib.organisms --family smollm2-135m --readme
 
 # Throughput benchmarks (BENCHMARKS.md) in .venv-bench with the `bench` extra: make bench [FAMILY=..] [BENCH_ARGS=..]
 bench:

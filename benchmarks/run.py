@@ -258,14 +258,14 @@ def bench_training(args, device, results: dict) -> None:
         extra = {} if layer is None else {"epsilon": chosen_radius(args.family, layer), "adversary_layer": layer}
         config = training.TrainConfig(kind=kind, seed=args.seed, **{k: v for k, v in stages["adversarial"].items()
                                                                      if k not in ("why", "kind")}, **extra)
-        model, optimizer, scheduler, trainable = training.prepare_run(lm, config)
+        run = training.prepare_run(lm, config)
         chosen = examples[:config.batch_size]
         generator = torch.Generator().manual_seed(args.seed)
 
         def steps():
             with packed_products(lm.model, "training", gradients=True):
-                return [training.training_step(lm, model, chosen, config, optimizer, scheduler, trainable, generator,
-                                               step)["loss"] for step in range(args.train_steps)]
+                return [training.training_step(lm, run, chosen, config, generator, step)["loss"]
+                        for step in range(args.train_steps)]
 
         log(f"training: {name}")
         methods = {"packed": with_setting("1", steps), "MKL": with_setting("0", steps)}

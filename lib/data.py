@@ -118,6 +118,23 @@ def load_twins(path: Path | None = None) -> dict[str, dict]:
     return twins
 
 
+EVERYDAY_FILE = DATA_DIR / "everyday.jsonl"
+
+
+def everyday_prompts(path: Path | None = None) -> list[str]:
+    """The project's ~100 ordinary everyday instructions, in file order: a harmless set that is not twins of the
+    harmful prompts (the twins mirror a harmful request's form), never trained on and never used for a choice, on
+    which the organisms' over-refusal of unrelated requests is measured."""
+    path = path or EVERYDAY_FILE
+    if not path.exists():
+        raise DataUnavailableError(f"{path} is missing; it is tracked in git — restore it with `git checkout {path.name}`.")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ids = [row["id"] for row in rows]
+    if len(set(ids)) != len(ids):
+        raise DataIntegrityError(f"{path} repeats an id; every everyday prompt needs its own.")
+    return [row["prompt"] for row in rows]
+
+
 def offline_pairs() -> list[PromptPair]:
     """Every harmful prompt with its twin; fails if a twin is missing or was written for a different text."""
     twins = load_twins()

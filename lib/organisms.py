@@ -4,12 +4,13 @@ attacks the trained variants afresh."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 import pandas as pd
 
 from lib.adversary import Attack, cached_attack
-from lib.artifacts import read_json, sha256_file
+from lib.artifacts import atomic_path, read_json, sha256_file
 from lib.models import LoadedModel, family_spec
 from lib.training import ADAPTERS_ROOT
 from lib.training_data import ORGANISMS_ROOT, load_refusals, refusal_for
@@ -39,6 +40,30 @@ def adapter_table(family: str, variants: Sequence[str]):
                      "minutes": round(log["wall_seconds"] / 60, 1), "adapter KiB": round(weights.stat().st_size / 1024),
                      "sha256": sha256_file(weights)[:12]})
     return pd.DataFrame(rows).set_index("variant")
+
+
+def adapters_readme(family: str, variants: Sequence[str]) -> str:
+    """``data/adapters/<family>/README.md`` as the shipped adapters' logs and manifests say it should read: each
+    adapter's recipe stage, starting model, steps (the dose), batch, seed, radius, the products it was trained with
+    (``lib.packed``; adapters from before packed training were trained with MKL) and the SHA-256 of its weights
+    (``tests/lib/test_organisms.py`` checks that the file is this text)."""
+    lines = [f"# Shipped adapters of `{family}`", "",
+             "Written by `python -m lib.organisms --readme` from each adapter's `training_log.json` and `manifest.json`; "
+             "`make organisms` retrains them from `lib/recipes.yaml` (`ssft` first, then the others from the merged "
+             "`ssft`).", "",
+             "| variant | kind | trained from | steps | batch | seed | epsilon | products | adapter sha256 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        log = training_log(family, variant)
+        config = log["config"]
+        weights = read_json(ADAPTERS_ROOT / family / variant / "manifest.json",
+                            "Restore it with `git checkout`.")["files"]["adapter_model.safetensors"]
+        packed = log.get("machine", {}).get("packed", "0")
+        epsilon = "" if config["epsilon"] is None else f"{config['epsilon']:.4g}"
+        start = "base" if variant == "ssft" else "ssft"
+        lines.append(f"| `{variant}` | {config['kind']} | {start} | {config['steps']} | {config['batch_size']} | "
+                     f"{config['seed']} | {epsilon} | {'oneDNN packed' if packed != '0' else 'MKL'} | `{weights}` |")
+    return "\n".join(lines) + "\n"
 
 
 def loss_frame(family: str, variants: Sequence[str]):
@@ -91,3 +116,26 @@ def robustness_completions(lm: LoadedModel, pairs: Sequence, steps: int, max_new
     return {label: cached_attack(lm, prompts, targets,
                                  Attack(layer, chosen_radius(family, layer), steps, max_new_tokens), seed)
             for label, layer in sites_attacked(family, lm.info.variant).items()}
+
+
+def readme_path(family: str):
+    return ADAPTERS_ROOT / family / "README.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write data/adapters/<family>/README.md from the shipped adapters' "
+                                     "training logs and manifests.")
+    parser.add_argument("--family", default="smollm2-135m")
+    parser.add_argument("--readme", action="store_true", help="write the README (the only action)")
+    args = parser.parse_args(argv)
+    if not args.readme:
+        parser.error("nothing to do: pass --readme")
+    variants = [v for v in family_spec(args.family)["variants"] if v != "base"]
+    with atomic_path(readme_path(args.family)) as tmp:
+        tmp.write_text(adapters_readme(args.family, variants), encoding="utf-8")
+    print(f"wrote {readme_path(args.family)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

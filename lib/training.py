@@ -145,9 +145,19 @@ def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-def prepare_run(lm: LoadedModel, config: TrainConfig):
-    """Seed everything and wrap ``lm`` in a new LoRA (PEFT) with its optimiser and warm-up schedule: (peft_model,
-    optimizer, scheduler, trainable parameters)."""
+@dataclass
+class LoraRun:
+    """A LoRA being trained: the PEFT-wrapped model, its AdamW optimiser, the warm-up schedule and the trainable
+    parameters (the LoRA weights)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    trainable: list[torch.nn.Parameter]
+
+
+def prepare_run(lm: LoadedModel, config: TrainConfig) -> LoraRun:
+    """Seed everything and wrap ``lm`` in a new LoRA (PEFT) with its optimiser and warm-up schedule."""
     set_seed(config.seed)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
@@ -156,7 +166,7 @@ def prepare_run(lm: LoadedModel, config: TrainConfig):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = max(1, round(config.warmup_fraction * config.steps))
-    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup)), trainable
+    return LoraRun(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup)), trainable)
 
 
 def run_identity(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig) -> str:
@@ -180,7 +190,7 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
         raise ValueError("No training examples.")
     if stop_at is not None and not 0 < stop_at <= config.steps:
         raise ValueError(f"stop_at must be a step of the run (1 to {config.steps}), got {stop_at}.")
-    model, optimizer, scheduler, trainable = prepare_run(lm, config)
+    run = prepare_run(lm, config)
     order_rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     state = RunState(log={"config": asdict(config), "steps": [], "wall_seconds": 0.0, "sessions": []})
@@ -188,7 +198,7 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
     if checkpoints is not None:
         found = latest_checkpoint(checkpoints, identity, config.steps)
         if found is not None:
-            state = restore_checkpoint(found, model, optimizer, scheduler, order_rng, generator)
+            state = restore_checkpoint(found, run.model, run.optimizer, run.scheduler, order_rng, generator)
     last = config.steps if stop_at is None else stop_at
     first, start = state.step, time.perf_counter()
 
@@ -199,20 +209,20 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
                 order_rng.shuffle(refill)
                 state.pool += refill
             indices, state.pool = state.pool[:config.batch_size], state.pool[config.batch_size:]
-            state.log["steps"].append(training_step(lm, model, [examples[i] for i in indices], config, optimizer,
-                                                    scheduler, trainable, generator, step))
+            state.log["steps"].append(training_step(lm, run, [examples[i] for i in indices], config, generator, step))
             if checkpoints is not None and ((step + 1) % checkpoints.every == 0 or step + 1 == last):
                 save_checkpoint(checkpoints, identity, RunState(step + 1, state.pool, _with_session(
-                    state.log, first, step + 1, start, lm)), model, optimizer, scheduler, order_rng, generator)
-    model.eval()
+                    state.log, first, step + 1, start, lm)), run.model, run.optimizer, run.scheduler, order_rng,
+                    generator)
+    run.model.eval()
     log = _with_session(state.log, first, last, start, lm)
     log["complete"] = last == config.steps
     log["machine"] = log["sessions"][-1]["machine"]
-    return model, log
+    return run.model, log
 
 
-def training_step(lm: LoadedModel, model, chosen: Sequence[Example], config: TrainConfig, optimizer, scheduler,
-                  trainable: Sequence[torch.nn.Parameter], generator: torch.Generator, step: int) -> dict:
+def training_step(lm: LoadedModel, run: LoraRun, chosen: Sequence[Example], config: TrainConfig,
+                  generator: torch.Generator, step: int) -> dict:
     """One optimiser step on the batch ``chosen``: under a fresh PGD perturbation at the adversary's site for AT
     and LAT, plain for the control and SSFT, with the odds-ratio term where the recipe weights it. Returns the
     step's log record (loss, gradient norm, the perturbation's mean norm)."""
@@ -223,9 +233,9 @@ def training_step(lm: LoadedModel, model, chosen: Sequence[Example], config: Tra
     with_preference = config.preference_weight > 0 and any(e.rejected is not None for e in chosen)
     layer = config.adversary_site_layer
     if layer is not None:
-        model.eval()  # the adversary sees the model without dropout
+        run.model.eval()  # the adversary sees the model without dropout
         delta = pgd_attack(lm, batch, layer, config.epsilon, config.pgd_steps, generator)
-        model.train()
+        run.model.train()
         with attached([perturbation_hook(lm, layer, {"delta": delta})]):
             loss = lm_loss(lm, batch)
         record["delta_norm"] = round(float(per_example_norm(delta).mean()), 4)
@@ -239,11 +249,11 @@ def training_step(lm: LoadedModel, model, chosen: Sequence[Example], config: Tra
     if preference is not None:
         record["preference_loss"] = round(float(preference.detach()), 5)
         loss = loss + config.preference_weight * preference
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
     record["grad_norm"] = round(float(grad_norm), 5)
     return record
 

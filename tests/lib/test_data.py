@@ -118,3 +118,18 @@ def test_fetch_offline_and_checksum_lock(tmp_path):
     path.write_text("goal,target\nchanged,b\n")
     with pytest.raises(DataIntegrityError, match="Delete it"):
         data.fetch_cached("advbench", folder=tmp_path, offline=True)
+
+
+def test_everyday_prompts_are_new_distinct_and_not_twins(tmp_path):
+    from lib import data
+
+    everyday = data.everyday_prompts()
+    assert len(everyday) == 100 and len({p.lower() for p in everyday}) == 100
+    written = {" ".join(p.lower().split()) for pair in data.offline_pairs() for p in (pair.harmful, pair.harmless)}
+    assert not written & {" ".join(p.lower().split()) for p in everyday}  # not twins, not harmful prompts
+    repeated = tmp_path / "everyday.jsonl"
+    repeated.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    with pytest.raises(data.DataIntegrityError, match="repeats an id"):
+        data.everyday_prompts(repeated)
+    with pytest.raises(data.DataUnavailableError, match="git checkout"):
+        data.everyday_prompts(tmp_path / "missing.jsonl")

@@ -33,3 +33,14 @@ def test_the_recipe_file_is_what_trained_the_shipped_adapters():
         assert {k: config[k] for k in settings} == settings, variant
     with pytest.raises(ValueError, match=r"No training recipe for family 'nope' in recipes.yaml.*smollm2-135m"):
         training.recipe("nope")
+
+
+def test_the_adapters_readme_is_what_the_logs_say():
+    """data/adapters/<family>/README.md lists each shipped adapter's recipe, dose, seed and checksum, and cannot
+    drift from the adapters: regenerate it with `python -m lib.organisms --readme`."""
+    variants = ["ssft", "ssft-control", "at", "lat"]
+    expected = organisms.adapters_readme(FAMILY, variants)
+    assert organisms.readme_path(FAMILY).read_text(encoding="utf-8") == expected
+    for variant in variants:
+        assert f"| `{variant}` |" in expected
+        assert organisms.sha256_file(organisms.ADAPTERS_ROOT / FAMILY / variant / "adapter_model.safetensors") in expected

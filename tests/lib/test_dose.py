@@ -1,0 +1,75 @@
+"""lib.dose: a training checkpoint becomes a model variant that computes what the trained model computes."""
+
+import pytest
+import torch
+
+from lib import dose, inputs, models, training
+from lib.training import TrainConfig
+from lib.training_state import Checkpoints
+from tests.lib.test_training import EXAMPLES
+
+
+def test_a_checkpoint_loads_as_the_model_it_saved(tiny_family, tmp_path):
+    config = TrainConfig(kind="control", steps=3, learning_rate=5e-2, batch_size=2, lora_r=2, lora_alpha=4,
+                         target_modules=("q_proj", "v_proj", "down_proj"))
+    checkpoints = Checkpoints(tmp_path / "run", every=2)
+    lm = models.load("tiny-llama", "base", device="cpu")
+    trained, _ = training.train_lora(lm, EXAMPLES, config, checkpoints=checkpoints, stop_at=2)
+    batch = inputs.encode(lm, ["how do i bake bread", "tell me a joke"])
+    with torch.no_grad():
+        expected = trained(**batch).logits
+    name = dose.checkpoint_variant("tiny-llama", "control@2", checkpoints, 2, base="base")
+    loaded = models.load("tiny-llama", name, device="cpu")
+    with torch.no_grad():
+        found = loaded.model(**batch).logits
+    base = models.load("tiny-llama", "base", device="cpu")
+    with torch.no_grad():
+        untrained = base.model(**batch).logits
+    assert torch.allclose(found, expected, atol=1e-5)  # the merged checkpoint computes what the trained model did
+    assert not torch.allclose(found, untrained, atol=1e-3)  # and the adapter changed something
+    assert loaded.info.fingerprint != base.info.fingerprint
+    assert dose.checkpoint_variant("tiny-llama", "control@2", checkpoints, 2, base="base") == name  # once
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
+        dose.checkpoint_adapter(checkpoints, 3, "tiny-llama/base")
+
+
+def test_checkpoint_tables_compare_each_step_with_ssft_and_the_control_of_that_step():
+    from lib import claims
+
+    sites = {"embeddings (layer 0)": 0, "layer 4 (LAT site)": 4}
+
+    def model(refused_under_attack, harmless_refused=0):
+        attacked = {site: ["refusal"] * refused_under_attack + ["valid"] * (8 - refused_under_attack) for site in sites}
+        return {"under attack": attacked, "labels": {"harmful": ["refusal"] * 8,
+                                                     "harmless": ["refusal"] * harmless_refused + ["valid"] * (8 - harmless_refused)}}
+
+    measurements = {"ssft@0": model(2), "ssft-control@70": model(2), "at@70": model(3), "lat@70": model(2),
+                    "ssft-control@140": model(2), "at@140": model(8), "lat@140": model(8, harmless_refused=1),
+                    "at@210": model(8)}  # step 210: LAT and the control not measured yet
+    tables = dose.checkpoint_tables("smollm2-135m", measurements)
+    assert sorted(tables) == [70, 140]
+    robust, accepted = tables[140]
+    assert set(robust["verdict"]) == {"more robust"} and set(robust["versus"]) == {"ssft", "ssft-control"}
+    assert list(robust["attack site"]) == ["embeddings (layer 0)"] * 2 + ["layer 4 (LAT site)"] * 2
+    assert not accepted.set_index("variant").loc["lat", "all met"]  # 1 of 8 harmless refused: 12.5% > 10%
+    assert set(tables[70][0]["verdict"]) == {"not resolved"}
+    assert claims.chosen_dose(tables)["rule"] == "no checkpoint robust and accepted: the last accepted"
+
+
+def test_curves_name_each_variants_own_site_and_measure_cosines_against_ssft():
+    ssft_site, lat_site = "embeddings (layer 0)", "layer 4 (LAT site)"
+
+    def result(refused):
+        labels = ["refusal"] * refused + ["valid"] * (4 - refused)
+        return {"under attack": {ssft_site: labels, lat_site: labels[::-1]},
+                "labels": {"harmful": labels, "harmless": ["valid"] * 4, "everyday": ["valid"] * 4},
+                "top-2 share": 0.3, "second component share": 0.05}
+
+    measurements = {"ssft@0": result(2), "lat@70": result(4)}
+    directions = {"ssft@0": torch.tensor([1.0, 0.0]), "lat@70": torch.tensor([0.6, 0.8])}
+    frame = dose.curves("smollm2-135m", measurements, directions).set_index(["variant", "step", "measure"])
+    assert frame.loc[("lat", 70, "refusal under attack, own site (%)"), "value"] == 100.0
+    assert frame.loc[("lat", 70, "refusal under attack, other site (%)"), "value"] == 100.0
+    assert frame.loc[("ssft", 0, f"refusal under attack, {lat_site} (%)"), "value"] == 50.0
+    assert frame.loc[("lat", 70, "cosine with SSFT's direction"), "value"] == pytest.approx(0.6)
+    assert frame.loc[("ssft", 0, "refusal of everyday prompts (%)"), "high"] > 0  # a Wilson interval, not 0 to 0
