@@ -129,6 +129,21 @@ def test_the_books_needs_name_earlier_chapters_and_the_suite_checks_them_all():
     assert unit_jobs[1].command[-1] == suite.REHEARSAL and (REPO_ROOT / suite.REHEARSAL).is_file()
     lanes.check_jobs(jobs)
     assert [job.name for job in suite.suite_jobs(REPO_ROOT, chapters_only=True)] == [job.name for job in chapter_jobs]
+    order = [job.name for job in lanes.start_order(jobs, suite.SUITE_START)]
+    assert order.index("book/06_transfer") < order.index("book/05_anatomy")  # the long chain's chapter first
+    assert order[-2:] == list(suite.UNIT_JOBS)  # the unit tests take a lane only when no chapter is ready
+
+
+def test_the_suite_passes_its_start_order_to_the_lanes(monkeypatch):
+    seen = {}
+
+    def run_jobs(jobs, lanes_, **kwargs):
+        seen.update(kwargs)
+        return {job.name: lanes.PASSED for job in jobs}
+
+    monkeypatch.setattr(suite, "run_jobs", run_jobs)
+    assert suite.main(["--jobs", "2", "--chapters-only"]) == 0
+    assert seen["first"] == suite.SUITE_START == "dependents"
 
 
 def test_runner_runs_chapters_on_lanes_and_a_failure_stops_the_chapters_that_need_it(tmp_path, monkeypatch, capsys):
