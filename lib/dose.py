@@ -69,6 +69,23 @@ def checkpoint_adapter(checkpoints: Checkpoints, step: int, base: str) -> Path:
     return folder
 
 
+def ship_checkpoint(checkpoints: Checkpoints, step: int, base: str, folder: Path, log_extra: dict | None = None) -> Path:
+    """Ship the checkpoint after ``step`` steps as an adapter folder like every shipped one (PEFT files, its training
+    log up to that step with ``log_extra`` added, a checksum manifest), written atomically to ``folder`` (for the
+    dose the book ships: ``data/adapters/<family>/<variant>/``). The checkpoints themselves stay out of git."""
+    exported = checkpoint_adapter(checkpoints, step, base)
+    log = read_json(exported / "training_log.json", "Delete the exported folder to export it again.")
+    staging = Path(folder).with_name(Path(folder).name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(exported, staging)
+    write_json(staging / "training_log.json", {**log, **(log_extra or {}), "shipped_step": step})
+    write_json(staging / "manifest.json", {"files": {p.name: sha256_file(p) for p in sorted(staging.iterdir())
+                                                     if p.is_file() and p.name != "manifest.json"}})
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return Path(folder)
+
+
 def checkpoint_variant(family: str, name: str, checkpoints: Checkpoints, step: int, base: str = "ssft") -> str:
     """Register ``base`` with the adapter of the checkpoint after ``step`` steps merged on top as the variant
     ``name`` of ``family`` (the dose run's are named "<variant>@<step>-seed<seed>") and return ``name``."""

@@ -30,7 +30,7 @@ def adapter_table(family: str, variants: Sequence[str]):
     for variant in variants:
         log, config = training_log(family, variant), training_log(family, variant)["config"]
         weights = ADAPTERS_ROOT / family / variant / "adapter_model.safetensors"
-        rows.append({"variant": variant, "kind": config["kind"], "steps": config["steps"],
+        rows.append({"variant": variant, "kind": config["kind"], "steps": log.get("shipped_step", config["steps"]),
                      "batch": config["batch_size"], "lr": config["learning_rate"], "LoRA r": config["lora_r"],
                      "targets": ", ".join(t.replace("_proj", "") for t in config["target_modules"]),
                      "adversary layer": config["adversary_layer"] if config["kind"] == "lat"
@@ -61,7 +61,8 @@ def adapters_readme(family: str, variants: Sequence[str]) -> str:
         packed = log.get("machine", {}).get("packed", "0")
         epsilon = "" if config["epsilon"] is None else f"{config['epsilon']:.4g}"
         start = "base" if variant == "ssft" else "ssft"
-        lines.append(f"| `{variant}` | {config['kind']} | {start} | {config['steps']} | {config['batch_size']} | "
+        steps = log.get("shipped_step", config["steps"])  # a checkpoint of a longer run ships at its own step
+        lines.append(f"| `{variant}` | {config['kind']} | {start} | {steps} | {config['batch_size']} | "
                      f"{config['seed']} | {epsilon} | {'oneDNN packed' if packed != '0' else 'MKL'} | `{weights}` |")
     return "\n".join(lines) + "\n"
 

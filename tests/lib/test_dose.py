@@ -73,3 +73,24 @@ def test_curves_name_each_variants_own_site_and_measure_cosines_against_ssft():
     assert frame.loc[("ssft", 0, f"refusal under attack, {lat_site} (%)"), "value"] == 50.0
     assert frame.loc[("lat", 70, "cosine with SSFT's direction"), "value"] == pytest.approx(0.6)
     assert frame.loc[("ssft", 0, "refusal of everyday prompts (%)"), "high"] > 0  # a Wilson interval, not 0 to 0
+
+
+def test_a_shipped_checkpoint_is_an_adapter_folder_with_its_step_and_manifest(tiny_family, tmp_path):
+    import json
+
+    from lib.artifacts import sha256_file
+
+    config = TrainConfig(kind="control", steps=4, learning_rate=5e-2, batch_size=2, lora_r=2, lora_alpha=4)
+    checkpoints = Checkpoints(tmp_path / "run", every=2)
+    training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config, checkpoints=checkpoints)
+    folder = dose.ship_checkpoint(checkpoints, 2, "tiny-llama/base", tmp_path / "shipped" / "control",
+                                  {"chosen_by": "a test"})
+    log = json.loads((folder / "training_log.json").read_text())
+    assert log["shipped_step"] == 2 and log["chosen_by"] == "a test" and len(log["steps"]) == 2
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"adapter_config.json", "adapter_model.safetensors", "training_log.json"}
+    assert all(manifest[name] == sha256_file(folder / name) for name in manifest)
+    assert not (tmp_path / "shipped" / "control.partial").exists()
+    models.register_families({"tiny-shipped": {"base": {"local": str(tiny_family / "base")},
+                                               "variants": {"control": {"adapters": [{"path": str(folder)}]}}}})
+    assert models.load("tiny-shipped", "control", device="cpu").info.n_layers == 4  # the manifest verifies
