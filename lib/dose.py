@@ -33,7 +33,7 @@ from lib.linalg import unit
 from lib.organisms import attack_sites, chosen_radius
 from lib.spectra import PAPER_LAYER, energy_fractions
 from lib.stats import wilson_interval
-from lib.training import dose_checkpoints, recipe
+from lib.training import ADAPTERS_ROOT, dose_checkpoints, recipe
 from lib.training_data import ORGANISMS_ROOT, load_refusals, refusal_for
 from lib.training_state import Checkpoints
 
@@ -221,15 +221,36 @@ def curves(family: str, measurements: dict, directions: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["measure", "variant", "step"], kind="stable", ignore_index=True)
 
 
+def ship_chosen(family: str, measurements: dict, checkpoints: dict[str, Checkpoints], into: Path,
+                seed: int = 42) -> dict:
+    """Apply the stated rule (``lib.claims.chosen_dose`` over ``checkpoint_tables``) and ship the control, AT and
+    LAT checkpoints of the chosen step (``checkpoints[variant]``) into ``into/<variant>/`` with the decision in
+    their logs; returns the decision (written beside the measurements by the command line)."""
+    decision = claims.chosen_dose(checkpoint_tables(family, measurements, seed=seed))
+    for variant, variant_checkpoints in checkpoints.items():
+        ship_checkpoint(variant_checkpoints, decision["step"], f"{family}/ssft", Path(into) / variant,
+                        {"chosen_by": {"rule": decision["rule"], "robust_at": decision["robust"]}})
+    return decision
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure every checkpoint of the dose-response run not measured yet "
                                      "(and SSFT once), on `pairs` prompts; results go to data/organisms/<family>/dose/.")
     parser.add_argument("--family", default="smollm2-135m")
     parser.add_argument("--variants", nargs="*", default=list(DOSE_VARIANTS))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--ship", action="store_true", help="after measuring, pick the dose by the stated rule and "
+                        "ship the control, AT and LAT checkpoints of that step into data/adapters/<family>/")
     args = parser.parse_args(argv)
     for key in measure_run(args.family, args.variants, args.seed):
         print(f"measured {key}", flush=True)
+    if args.ship:
+        measurements = read_json(results_path(args.family, args.seed), "Measure the run first.")
+        decision = ship_chosen(args.family, measurements,
+                               {v: dose_checkpoints(args.family, v, args.seed) for v in args.variants},
+                               ADAPTERS_ROOT / args.family, args.seed)
+        write_json(results_path(args.family, args.seed).with_name(f"chosen-seed{args.seed}.json"), decision)
+        print(f"shipped step {decision['step']} ({decision['rule']})", flush=True)
     return 0
 
 

@@ -340,12 +340,13 @@ def dose_checkpoints(family: str, variant: str, seed: int) -> Checkpoints:
 
 
 def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bool = False,
-                  dose: bool = False) -> Path:
+                  dose: bool = False, stop_at: int | None = None) -> Path:
     """Train one variant of ``family`` from its recipe and write it to data/adapters/<family>/<variant>/. With
     ``dose``, the control, AT or LAT trains for the recipe's ``dose`` stage instead (its steps, with a resumable
     checkpoint every ``checkpoint_every`` steps, ``dose_checkpoints``), resuming where an earlier call stopped, and
     the checkpoint folder is returned: which checkpoint ships is decided by the measurements of every one
-    (``lib.claims.chosen_dose``)."""
+    (``lib.claims.chosen_dose``); ``stop_at`` ends the run at that step (the seed replicates train to the chosen
+    dose on the same schedule)."""
     if dose and variant == "ssft":
         raise ValueError("The dose-response run trains the control, AT and LAT from the shipped SSFT, not SSFT.")
     stages = recipe(family)
@@ -368,7 +369,8 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
         raise ValueError(f"Unknown variant {variant!r} to train; choose ssft, ssft-control, at or lat.")
     if dose:
         checkpoints = dose_checkpoints(family, variant, seed)
-        train_lora(lm, examples, config, desc=f"train {variant} (dose run, seed {seed})", checkpoints=checkpoints)
+        train_lora(lm, examples, config, desc=f"train {variant} (dose run, seed {seed})", checkpoints=checkpoints,
+                   stop_at=stop_at)
         return Path(checkpoints.folder)
     model, log = train_lora(lm, examples, config, desc=f"train {variant}")
     log.update(family=family, variant=variant, data_sha256=data_hash, n_examples=len(examples),
@@ -415,11 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dose", action="store_true", help="the recipe's dose-response run of the control, AT and "
                         "LAT (resumable checkpoints under artifacts/checkpoints/; run it again to go on)")
+    parser.add_argument("--stop-at", type=int, default=None, help="with --dose: stop the run after this step (the "
+                        "seed replicates train to the chosen dose)")
     args = parser.parse_args(argv)
+    if args.stop_at is not None and not args.dose:
+        parser.error("--stop-at applies to the dose run only (--dose)")
     variants = [v for v in TRAINING_ORDER if v in args.variants and not (args.dose and v == "ssft")]
     for variant in variants:
         start = time.perf_counter()
-        folder = train_variant(args.family, variant, args.seed, dose=args.dose)
+        folder = train_variant(args.family, variant, args.seed, dose=args.dose, stop_at=args.stop_at)
         print(f"{variant}: {folder.relative_to(REPO_ROOT)} in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

@@ -94,3 +94,25 @@ def test_a_shipped_checkpoint_is_an_adapter_folder_with_its_step_and_manifest(ti
     models.register_families({"tiny-shipped": {"base": {"local": str(tiny_family / "base")},
                                                "variants": {"control": {"adapters": [{"path": str(folder)}]}}}})
     assert models.load("tiny-shipped", "control", device="cpu").info.n_layers == 4  # the manifest verifies
+
+
+def test_ship_chosen_ships_the_step_the_rule_picks(tiny_family, tmp_path):
+    import json
+
+    config = TrainConfig(kind="control", steps=4, learning_rate=5e-2, batch_size=2, lora_r=2, lora_alpha=4)
+    checkpoints = Checkpoints(tmp_path / "run", every=2)
+    training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config, checkpoints=checkpoints)
+    sites = ("embeddings (layer 0)", "layer 1 (LAT site)")  # the tiny family's adversary layer is 1
+
+    def model(refused):
+        return {"under attack": {site: ["refusal"] * refused + ["valid"] * (8 - refused) for site in sites},
+                "labels": {"harmful": ["refusal"] * 8, "harmless": ["valid"] * 8}}
+
+    measurements = {"ssft@0": model(1), **{f"{v}@2": model(1) for v in ("ssft-control", "at", "lat")},
+                    "ssft-control@4": model(1), "at@4": model(8), "lat@4": model(8)}
+    decision = dose.ship_chosen("tiny-llama", measurements, {v: checkpoints for v in ("ssft-control", "at", "lat")},
+                                tmp_path / "adapters")
+    assert decision == {"step": 4, "rule": "first checkpoint robust and accepted", "robust": [4]}
+    for variant in ("ssft-control", "at", "lat"):
+        log = json.loads((tmp_path / "adapters" / variant / "training_log.json").read_text())
+        assert log["shipped_step"] == 4 and log["chosen_by"]["rule"] == decision["rule"]
