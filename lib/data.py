@@ -154,7 +154,10 @@ def _rank(pair_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{pair_id}".encode()).hexdigest()
 
 
-def offline_splits(seed: int = 42) -> dict[str, list[PromptPair]]:
+BOOK_SEED = 42  # the seed of the book's splits and evaluations; training replicates vary their own seed only
+
+
+def offline_splits(seed: int = BOOK_SEED) -> dict[str, list[PromptPair]]:
     """Deterministic disjoint splits: ``test`` (128), ``pairs`` (160, directions and SVD), ``train`` (the rest).
 
     Pairs are ranked by ``sha256(f"{seed}:{id}")``; adding prompts to a source never reshuffles existing ones

@@ -25,7 +25,7 @@ from lib import claims, models
 from lib.adversary import Attack, cached_attack
 from lib.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
 from lib.capture import collect
-from lib.data import everyday_prompts, split
+from lib.data import BOOK_SEED, everyday_prompts, split
 from lib.directions import paired_differences
 from lib.evaluation import evaluate, evaluate_pairs
 from lib.judges import REFUSAL, acceptance, judge_all, rate_table
@@ -98,21 +98,22 @@ def checkpoint_variant(family: str, name: str, checkpoints: Checkpoints, step: i
     return name
 
 
-def measure(family: str, name: str, n_prompts: int, seed: int = 42, max_new_tokens: int = 64,
-            batch_size: int = 64, device: str = "auto") -> dict:
+def measure(family: str, name: str, n_prompts: int, max_new_tokens: int = 64, batch_size: int = 64,
+            device: str = "auto") -> dict:
     """Every measurement of one model (a checkpoint variant, or SSFT) on `pairs` prompts: the paper's judge's labels
     of the first ``n_prompts`` harmful prompts under a fresh PGD attack at each site (``lib.organisms.attack_sites``,
     the organisms chapter's attack), of the first ``n_prompts`` harmful and harmless prompts unattacked and of the
     everyday instructions (``lib.data.everyday_prompts``), and, on
     every pair at the paper's relative layer, the shares of the first and second singular values of the paired
-    differences and the unit refusal direction."""
+    differences and the unit refusal direction. The prompts and the attack's random start are the book's
+    (``lib.data.BOOK_SEED``) for every model, so that checkpoints and seeds differ only by their weights."""
     lm = models.load(family, name, device=device)
-    pairs = split("pairs", seed)
+    pairs = split("pairs", BOOK_SEED)
     shown = pairs[:n_prompts]
     refusals = load_refusals()
     prompts, targets = [p.harmful for p in shown], [refusal_for(p.id, refusals) for p in shown]
     attacked = {label: judge_all(cached_attack(lm, prompts, targets, Attack(
-        layer, chosen_radius(family, layer), ATTACK_STEPS, ATTACK_TOKENS), seed)) for label, layer in
+        layer, chosen_radius(family, layer), ATTACK_STEPS, ATTACK_TOKENS), BOOK_SEED)) for label, layer in
         attack_sites(family).items()}
     unattacked = {**evaluate_pairs(lm, shown, max_new_tokens, batch_size),
                   "everyday": evaluate(lm, everyday_prompts(), None, max_new_tokens, batch_size, desc=f"{name} everyday")}
@@ -152,7 +153,7 @@ def measure_run(family: str, variants: Sequence[str] = DOSE_VARIANTS, seed: int 
             continue
         name = model if isinstance(model, str) else checkpoint_variant(
             family, f"{model[0]}@{model[1]}-seed{seed}", dose_checkpoints(family, model[0], seed), model[1])
-        result = measure(family, name, n_prompts, seed, device=device)
+        result = measure(family, name, n_prompts, device=device)
         directions[key] = result.pop("direction")
         save_tensors(vectors, directions, {"layer": result["layer"], "seed": seed})
         done[key] = result
@@ -221,16 +222,20 @@ def curves(family: str, measurements: dict, directions: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["measure", "variant", "step"], kind="stable", ignore_index=True)
 
 
-def ship_chosen(family: str, measurements: dict, checkpoints: dict[str, Checkpoints], into: Path,
-                seed: int = 42) -> dict:
+def ship_chosen(family: str, measurements: dict, checkpoints: dict[str, Checkpoints], into: Path) -> dict:
     """Apply the stated rule (``lib.claims.chosen_dose`` over ``checkpoint_tables``) and ship the control, AT and
     LAT checkpoints of the chosen step (``checkpoints[variant]``) into ``into/<variant>/`` with the decision in
     their logs; returns the decision (written beside the measurements by the command line)."""
-    decision = claims.chosen_dose(checkpoint_tables(family, measurements, seed=seed))
+    decision = claims.chosen_dose(checkpoint_tables(family, measurements, seed=BOOK_SEED))
     for variant, variant_checkpoints in checkpoints.items():
         ship_checkpoint(variant_checkpoints, decision["step"], f"{family}/ssft", Path(into) / variant,
                         {"chosen_by": {"rule": decision["rule"], "robust_at": decision["robust"]}})
     return decision
+
+
+def replicate_folder(family: str, variant: str, seed: int) -> Path:
+    """Where a seed replicate of a shipped adapter lives: ``data/adapters/<family>/seeds/<variant>-seed<seed>/``."""
+    return ADAPTERS_ROOT / family / "seeds" / f"{variant}-seed{seed}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,17 +245,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", default=list(DOSE_VARIANTS))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--ship", action="store_true", help="after measuring, pick the dose by the stated rule and "
-                        "ship the control, AT and LAT checkpoints of that step into data/adapters/<family>/")
+                        "ship the control, AT and LAT checkpoints of that step into data/adapters/<family>/ (seed "
+                        "42), or, for another seed, its checkpoints at seed 42's dose into data/adapters/<family>/"
+                        "seeds/")
     args = parser.parse_args(argv)
     for key in measure_run(args.family, args.variants, args.seed):
         print(f"measured {key}", flush=True)
-    if args.ship:
+    chosen_path = results_path(args.family, BOOK_SEED).with_name(f"chosen-seed{BOOK_SEED}.json")
+    if args.ship and args.seed == BOOK_SEED:
         measurements = read_json(results_path(args.family, args.seed), "Measure the run first.")
         decision = ship_chosen(args.family, measurements,
                                {v: dose_checkpoints(args.family, v, args.seed) for v in args.variants},
-                               ADAPTERS_ROOT / args.family, args.seed)
-        write_json(results_path(args.family, args.seed).with_name(f"chosen-seed{args.seed}.json"), decision)
+                               ADAPTERS_ROOT / args.family)
+        write_json(chosen_path, decision)
         print(f"shipped step {decision['step']} ({decision['rule']})", flush=True)
+    elif args.ship:  # a replicate ships at the dose seed 42's run chose, beside the shipped set
+        step = read_json(chosen_path, f"Ship seed {BOOK_SEED}'s dose first (python -m lib.dose --ship).")["step"]
+        for variant in args.variants:
+            ship_checkpoint(dose_checkpoints(args.family, variant, args.seed), step, f"{args.family}/ssft",
+                            replicate_folder(args.family, variant, args.seed), {"replicate_of": variant})
+        print(f"shipped seed {args.seed} at step {step}", flush=True)
     return 0
 
 

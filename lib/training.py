@@ -320,10 +320,12 @@ def _config(kind: str, spec: dict, seed: int, **extra) -> TrainConfig:
     return TrainConfig(kind=kind, seed=seed, **fields, **extra)
 
 
-def recipe_examples(family: str, seed: int = 42, retrain_distill: bool = False) -> list[Example]:
+def recipe_examples(family: str, retrain_distill: bool = False) -> list[Example]:
     """The training examples of ``family``'s recipe: the `train` split's harmful prompts with their refusals and
-    its harmless twins with the base model's own (distilled, cached) answers."""
-    pairs = data.split("train", seed)
+    its harmless twins with the base model's own (distilled, cached) answers. The split is the book's
+    (``lib.data.BOOK_SEED``) whatever the training seed: a replicate varies its data order, LoRA initialisation and
+    adversary, never which prompts are held out."""
+    pairs = data.split("train", data.BOOK_SEED)
     stages = recipe(family)
     answers = distilled_answers(family, pairs, stages["distill"], retrain=retrain_distill)
     harmful_answers = distilled_answers(family, pairs, stages["distill"], retrain=retrain_distill, kind="harmful")
@@ -350,7 +352,7 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
     if dose and variant == "ssft":
         raise ValueError("The dose-response run trains the control, AT and LAT from the shipped SSFT, not SSFT.")
     stages = recipe(family)
-    examples = recipe_examples(family, seed, retrain_distill)
+    examples = recipe_examples(family, retrain_distill)
     data_hash = sha256_text(json.dumps([asdict(e) for e in examples]))
     if variant == "ssft":
         lm = models.load(family, "base", device="auto")

@@ -184,3 +184,13 @@ def test_the_dose_run_keeps_its_checkpoints_by_variant_and_seed():
     assert checkpoints.folder.parent.parent.name == "checkpoints" and checkpoints.keep_all
     with pytest.raises(ValueError, match="not SSFT"):
         training.train_variant("smollm2-135m", "ssft", dose=True)
+
+
+def test_every_training_example_comes_from_the_books_train_split_whatever_the_seed():
+    from lib import data
+
+    examples = training.recipe_examples("smollm2-135m")
+    held_out = {p for name in ("test", "pairs") for pair in data.split(name, data.BOOK_SEED)
+                for p in (pair.harmful, pair.harmless)}
+    train = {p for pair in data.split("train", data.BOOK_SEED) for p in (pair.harmful, pair.harmless)}
+    assert examples and all(e.prompt in train and e.prompt not in held_out for e in examples)
