@@ -325,14 +325,17 @@ def rates_chart(df: pd.DataFrame, label: str, group: str, facet: str | None = No
 @dataclass(frozen=True)
 class Layout:
     """How a chart is laid out beyond its data: axis titles (default: the column names), a log scale for y, small
-    multiples, one per value of the ``facet`` column, and a vertical line marking one x (``mark_x``, e.g. the layer
-    a verdict was computed at)."""
+    multiples, one per value of the ``facet`` column (in rows of ``columns`` panels, each with its own y scale when
+    ``independent_y``: measures of different units side by side), and a vertical line marking one x (``mark_x``,
+    e.g. the layer a verdict was computed at)."""
 
     x_title: str | None = None
     y_title: str | None = None
     log_y: bool = False
     facet: str | None = None
     mark_x: float | None = None
+    columns: int | None = None
+    independent_y: bool = False
 
 
 PERCENT_COLOURS = alt.Scale(scheme="blues", domain=[0, 100])  # rates in percent, on their whole range
@@ -391,8 +394,13 @@ def lines_chart(df: pd.DataFrame, x: str, y: str, colour: str, title: str, layou
     if layout.mark_x is not None:
         chart = chart + alt.Chart(pd.DataFrame({"mark": [layout.mark_x]})).mark_rule(color="black").encode(
             x=alt.X("mark:Q", title=None))
-    if facet:
+    if facet and layout.columns:
+        chart = chart.facet(facet=alt.Facet(f"{facet}:N", title=None, sort=list(dict.fromkeys(data[facet]))),
+                            columns=layout.columns)
+    elif facet:
         chart = chart.facet(column=alt.Column(f"{facet}:N", title=None))
+    if facet and layout.independent_y:
+        chart = chart.resolve_scale(y="independent")
     return chart.properties(title=title)
 
 

@@ -315,6 +315,12 @@ def test_new_charts_have_stable_specs():
                              "share", "variant", "t", viz.Layout(facet="m"), band=("low", "high")).to_dict()
     marks = [layer["mark"]["type"] for layer in banded["spec"]["layer"]]
     assert marks == ["area", "line"] and banded["spec"]["layer"][0]["encoding"]["y2"]["field"] == "high"
+    assert "column" in banded["facet"] and "resolve" not in banded  # the default: one row, one y scale
+    units = lines.assign(m=["%", "%", "share", "share"])
+    wrapped = viz.lines_chart(units, "layer", "share", "variant", "t", viz.Layout(facet="m", columns=1,
+                                                                                 independent_y=True)).to_dict()
+    assert wrapped["columns"] == 1 and wrapped["facet"]["sort"] == ["%", "share"]
+    assert wrapped["resolve"] == {"scale": {"y": "independent"}}
     table = viz.interval_table(lines.assign(low=0.0, high=1.0), "share", ["variant"], "layer", digits=2)
     assert table.loc["b", 2] == "0.40 [0.00, 1.00]" and list(table.columns) == [1, 2]
     scree = spectra.scree_frame({"v": gaussian(10, 5, 24)}, 3)
