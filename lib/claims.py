@@ -278,7 +278,7 @@ def robustness_statement(robust) -> str:
     closing = (f"{' and '.join(gained)} came out more robust than every reference model" if gained else
                "no adversarially trained variant came out more robust than every reference model")
     consequence = (f" Every later comparison of {' or '.join(lacking)} with SSFT compares "
-                   f"{'adapters' if len(lacking) > 1 else 'an adapter'} without the property that defines "
+                   f"{'adapters' if len(lacking) > 1 else 'an adapter'} not shown to have the property that defines "
                    f"{'them' if len(lacking) > 1 else 'it'}." if lacking else "")
     return f"{'; '.join(parts)}. So {closing}.{consequence}"
 

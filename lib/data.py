@@ -127,7 +127,8 @@ def everyday_prompts(path: Path | None = None) -> list[str]:
     which the organisms' over-refusal of unrelated requests is measured."""
     path = path or EVERYDAY_FILE
     if not path.exists():
-        raise DataUnavailableError(f"{path} is missing; it is tracked in git — restore it with `git checkout {path.name}`.")
+        raise DataUnavailableError(f"{path} is missing; it is tracked in git — restore it with `git checkout "
+                                   f"data/{path.name}`.")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     ids = [row["id"] for row in rows]
     if len(set(ids)) != len(ids):

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from lib import claims, models
 from lib.adversary import Attack, cached_attack
-from lib.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
+from lib.artifacts import load_tensors, read_json, read_metadata, save_tensors, sha256_file, write_json
 from lib.capture import collect
 from lib.data import BOOK_SEED, everyday_prompts, split
 from lib.directions import paired_differences
@@ -33,7 +33,7 @@ from lib.linalg import unit
 from lib.organisms import attack_sites, chosen_radius
 from lib.spectra import PAPER_LAYER, energy_fractions
 from lib.stats import wilson_interval
-from lib.training import ADAPTERS_ROOT, dose_checkpoints, recipe
+from lib.training import ADAPTERS_ROOT, dose_checkpoints, examples_sha256, recipe, recipe_examples
 from lib.training_data import ORGANISMS_ROOT, load_refusals, refusal_for
 from lib.training_state import Checkpoints
 
@@ -43,14 +43,17 @@ ATTACK_STEPS, ATTACK_TOKENS = 6, 24  # the robustness check's PGD steps and toke
 
 def checkpoint_adapter(checkpoints: Checkpoints, step: int, base: str) -> Path:
     """The adapter of the checkpoint after ``step`` steps as a PEFT adapter folder with a checksum manifest (written
-    once, beside the checkpoints), to be merged on top of the model it trained on (``base``, "<family>/<variant>")."""
+    once per checkpoint file, beside the checkpoints: a checkpoint written again is exported again), to be merged on
+    top of the model it trained on (``base``, "<family>/<variant>")."""
     source = checkpoints.path(step)
     folder = Path(checkpoints.folder) / "adapters" / source.stem
-    if (folder / "manifest.json").exists():
-        return folder
     if step not in checkpoints.written():
         raise FileNotFoundError(f"{checkpoints.folder} has no checkpoint at step {step} (it has "
                                 f"{checkpoints.written()}). Train it first (a dose run: python -m lib.training --dose).")
+    written = read_metadata(source)["sha256"]
+    if (folder / "manifest.json").exists() and read_json(folder / "training_log.json", "Delete the folder to export "
+                                                         "it again.").get("checkpoint_sha256") == written:
+        return folder
     tensors, meta = load_tensors(source)
     config = meta["log"]["config"]
     lora = LoraConfig(r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
@@ -61,7 +64,7 @@ def checkpoint_adapter(checkpoints: Checkpoints, step: int, base: str) -> Path:
     lora.save_pretrained(staging)
     save_file({name.removeprefix("adapter/"): value.contiguous() for name, value in tensors.items()
                if name.startswith("adapter/")}, str(staging / "adapter_model.safetensors"))
-    write_json(staging / "training_log.json", meta["log"])
+    write_json(staging / "training_log.json", {**meta["log"], "checkpoint_sha256": written})
     write_json(staging / "manifest.json", {"files": {p.name: sha256_file(p) for p in sorted(staging.iterdir())
                                                      if p.is_file()}})
     shutil.rmtree(folder, ignore_errors=True)
@@ -75,6 +78,7 @@ def ship_checkpoint(checkpoints: Checkpoints, step: int, base: str, folder: Path
     dose the book ships: ``data/adapters/<family>/<variant>/``). The checkpoints themselves stay out of git."""
     exported = checkpoint_adapter(checkpoints, step, base)
     log = read_json(exported / "training_log.json", "Delete the exported folder to export it again.")
+    log = {**log, "machine": log["sessions"][-1]["machine"], "complete": True}
     staging = Path(folder).with_name(Path(folder).name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(exported, staging)
@@ -139,8 +143,9 @@ def directions_path(family: str, seed: int) -> Path:
 
 
 def measure_run(family: str, variants: Sequence[str] = DOSE_VARIANTS, seed: int = 42, device: str = "auto") -> list:
-    """Measure SSFT (as "ssft@0") and every checkpoint of the dose run not measured yet, writing each result as soon
-    as it exists, so that a stopped measurement goes on where it stopped. Returns the keys measured now."""
+    """Measure SSFT (as "ssft@0") and every checkpoint of the dose run not measured yet on its present weights,
+    writing each result as soon as it exists, so that a stopped measurement goes on where it stopped. Returns the
+    keys measured now."""
     n_prompts = recipe(family)["dose"]["attack_prompts"]
     path, vectors = results_path(family, seed), directions_path(family, seed)
     done = read_json(path, "Delete it (and its directions) to measure again.") if path.exists() else {}
@@ -149,10 +154,10 @@ def measure_run(family: str, variants: Sequence[str] = DOSE_VARIANTS, seed: int 
                                    for step in dose_checkpoints(family, v, seed).written()]
     measured = []
     for key, model in todo:
-        if key in done:
-            continue
         name = model if isinstance(model, str) else checkpoint_variant(
             family, f"{model[0]}@{model[1]}-seed{seed}", dose_checkpoints(family, model[0], seed), model[1])
+        if key in done and done[key]["fingerprint"] == models.fingerprint(family, name):
+            continue  # measured on these very weights; other weights (a retrained SSFT, a rerun) are measured again
         result = measure(family, name, n_prompts, device=device)
         directions[key] = result.pop("direction")
         save_tensors(vectors, directions, {"layer": result["layer"], "seed": seed})
@@ -169,7 +174,7 @@ def _own_site(family: str, variant: str) -> str:
 
 
 def checkpoint_tables(family: str, measurements: dict, trained: Sequence[str] = ("at", "lat"),
-                      control: str = "ssft-control", seed: int = 0) -> dict:
+                      control: str = "ssft-control", seed: int = BOOK_SEED) -> dict:
     """``{step: (robustness table, acceptance table)}`` for every step at which the control and every variant of
     ``trained`` were measured (``measure_run``'s results): each trained variant under the attack at its own site
     against SSFT and the control of the same step (``lib.claims.robustness``), and the acceptance criteria of the
@@ -188,7 +193,11 @@ def checkpoint_tables(family: str, measurements: dict, trained: Sequence[str] = 
         robust = claims.robustness(under_attack, sites, trained, ("ssft", control), seed)
         rates = rate_table({(v, kind): measurements[key]["labels"][kind] for v, key in keys.items()
                             for kind in ("harmful", "harmless")}, keys=("variant", "prompts"))
-        tables[step] = (robust, acceptance(rates, list(keys)))
+        everyday = ("everyday",) if all("everyday" in measurements[key]["labels"] for key in keys.values()) else ()
+        rates = rates if not everyday else pd.concat([rates, rate_table(
+            {(v, "everyday"): measurements[key]["labels"]["everyday"] for v, key in keys.items()},
+            keys=("variant", "prompts"))], ignore_index=True)
+        tables[step] = (robust, acceptance(rates, list(keys), also_on=everyday))
     return tables
 
 
@@ -222,14 +231,25 @@ def curves(family: str, measurements: dict, directions: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["measure", "variant", "step"], kind="stable", ignore_index=True)
 
 
-def ship_chosen(family: str, measurements: dict, checkpoints: dict[str, Checkpoints], into: Path) -> dict:
-    """Apply the stated rule (``lib.claims.chosen_dose`` over ``checkpoint_tables``) and ship the control, AT and
-    LAT checkpoints of the chosen step (``checkpoints[variant]``) into ``into/<variant>/`` with the decision in
-    their logs; returns the decision (written beside the measurements by the command line)."""
-    decision = claims.chosen_dose(checkpoint_tables(family, measurements, seed=BOOK_SEED))
+def ship_chosen(family: str, measurements: dict, checkpoints: dict[str, Checkpoints], into: Path,
+                steps: Sequence[int], log_extra: dict | None = None) -> dict:
+    """Apply the stated rule (``lib.claims.chosen_dose`` over ``checkpoint_tables``) to the checkpoints of
+    ``steps`` (every step the run was to write: the rule's "first" and "last" mean nothing on part of a run, so a
+    step not measured for every variant is an error) and ship the control, AT and LAT checkpoints of the chosen
+    step (``checkpoints[variant]``) into ``into/<variant>/`` with the decision and ``log_extra`` in their logs;
+    returns the decision (written beside the measurements by the command line)."""
+    if set(checkpoints) != set(DOSE_VARIANTS):
+        raise ValueError(f"The dose ships the control, AT and LAT together ({DOSE_VARIANTS}); got {sorted(checkpoints)}.")
+    tables = checkpoint_tables(family, measurements)
+    missing = [step for step in steps if step not in tables]
+    if missing:
+        raise ValueError(f"Steps {missing} of the run are not measured for SSFT, the control, AT and LAT: finish "
+                         "training and measuring (python -m lib.training --dose, python -m lib.dose) first.")
+    decision = claims.chosen_dose({step: tables[step] for step in steps})
     for variant, variant_checkpoints in checkpoints.items():
         ship_checkpoint(variant_checkpoints, decision["step"], f"{family}/ssft", Path(into) / variant,
-                        {"chosen_by": {"rule": decision["rule"], "robust_at": decision["robust"]}})
+                        {**(log_extra or {}), "variant": variant,
+                         "chosen_by": {"rule": decision["rule"], "robust_at": decision["robust"]}})
     return decision
 
 
@@ -254,14 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     chosen_path = results_path(args.family, BOOK_SEED).with_name(f"chosen-seed{BOOK_SEED}.json")
     if args.ship and args.seed == BOOK_SEED:
         measurements = read_json(results_path(args.family, args.seed), "Measure the run first.")
+        stage = recipe(args.family)["dose"]
+        examples = recipe_examples(args.family)
         decision = ship_chosen(args.family, measurements,
-                               {v: dose_checkpoints(args.family, v, args.seed) for v in args.variants},
-                               ADAPTERS_ROOT / args.family)
+                               {v: dose_checkpoints(args.family, v, args.seed) for v in DOSE_VARIANTS},
+                               ADAPTERS_ROOT / args.family,
+                               range(stage["checkpoint_every"], stage["steps"] + 1, stage["checkpoint_every"]),
+                               {"family": args.family, "data_sha256": examples_sha256(examples),
+                                "n_examples": len(examples)})
         write_json(chosen_path, decision)
         print(f"shipped step {decision['step']} ({decision['rule']})", flush=True)
     elif args.ship:  # a replicate ships at the dose seed 42's run chose, beside the shipped set
         step = read_json(chosen_path, f"Ship seed {BOOK_SEED}'s dose first (python -m lib.dose --ship).")["step"]
-        for variant in args.variants:
+        for variant in DOSE_VARIANTS:
             ship_checkpoint(dose_checkpoints(args.family, variant, args.seed), step, f"{args.family}/ssft",
                             replicate_folder(args.family, variant, args.seed), {"replicate_of": variant})
         print(f"shipped seed {args.seed} at step {step}", flush=True)

@@ -45,7 +45,8 @@ def adapter_table(family: str, variants: Sequence[str]):
 def adapters_readme(family: str, variants: Sequence[str]) -> str:
     """``data/adapters/<family>/README.md`` as the shipped adapters' logs and manifests say it should read: each
     adapter's recipe stage, starting model, steps (the dose), batch, seed, radius, the products it was trained with
-    (``lib.packed``; adapters from before packed training were trained with MKL) and the SHA-256 of its weights
+    (``lib.packed``, as its log records it; a log that names no setting was trained with MKL) and the SHA-256 of its
+    weights
     (``tests/lib/test_organisms.py`` checks that the file is this text)."""
     lines = [f"# Shipped adapters of `{family}`", "",
              "Written by `python -m lib.organisms --readme` from each adapter's `training_log.json` and `manifest.json`; "
@@ -58,7 +59,7 @@ def adapters_readme(family: str, variants: Sequence[str]) -> str:
         config = log["config"]
         weights = read_json(ADAPTERS_ROOT / family / variant / "manifest.json",
                             "Restore it with `git checkout`.")["files"]["adapter_model.safetensors"]
-        packed = log.get("machine", {}).get("packed", "0")
+        packed = (log.get("machine") or (log.get("sessions") or [{}])[-1].get("machine", {})).get("packed", "0")
         epsilon = "" if config["epsilon"] is None else f"{config['epsilon']:.4g}"
         start = "base" if variant == "ssft" else "ssft"
         steps = log.get("shipped_step", config["steps"])  # a checkpoint of a longer run ships at its own step

@@ -195,11 +195,11 @@ def train_lora(lm: LoadedModel, examples: Sequence[Example], config: TrainConfig
     generator = torch.Generator().manual_seed(config.seed)
     state = RunState(log={"config": asdict(config), "steps": [], "wall_seconds": 0.0, "sessions": []})
     identity = run_identity(lm, examples, config)
+    last = config.steps if stop_at is None else stop_at
     if checkpoints is not None:
-        found = latest_checkpoint(checkpoints, identity, config.steps)
+        found = latest_checkpoint(checkpoints, identity, last)
         if found is not None:
             state = restore_checkpoint(found, run.model, run.optimizer, run.scheduler, order_rng, generator)
-    last = config.steps if stop_at is None else stop_at
     first, start = state.step, time.perf_counter()
 
     with packed_products(lm.model, "training", gradients=True):
@@ -320,6 +320,11 @@ def _config(kind: str, spec: dict, seed: int, **extra) -> TrainConfig:
     return TrainConfig(kind=kind, seed=seed, **fields, **extra)
 
 
+def examples_sha256(examples: Sequence[Example]) -> str:
+    """The checksum of a training set, in order, as every training log records it."""
+    return sha256_text(json.dumps([asdict(e) for e in examples]))
+
+
 def recipe_examples(family: str, retrain_distill: bool = False) -> list[Example]:
     """The training examples of ``family``'s recipe: the `train` split's harmful prompts with their refusals and
     its harmless twins with the base model's own (distilled, cached) answers. The split is the book's
@@ -353,7 +358,7 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
         raise ValueError("The dose-response run trains the control, AT and LAT from the shipped SSFT, not SSFT.")
     stages = recipe(family)
     examples = recipe_examples(family, retrain_distill)
-    data_hash = sha256_text(json.dumps([asdict(e) for e in examples]))
+    data_hash = examples_sha256(examples)
     if variant == "ssft":
         lm = models.load(family, "base", device="auto")
         config = _config("sft", stages["ssft"], seed)
@@ -363,7 +368,7 @@ def train_variant(family: str, variant: str, seed: int = 42, retrain_distill: bo
         extra = {}
         if kind != "control":
             layer = 0 if kind == "at" else lm.info.adversary_layer
-            sweep = epsilon_sweep(family, lm, examples, layer, stages["epsilon"], seed)
+            sweep = epsilon_sweep(family, lm, examples, layer, stages["epsilon"], data.BOOK_SEED)  # one radius for all seeds
             extra = {"epsilon": sweep["epsilon"], "adversary_layer": layer, "notes": {"epsilon_sweep": sweep}}
         settings = {**stages["adversarial"], "steps": stages["dose"]["steps"]} if dose else stages["adversarial"]
         config = _config(kind, settings, seed, **extra)

@@ -11,6 +11,7 @@ in git; the finished adapter is what ``lib.training.save_adapter`` ships.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from lib.artifacts import ArtifactError, load_tensors, read_metadata, save_tensors, sidecar_path
+from lib.packed import packed_setting
 
 CHECKPOINT_PATTERN = "step-*.safetensors"
+CHECKPOINT_FORMAT = 1  # what a checkpoint's sidecar holds; another format is refused, never half-read
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def save_checkpoint(checkpoints: Checkpoints, identity: str, state: RunState, mo
     if torch.cuda.is_available():
         tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = order_rng.getstate()
-    metadata = {"identity": identity, "step": state.step, "pool": state.pool, "log": state.log,
+    metadata = {"format": CHECKPOINT_FORMAT, "identity": identity, "step": state.step, "pool": state.pool, "log": state.log,
                 "order_rng": [version, list(internal), gauss], "optimizer_scalars": scalars,
                 "param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict()}
     path = save_tensors(checkpoints.path(state.step), tensors, metadata)
@@ -96,7 +99,11 @@ def latest_checkpoint(checkpoints: Checkpoints, identity: str, last_step: int) -
         if step > last_step:
             continue
         path = checkpoints.path(step)
-        found = read_metadata(path).get("identity")
+        meta = read_metadata(path)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ArtifactError(f"The checkpoint {path} was written in another format ({meta.get('format')}, this "
+                                f"code reads {CHECKPOINT_FORMAT}). Delete {checkpoints.folder} to start the run afresh.")
+        found = meta.get("identity")
         if found != identity:
             raise ArtifactError(f"The checkpoint {path} belongs to another training run (other settings, examples "
                                 f"or starting model). Train into another folder, or delete {checkpoints.folder} "
@@ -115,7 +122,9 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, order_rng: rando
     if getattr(result, "unexpected_keys", None):
         raise ArtifactError(f"The checkpoint {path} holds adapter weights this model does not have "
                             f"({result.unexpected_keys[:3]}...): it was written for other LoRA settings.")
-    optimizer_state: dict = {"state": {}, "param_groups": meta["param_groups"]}
+    groups = [{**group, **({"betas": tuple(group["betas"])} if "betas" in group else {})}  # JSON made it a list
+              for group in meta["param_groups"]]
+    optimizer_state: dict = {"state": {}, "param_groups": groups}
     for name, value in tensors.items():
         if name.startswith("optimizer/"):
             _, index, key = name.split("/", 2)
@@ -131,4 +140,17 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, order_rng: rando
     cuda_states = [tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in tensors]
     if cuda_states:
         torch.cuda.set_rng_state_all(cuda_states)
+    _warn_if_elsewhere(path, meta["log"])
     return RunState(step=meta["step"], pool=list(meta["pool"]), log=meta["log"])
+
+
+def _warn_if_elsewhere(path: Path, log: dict) -> None:
+    """A resumed run equals a straight one bit for bit only on the same kernels: warn when the checkpoint was
+    written under another torch, thread count or packing setting (the run goes on; its log records both)."""
+    sessions = log.get("sessions") or [{}]
+    before = sessions[-1].get("machine", {})
+    now = {"torch": torch.__version__, "threads": torch.get_num_threads(), "packed": packed_setting()}
+    changed = {key: (before.get(key), value) for key, value in now.items() if before.get(key) != value}
+    if changed:
+        warnings.warn(f"Resuming {path} under other settings than it was written with ({changed}): the run goes on, "
+                      "but it will not equal a straight run bit for bit.", stacklevel=3)

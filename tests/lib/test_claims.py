@@ -297,11 +297,11 @@ def test_robustness_statement_names_the_variants_without_robustness():
     statement = claims.robustness_statement(robust)
     assert statement.startswith("AT under the attack at emb: more robust than ssft (+100.0 points [+100.0, +100.0])")
     assert statement.endswith("So AT came out more robust than every reference model. Every later comparison of LAT "
-                              "with SSFT compares an adapter without the property that defines it.")
+                              "with SSFT compares an adapter not shown to have the property that defines it.")
     none = claims.robustness_statement(claims.robustness({**under_attack, ("at", "emb"): complying}, ["emb", "l4"]))
     assert none.endswith("So no adversarially trained variant came out more robust than every reference model. Every "
-                         "later comparison of AT or LAT with SSFT compares adapters without the property that "
-                         "defines them.")
+                         "later comparison of AT or LAT with SSFT compares adapters not shown to have the "
+                         "property that defines them.")
 
 
 def test_chosen_dose_follows_the_stated_rule():

@@ -110,8 +110,12 @@ def test_ship_chosen_ships_the_step_the_rule_picks(tiny_family, tmp_path):
 
     measurements = {"ssft@0": model(1), **{f"{v}@2": model(1) for v in ("ssft-control", "at", "lat")},
                     "ssft-control@4": model(1), "at@4": model(8), "lat@4": model(8)}
-    decision = dose.ship_chosen("tiny-llama", measurements, {v: checkpoints for v in ("ssft-control", "at", "lat")},
-                                tmp_path / "adapters")
+    every = {v: checkpoints for v in ("ssft-control", "at", "lat")}
+    with pytest.raises(ValueError, match=r"Steps \[6\] of the run are not measured"):
+        dose.ship_chosen("tiny-llama", measurements, every, tmp_path / "adapters", [2, 4, 6])
+    with pytest.raises(ValueError, match="together"):
+        dose.ship_chosen("tiny-llama", measurements, {"at": checkpoints}, tmp_path / "adapters", [2, 4])
+    decision = dose.ship_chosen("tiny-llama", measurements, every, tmp_path / "adapters", [2, 4])
     assert decision == {"step": 4, "rule": "first checkpoint robust and accepted", "robust": [4]}
     for variant in ("ssft-control", "at", "lat"):
         log = json.loads((tmp_path / "adapters" / variant / "training_log.json").read_text())

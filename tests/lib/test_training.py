@@ -194,3 +194,18 @@ def test_every_training_example_comes_from_the_books_train_split_whatever_the_se
                 for p in (pair.harmful, pair.harmless)}
     train = {p for pair in data.split("train", data.BOOK_SEED) for p in (pair.harmful, pair.harmless)}
     assert examples and all(e.prompt in train and e.prompt not in held_out for e in examples)
+
+
+def test_stopping_before_the_latest_checkpoint_returns_that_step(tiny_family, tmp_path):
+    from lib.training_state import Checkpoints
+
+    config = TrainConfig(kind="control", steps=4, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2)
+    checkpoints = Checkpoints(tmp_path / "run", every=2)
+    at_two, _ = training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config,
+                                    checkpoints=checkpoints, stop_at=2)
+    expected = {n: p.detach().clone() for n, p in at_two.named_parameters() if "lora_" in n}
+    training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config, checkpoints=checkpoints)
+    again, log = training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config,
+                                     checkpoints=checkpoints, stop_at=2)
+    assert len(log["steps"]) == 2 and not log["complete"]
+    assert all(torch.equal(p, expected[n]) for n, p in again.named_parameters() if "lora_" in n)
