@@ -100,7 +100,7 @@ def latest_checkpoint(checkpoints: Checkpoints, identity: str, last_step: int) -
             continue
         path = checkpoints.path(step)
         meta = read_metadata(path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
+        if meta.get("format", 1) != CHECKPOINT_FORMAT:  # the first format carried no number
             raise ArtifactError(f"The checkpoint {path} was written in another format ({meta.get('format')}, this "
                                 f"code reads {CHECKPOINT_FORMAT}). Delete {checkpoints.folder} to start the run afresh.")
         found = meta.get("identity")

@@ -209,3 +209,19 @@ def test_stopping_before_the_latest_checkpoint_returns_that_step(tiny_family, tm
                                      checkpoints=checkpoints, stop_at=2)
     assert len(log["steps"]) == 2 and not log["complete"]
     assert all(torch.equal(p, expected[n]) for n, p in again.named_parameters() if "lora_" in n)
+
+
+def test_a_checkpoint_of_another_format_is_refused(tiny_family, tmp_path):
+    import json
+
+    from lib.artifacts import ArtifactError
+    from lib.training_state import Checkpoints
+
+    config = TrainConfig(kind="control", steps=2, learning_rate=1e-2, batch_size=2, lora_r=2, lora_alpha=2)
+    checkpoints = Checkpoints(tmp_path / "run", every=1)
+    training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config, checkpoints=checkpoints)
+    sidecar = checkpoints.path(2).with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(ArtifactError, match="another format"):
+        training.train_lora(models.load("tiny-llama", "base", device="cpu"), EXAMPLES, config, checkpoints=checkpoints)
